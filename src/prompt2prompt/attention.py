@@ -1,0 +1,237 @@
+"""Attention routing: one processor per UNet attention layer, installed through diffusers' official slot.
+
+`control(pipe, controller)` installs a `RoutedProcessor` on every attention layer with `unet.set_attn_processor` and
+always puts the originals back. A layer whose probabilities the controller does not want (`controller.wants(...)`
+is false) calls the original processor unchanged, so it keeps the fused SDPA kernel and costs nothing. A wanted layer
+runs diffusers' classic explicit attention and hands the probabilities of the *conditional* half of the batch to the
+controller, which may read them (recording) or return replacements (editing).
+
+Denoising steps are counted by the pipeline's own `callback_on_step_end` (`router.callback`), never by counting
+layer calls; the latent size and batch come from a forward pre-hook on the UNet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str  # the processor key, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"
+    place: str  # "down", "mid" or "up"
+    block: int  # index of the block within its place (0 for mid)
+    is_cross: bool  # cross-attention (to the text) or self-attention (among pixels)
+    heads: int
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where and when one attention call happens."""
+
+    layer: LayerInfo
+    res: tuple[int, int]  # (height, width) of the layer's feature map
+    step: int  # denoising step, 0-based, counted by the pipeline's step-end callback
+
+    @property
+    def pixels(self) -> int:
+        return self.res[0] * self.res[1]
+
+
+class AttentionController:
+    """Base class: sees (and may replace) attention probabilities, and the latents after each step.
+
+    Subclasses override what they need. `wants` must be cheap: it runs for every attention call.
+    """
+
+    def wants(self, site: Site) -> bool:
+        """Whether this call's probabilities are needed (otherwise the layer keeps its fused kernel)."""
+        return False
+
+    def attention(self, probs: torch.Tensor, site: Site) -> torch.Tensor | None:
+        """probs: (prompts, heads, queries, keys) of the conditional half. Return a replacement, or None to keep."""
+        return None
+
+    def begin(self, run: RunInfo) -> None:
+        """Called before the first UNet call of a generation."""
+
+    def step_end(self, step: int, timestep, latents: torch.Tensor) -> torch.Tensor | None:
+        """After step `step` with latents (prompts, channels, h, w), the pipeline's own. Return replacements or None."""
+        return None
+
+
+class Controllers(AttentionController):
+    """Several controllers at once (for instance an edit and a recorder); each sees the previous one's output."""
+
+    def __init__(self, *controllers: AttentionController):
+        self.controllers = [c for c in controllers if c is not None]
+
+    def wants(self, site: Site) -> bool:
+        return any(c.wants(site) for c in self.controllers)
+
+    def attention(self, probs, site):
+        changed = None
+        for c in self.controllers:
+            if c.wants(site):
+                out = c.attention(probs, site)
+                if out is not None:
+                    probs = changed = out
+        return changed
+
+    def begin(self, run):
+        for c in self.controllers:
+            c.begin(run)
+
+    def step_end(self, step, timestep, latents):
+        changed = None
+        for c in self.controllers:
+            out = c.step_end(step, timestep, latents)
+            if out is not None:
+                latents = changed = out
+        return changed
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    latent_size: tuple[int, int]  # (height, width) of the latents
+    prompts: int  # conditional images in the batch
+    batch: int  # images per UNet call (2 * prompts with classifier-free guidance)
+    device: torch.device
+    dtype: torch.dtype
+
+
+class Router:
+    """State shared by the processors of one `control` block: the controller, the step, the run's shapes."""
+
+    def __init__(self, controller: AttentionController, prompts: int | None = None):
+        self.controller = controller
+        self.prompts = prompts  # conditional images per UNet call; None: half the batch when it is even, else all
+        self.step = 0
+        self.run: RunInfo | None = None
+        self._res: dict[int, tuple[int, int]] = {}
+
+    # -- hooks ----------------------------------------------------------------------------------------------------
+    def _on_unet_call(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        batch, _, h, w = sample.shape
+        if self.run is None or self.run.latent_size != (h, w) or self.run.batch != batch:
+            prompts = self.prompts or (batch // 2 if batch % 2 == 0 else batch)
+            self.run = RunInfo((h, w), prompts, batch, sample.device, sample.dtype)
+            self._res.clear()
+            self.controller.begin(self.run)
+
+    def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """Pass as the pipeline's `callback_on_step_end` (with "latents" among its tensor inputs)."""
+        out = {}
+        latents = callback_kwargs.get("latents")  # (prompts, channels, h, w): the pipeline's own latents
+        if latents is not None:
+            new = self.controller.step_end(step, timestep, latents)
+            if new is not None:
+                out["latents"] = new.to(latents.dtype)
+        self.step = step + 1
+        return out
+
+    # -- per attention call ------------------------------------------------------------------------------------------
+    def resolution(self, pixels: int) -> tuple[int, int]:
+        res = self._res.get(pixels)
+        if res is None:
+            h, w = self.run.latent_size if self.run else (int(math.isqrt(pixels)),) * 2
+            factor = max(1, round(math.sqrt(h * w / pixels)))
+            rh = -(-h // factor)
+            res = self._res[pixels] = (rh, pixels // rh)
+        return res
+
+    def route(self, probs: torch.Tensor, site: Site, heads: int) -> torch.Tensor:
+        """probs: (batch*heads, queries, keys). Hands the conditional half to the controller."""
+        batch = probs.shape[0] // heads
+        prompts = self.run.prompts if self.run else batch
+        view = probs.view(batch, heads, *probs.shape[1:])  # (batch, heads, queries, keys)
+        new = self.controller.attention(view[batch - prompts :], site)
+        if new is None:
+            return probs
+        return torch.cat([view[: batch - prompts], new.to(probs.dtype)]).view_as(probs)
+
+
+class RoutedProcessor:
+    """Calls the original processor, or, where the controller wants the probabilities, explicit attention."""
+
+    def __init__(self, router: Router, layer: LayerInfo, original):
+        self.router = router
+        self.layer = layer
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
+        pixels = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
+        site = Site(self.layer, self.router.resolution(pixels), self.router.step)
+        if not self.router.controller.wants(site):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kw)
+        return self.explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, site)
+
+    def explicit(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, site: Site):
+        # diffusers' AttnProcessor, with the probabilities passed through the router.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, keys, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query = attn.head_to_batch_dim(query)  # (batch*heads, queries, head_dim)
+        key = attn.head_to_batch_dim(key)  # (batch*heads, keys, head_dim)
+        value = attn.head_to_batch_dim(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (batch*heads, queries, keys)
+        probs = self.router.route(probs, site, attn.heads)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))  # (batch, queries, heads*head_dim)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear, dropout
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def layer_info(unet, name: str) -> LayerInfo:
+    module = unet.get_submodule(name.removesuffix(".processor"))
+    parts = name.split(".")
+    place = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(parts[0], parts[0])
+    block = int(parts[1]) if place in ("down", "up") else 0
+    return LayerInfo(name, place, block, bool(module.is_cross_attention), int(module.heads))
+
+
+@contextmanager
+def control(pipe, controller: AttentionController, prompts: int | None = None) -> Iterator[Router]:
+    """Route every attention layer of pipe.unet through controller; always restore the original processors.
+
+    Use `router.callback` as the pipeline's `callback_on_step_end`. `prompts` is the number of conditional images per
+    UNet call (default: half the batch when it is even, i.e. classifier-free guidance).
+    """
+    unet = pipe.unet if hasattr(pipe, "unet") else pipe
+    originals = dict(unet.attn_processors)
+    router = Router(controller, prompts)
+    routed = {name: RoutedProcessor(router, layer_info(unet, name), proc) for name, proc in originals.items()}
+    unet.set_attn_processor(dict(routed))  # set_attn_processor empties the dict it is given
+    hook = unet.register_forward_pre_hook(router._on_unet_call, with_kwargs=True)
+    try:
+        yield router
+    finally:
+        hook.remove()
+        unet.set_attn_processor(dict(originals))

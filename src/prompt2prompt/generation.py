@@ -1,0 +1,101 @@
+"""Running a diffusers pipeline under an attention controller, from one shared initial latent."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .attention import AttentionController, control
+from .errors import P2PError
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    steps: int = 50  # denoising steps (SD's default)
+    guidance: float = 7.5  # classifier-free guidance scale (SD's default)
+    seed: int = 0  # seeds the initial latent, shared by every prompt of the batch
+    height: int | None = None  # pixels; None: the model's native size
+    width: int | None = None
+    negative_prompt: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Generation:
+    images: list[Image.Image]  # one per prompt
+    latents: torch.Tensor  # (prompts, channels, h, w) final latents
+    initial: torch.Tensor  # (1, channels, h, w) the shared initial noise (before the scheduler's sigma)
+    options: GenerationOptions
+
+
+def native_size(pipe) -> tuple[int, int]:
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return (side, side) if isinstance(side, int) else tuple(side)
+
+
+def initial_latent(pipe, options: GenerationOptions) -> torch.Tensor:
+    """(1, channels, h, w) standard normal noise drawn on the CPU, so a seed means the same image on every device."""
+    height, width = options.height or native_size(pipe)[0], options.width or native_size(pipe)[1]
+    factor = pipe.vae_scale_factor
+    if height % factor or width % factor:
+        raise P2PError(f"height and width must be multiples of {factor}, got {height}x{width}")
+    shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(options.seed), dtype=torch.float32)
+
+
+def generate(
+    pipe,
+    prompts: list[str] | str,
+    controller: AttentionController | None = None,
+    options: GenerationOptions = GenerationOptions(),
+    latent: torch.Tensor | None = None,
+    progress: bool = True,
+    **pipe_kwargs,
+) -> Generation:
+    """Generate one image per prompt, all from the same initial latent, with the controller in the loop.
+
+    With no controller the pipeline runs untouched (the stock processors). Extra keyword arguments go to the pipeline.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise P2PError("expected at least one prompt, got none")
+    latent = initial_latent(pipe, options) if latent is None else latent
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    latents = latent.expand(len(prompts), *latent.shape[1:]).to(device, dtype).clone()
+    pipe.set_progress_bar_config(disable=not progress, desc="denoising", leave=False)
+    final = {}
+
+    def keep_latents(pipe_, step, timestep, kwargs):
+        final["latents"] = kwargs["latents"]
+        return {}
+
+    args = dict(
+        prompt=prompts,
+        negative_prompt=[options.negative_prompt] * len(prompts) if options.negative_prompt else None,
+        num_inference_steps=options.steps,
+        guidance_scale=options.guidance,
+        latents=latents,
+        height=latents.shape[2] * pipe.vae_scale_factor,
+        width=latents.shape[3] * pipe.vae_scale_factor,
+        output_type="np",
+        callback_on_step_end_tensor_inputs=["latents"],
+        **pipe_kwargs,
+    )
+    if controller is None:
+        out = pipe(**args, callback_on_step_end=keep_latents)
+    else:
+        with control(pipe, controller) as router:
+
+            def callback(pipe_, step, timestep, kwargs):
+                changed = router.callback(pipe_, step, timestep, kwargs)
+                final["latents"] = changed.get("latents", kwargs["latents"])
+                return changed
+
+            out = pipe(**args, callback_on_step_end=callback)
+    images = [Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)) for im in out.images]
+    return Generation(images, final["latents"].detach(), latent, options)

@@ -1,0 +1,193 @@
+"""Attention maps as small result objects: per-token cross-attention, most-attended token, self-attention components.
+
+Computing lives here; drawing lives in `plot.py`.
+
+    maps = cross_maps(store, prompts, res=16)        # (prompts, h, w, tokens), averaged over layers and heads
+    maps.word("squirrel").overlay(image)             # PIL image
+    maps.argmax()                                    # (h, w) token positions
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import InputError, P2PError
+from .store import AttentionStore
+from .tokens import PromptTokens
+
+
+@dataclass(frozen=True)
+class HeatMap:
+    """One (h, w) attention map and what it shows."""
+
+    values: torch.Tensor  # (h, w) float32
+    label: str
+
+    def normalized(self) -> torch.Tensor:
+        """Scaled to [0, 1] by its own min and max."""
+        v = self.values
+        lo, hi = v.min(), v.max()
+        return (v - lo) / (hi - lo) if hi > lo else torch.zeros_like(v)
+
+    def resized(self, size: tuple[int, int]) -> torch.Tensor:
+        """(height, width) bilinear upsampling of the normalised map."""
+        return F.interpolate(self.normalized()[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+    def mask(self, threshold: float = 0.5, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Boolean mask of the normalised map above threshold (optionally at another size)."""
+        return (self.resized(size) if size else self.normalized()) > threshold
+
+    def image(self, size: int | None = None) -> Image.Image:
+        from .plot import colorize
+
+        values = self.resized((size, size)) if size else self.normalized()
+        return colorize(values.numpy())
+
+    def overlay(self, image: Image.Image, alpha: float = 0.55) -> Image.Image:
+        from .plot import overlay
+
+        return overlay(image, self.resized((image.height, image.width)).numpy(), alpha)
+
+
+@dataclass
+class CrossAttentionMaps:
+    """Cross-attention per token, aggregated over the chosen layers, heads and steps."""
+
+    values: torch.Tensor  # (prompts, h, w, tokens) float32, on the CPU
+    prompts: list[PromptTokens]
+    settings: dict = field(default_factory=dict)  # what made them: model, seed, steps, guidance, selection
+
+    def _tokens(self, prompt: int) -> PromptTokens:
+        if not 0 <= prompt < len(self.prompts):
+            raise P2PError(f"prompt index {prompt} is outside 0..{len(self.prompts) - 1}")
+        return self.prompts[prompt]
+
+    def word(self, word: str | int, prompt: int = 0, occurrence: int | None = None) -> HeatMap:
+        """The map of a word (its tokens summed; every occurrence unless one is chosen) or of a token index."""
+        positions = list(self._tokens(prompt).positions(word, occurrence))
+        label = word if isinstance(word, str) else self.prompts[prompt].tokens[word]
+        return HeatMap(self.values[prompt, :, :, positions].sum(-1), str(label))
+
+    def token(self, index: int, prompt: int = 0) -> HeatMap:
+        tokens = self._tokens(prompt).tokens
+        label = tokens[index] if index < len(tokens) else "<pad>"
+        return HeatMap(self.values[prompt, :, :, index], label)
+
+    def tokens(self, prompt: int = 0, start: bool = False) -> list[HeatMap]:
+        """One map per real token of the prompt (without the start token unless asked), end token included."""
+        n = len(self._tokens(prompt).tokens)
+        return [self.token(i, prompt) for i in range(0 if start else 1, n)]
+
+    def argmax(self, prompt: int = 0, ignore_start: bool = True, ignore_padding: bool = True) -> torch.Tensor:
+        """(h, w) position of the most attended token per pixel. Padding is the end token and everything after it."""
+        values = self.values[prompt].clone()  # (h, w, tokens)
+        end = self._tokens(prompt).end
+        if ignore_start:
+            values[..., 0] = -1
+        if ignore_padding:
+            values[..., end:] = -1
+        return values.argmax(-1)
+
+    # -- files ---------------------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write `<path>.safetensors` (the tensor) and `<path>.json` (tokens and settings)."""
+        from safetensors.torch import save_file
+
+        path = Path(path).with_suffix("")
+        prompts = [p.to_dict() for p in self.prompts]
+        meta = {"kind": "cross_attention_maps", "prompts": prompts, "settings": self.settings}
+        text = json.dumps(meta, indent=2)
+        save_file({"values": self.values.contiguous()}, str(path) + ".safetensors", metadata={"p2p": text})
+        Path(str(path) + ".json").write_text(text)
+        return Path(str(path) + ".safetensors")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CrossAttentionMaps:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_suffix(".safetensors")
+        if not path.exists():
+            raise InputError(f"no maps file at {path}: expected the .safetensors file `p2p attend` writes")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "p2p" not in meta:
+                raise InputError(f"{path} holds no prompt2prompt maps (no 'p2p' metadata)")
+            values = f.get_tensor("values")
+        meta = json.loads(meta["p2p"])
+        return cls(values, [PromptTokens.from_dict(p) for p in meta["prompts"]], meta["settings"])
+
+
+def cross_maps(
+    store: AttentionStore,
+    prompts: list[PromptTokens],
+    res: int | tuple[int, ...] | None = None,
+    places: tuple[str, ...] | None = None,
+    heads: tuple[int, ...] | None = None,
+    settings: dict | None = None,
+) -> CrossAttentionMaps:
+    """Average the recorded cross-attention over the layers at the given map sides and places and over heads.
+
+    Maps of several resolutions are upsampled (bilinear) to the largest before averaging.
+    """
+    names = store.select(True, res, places)
+    if not names:
+        raise P2PError(
+            f"no cross-attention was recorded at res={res} places={places}; recorded sides: {store.resolutions(True)}"
+        )
+    target = max((store.res[n] for n in names), key=lambda r: r[0] * r[1])
+    total = None
+    for name in names:
+        mean = store.mean(name)  # (prompts, heads, pixels, tokens)
+        if heads is not None:
+            keep = [h for h in heads if h < mean.shape[1]]
+            if not keep:
+                raise P2PError(f"heads {heads} do not exist in {name}, which has {mean.shape[1]}")
+            mean = mean[:, keep]
+        h, w = store.res[name]
+        m = mean.mean(1).reshape(mean.shape[0], h, w, -1).permute(0, 3, 1, 2)  # (prompts, tokens, h, w)
+        if (h, w) != target:
+            m = F.interpolate(m, size=target, mode="bilinear", align_corners=False)
+        total = m if total is None else total + m
+    values = (total / len(names)).permute(0, 2, 3, 1).contiguous().cpu()  # (prompts, h, w, tokens)
+    chosen = {"res": res, "places": places, "heads": heads, "layers": len(names), "map_size": list(target)}
+    return CrossAttentionMaps(values, list(prompts), {**(settings or {}), "selection": chosen})
+
+
+@dataclass
+class SelfAttentionMaps:
+    values: torch.Tensor  # (prompts, pixels, pixels) float32: step-, layer- and head-averaged self-attention
+    size: tuple[int, int]  # (h, w) of the maps
+
+    def components(self, k: int = 6, prompt: int = 0) -> torch.Tensor:
+        """(k, h, w): the top-k right singular vectors of the mean-centred rows, as images (as the p2p notebook)."""
+        rows = self.values[prompt].double()
+        centred = rows - rows.mean(dim=1, keepdim=True)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        return vh[:k].float().reshape(-1, *self.size)
+
+
+def self_maps(store: AttentionStore, res: int | None = None, places: tuple[str, ...] | None = None
+              ) -> SelfAttentionMaps:
+    """Average the recorded self-attention at one map side (default: the largest recorded)."""
+    sides = store.resolutions(cross=False)
+    if not sides:
+        raise P2PError("no self-attention was recorded")
+    side = res or max(sides)
+    names = store.select(False, side, places)
+    if not names:
+        raise P2PError(f"no self-attention was recorded at side {side}; recorded sides: {sides}")
+    values = sum(store.mean(n) for n in names) / len(names)
+    return SelfAttentionMaps(values.cpu(), store.res[names[0]])
+
+
+def to_numpy_image(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

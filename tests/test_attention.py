@@ -1,0 +1,156 @@
+import numpy as np
+import pytest
+import torch
+
+from prompt2prompt.attention import AttentionController, RoutedProcessor, control
+from prompt2prompt.generation import GenerationOptions, generate, initial_latent
+from prompt2prompt.store import AttentionStore, RecordOptions
+
+OPTS = GenerationOptions(steps=4, seed=3)
+
+
+def stock_images(pipe, prompts, opts=OPTS):
+    latent = initial_latent(pipe, opts)
+    latents = latent.expand(len(prompts), *latent.shape[1:]).clone()
+    out = pipe(prompts, num_inference_steps=opts.steps, guidance_scale=opts.guidance, latents=latents,
+               output_type="np")
+    return out.images
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_recording_leaves_images_equal_to_stock(pipes, kind):
+    pipe = pipes[kind]
+    prompts = ["a red circle and a blue square", "a green cross"]
+    stock = stock_images(pipe, prompts)
+    plain = generate(pipe, prompts, None, OPTS, progress=False)
+    store = AttentionStore(RecordOptions(self_max_side=16))
+    recorded = generate(pipe, prompts, store, OPTS, progress=False)
+    for i in range(2):
+        ref = np.clip(stock[i], 0, 1) * 255
+        assert np.abs(np.asarray(plain.images[i], dtype=np.float64) - ref).max() <= 0.5 + 1e-3
+        assert np.abs(np.asarray(recorded.images[i], dtype=np.float64) - ref).max() <= 1.0  # float tolerance
+    assert any(store.layers[n].is_cross for n in store.sums)
+    assert any(not store.layers[n].is_cross for n in store.sums)
+
+
+def test_explicit_path_matches_sdpa_on_latents(sd1):
+    prompts = ["a red circle"]
+    plain = generate(sd1, prompts, None, OPTS, progress=False)
+    everything = AttentionStore(RecordOptions(self_max_side=10_000))
+    recorded = generate(sd1, prompts, everything, OPTS, progress=False)
+    torch.testing.assert_close(recorded.latents, plain.latents, atol=1e-4, rtol=1e-4)
+
+
+def test_recorded_rows_sum_to_one_and_only_conditional_half(sd1):
+    seen = []
+
+    class Probe(AttentionController):
+        def wants(self, site):
+            return True
+
+        def attention(self, probs, site):
+            seen.append((site.layer.is_cross, probs.shape, probs.sum(-1)))
+            return None
+
+    generate(sd1, ["a red circle", "a blue square"], Probe(), OPTS, progress=False)
+    assert seen
+    for _, shape, sums in seen:
+        assert shape[0] == 2  # two prompts: the unconditional half is not handed over
+        torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
+    assert {c for c, _, _ in seen} == {True, False}
+
+
+def test_store_means_are_distributions(sd1):
+    store = AttentionStore()
+    generate(sd1, ["a red circle"], store, OPTS, progress=False)
+    for name in store.select(cross=True):
+        mean = store.mean(name)  # (prompts, heads, pixels, tokens)
+        assert store.counts[name] == OPTS.steps
+        torch.testing.assert_close(mean.sum(-1), torch.ones(mean.shape[:-1]), atol=1e-5, rtol=0)
+
+
+def test_store_memory_is_flat_in_steps(sd1):
+    sizes = []
+    for steps in (10, 50):
+        store = AttentionStore()
+        generate(sd1, ["a red circle"], store, GenerationOptions(steps=steps, seed=0), progress=False)
+        assert all(c == steps for c in store.counts.values())
+        sizes.append(store.memory_bytes())
+    assert sizes[0] == sizes[1] > 0
+
+
+def test_steps_come_from_the_pipeline_callback(sd1):
+    steps = []
+
+    class Probe(AttentionController):
+        def wants(self, site):
+            steps.append(site.step)
+            return False
+
+    generate(sd1, ["a circle"], Probe(), GenerationOptions(steps=5), progress=False)
+    calls_per_step = len(steps) // 5
+    assert steps == [s for s in range(5) for _ in range(calls_per_step)]
+
+
+def test_unwanted_layers_keep_the_original_processor(sd1):
+    originals = dict(sd1.unet.attn_processors)
+    used = {"explicit": 0}
+
+    class CrossOnly(AttentionController):
+        def wants(self, site):
+            return site.layer.is_cross
+
+    real_explicit = RoutedProcessor.explicit
+
+    def counting(self, *a, **k):
+        used["explicit"] += 1
+        assert self.layer.is_cross
+        return real_explicit(self, *a, **k)
+
+    RoutedProcessor.explicit = counting
+    try:
+        generate(sd1, ["a circle"], CrossOnly(), GenerationOptions(steps=2), progress=False)
+    finally:
+        RoutedProcessor.explicit = real_explicit
+    cross_layers = sum(1 for n in originals if "attn2" in n)
+    assert used["explicit"] == cross_layers * 2  # every cross layer, both steps; no self layer
+    assert dict(sd1.unet.attn_processors) == originals
+
+
+def test_processors_restored_after_an_exception(sd1):
+    originals = dict(sd1.unet.attn_processors)
+
+    class Boom(AttentionController):
+        def wants(self, site):
+            return True
+
+        def attention(self, probs, site):
+            if site.step == 1:
+                raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        generate(sd1, ["a circle"], Boom(), GenerationOptions(steps=3), progress=False)
+    assert dict(sd1.unet.attn_processors) == originals
+    assert not sd1.unet._forward_pre_hooks
+
+
+def test_control_installs_routed_processors_and_restores(sd1):
+    originals = dict(sd1.unet.attn_processors)
+    with control(sd1, AttentionController()):
+        assert all(isinstance(p, RoutedProcessor) for p in sd1.unet.attn_processors.values())
+    assert dict(sd1.unet.attn_processors) == originals
+
+
+def test_edit_returned_probabilities_are_used(sd1):
+    """A controller that replaces the probabilities changes the image; one returning them unchanged does not."""
+
+    class Uniform(AttentionController):
+        def wants(self, site):
+            return site.layer.is_cross
+
+        def attention(self, probs, site):
+            return torch.full_like(probs, 1.0 / probs.shape[-1])
+
+    plain = generate(sd1, ["a red circle"], None, OPTS, progress=False)
+    edited = generate(sd1, ["a red circle"], Uniform(), OPTS, progress=False)
+    assert (edited.latents - plain.latents).abs().max() > 1e-3
