@@ -49,3 +49,48 @@ def test_failure_midway_leaves_nothing(sd1_folder, tmp_path, capsys):
     assert "recorded sides" in capsys.readouterr().err
     assert not out.exists()
     assert not list(tmp_path.glob(".bad-res-*"))
+
+
+def test_edit_writes_grid_images_settings_and_page(sd1_folder, tmp_path):
+    out = tmp_path / "edit"
+    code = main(["edit", "a red circle and a blue square", "a red circle and a blue cross", "a red circle and a "
+                 "green square", "--blend", "square", "cross", "--cross-steps", "default=0.8,cross=0.4",
+                 "--reweight", "red=2", "--model", str(sd1_folder), "--steps", "4", "--out", str(out), "--quiet"])
+    assert code == 0
+    names = {p.name for p in out.iterdir()}
+    assert names == {"grid.png", "source.png", "edit_1.png", "edit_2.png", "vanilla_source.png",
+                     "vanilla_edit_1.png", "vanilla_edit_2.png", "blend_mask.png", "settings.json", "index.html"}
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["mode"] == "replace" and settings["blend"] == ["square", "cross"]
+    assert settings["cross_steps"] == {"default": 0.8, "cross": 0.4} and settings["reweight"] == [["red", 2.0]]
+    assert settings["prompts"][0] == "a red circle and a blue square"
+    grid = Image.open(out / "grid.png")
+    assert grid.width > 3 * 160 and grid.height > 2 * 160  # three columns, two rows
+    assert (out / "index.html").read_text().count("data:image/png;base64,") == 2
+
+
+def test_edit_errors_name_the_word_and_write_nothing(sd1_folder, tmp_path, capsys):
+    out = tmp_path / "bad"
+    code = main(["edit", "a red circle", "a red square", "--blend", "lion", "--model", str(sd1_folder), "--steps",
+                 "2", "--out", str(out), "--quiet"])
+    assert code == 2
+    assert "'lion'" in capsys.readouterr().err
+    code = main(["edit", "a circle", "a red circle", "--mode", "replace", "--model", str(sd1_folder), "--steps",
+                 "2", "--out", str(out), "--quiet"])
+    assert code == 2
+    assert "'red'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_swap_analysis_numbers_and_plot(sd1_folder, tmp_path, capsys):
+    out = tmp_path / "swap"
+    code = main(["swap-analysis", "a red circle", "a red square", "--model", str(sd1_folder), "--steps", "5",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    data = json.loads((out / "swap_analysis.json").read_text())
+    assert 0.0 <= data["argmax_changed"] <= 1.0
+    assert len(data["drift_vanilla"]) == len(data["drift_controlled"]) == 5
+    assert all(v >= 0 for v in data["drift_vanilla"] + data["drift_controlled"])
+    for name in ("drift.png", "images.png", "argmax_step0_0.png", "argmax_step0_1.png", "index.html"):
+        assert (out / name).exists()
+    assert "of pixels change their most-attended word" in capsys.readouterr().out

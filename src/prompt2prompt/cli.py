@@ -31,9 +31,18 @@ def _options(args):
 
 
 def _pipe(args):
+    import diffusers
     import torch
+    import transformers
 
     from .loading import load_pipeline
+
+    # library notices (torchvision fallbacks, weight-loading bars) are noise for a CLI user
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+    if args.quiet:
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if args.fp16 else torch.float32
@@ -43,14 +52,80 @@ def _pipe(args):
 
 
 def cmd_attend(args) -> None:
-    from .attend import attend, write_outputs
+    from .attend import attend
+    from .figures import write_attend
     from .store import RecordOptions
 
     pipe = _pipe(args)
     record = RecordOptions(self_attention=args.components > 0)
     result = attend(pipe, args.prompt, _options(args), record, model=args.model, progress=not args.quiet)
     res = tuple(args.res) if args.res else None
-    files = write_outputs(result, args.out, res=res, components=args.components)
+    files = write_attend(result, args.out, res=res, components=args.components)
+    print(f"wrote {len(files)} files to {args.out}; open {files['html']}")
+
+
+def _edit_options(args):
+    from .edits import EditOptions
+    from .errors import P2PError
+    from .schedule import parse_spans
+
+    reweight = []
+    for item in args.reweight or []:
+        word, _, factor = item.partition("=")
+        try:
+            reweight.append((word, float(factor)))
+        except ValueError:
+            raise P2PError(f"--reweight expects WORD=FACTOR such as circle=2 or circle=-1, got {item!r}") from None
+    self_steps = parse_spans(args.self_steps)
+    if isinstance(self_steps, dict):
+        raise P2PError(f"--self-steps takes a fraction or a pair (0.4 or 0.1,0.4), not per word: {args.self_steps}")
+    return EditOptions(
+        mode=args.mode, cross_steps=parse_spans(args.cross_steps), self_steps=self_steps,
+        reweight=tuple(reweight), blend=tuple(args.blend or ()), subtract=tuple(args.subtract or ()),
+        threshold=args.threshold, blend_start=args.blend_start,
+    )
+
+
+def _edit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="auto", choices=["auto", "replace", "refine", "reweight"],
+                   help="replace: word swap (same number of words); refine: added words (token alignment); "
+                   "reweight: same prompt, re-weighted words; auto: replace if the word counts match, else refine")
+    p.add_argument("--cross-steps", default="0.8",
+                   help="fraction of steps whose cross-attention comes from the source: 0.8, a pair 0.1,0.8, or "
+                   "per word default=1.0,lion=0.4 (pairs per word as lion=0.1:0.4) (default: 0.8)")
+    p.add_argument("--self-steps", default="0.4",
+                   help="fraction (or pair) of steps whose self-attention comes from the source (default: 0.4)")
+    p.add_argument("--reweight", nargs="+", metavar="WORD=FACTOR",
+                   help="scale words' cross-attention, e.g. circle=2 red=-1")
+    p.add_argument("--blend", nargs="+", metavar="WORD",
+                   help="local blend: words whose attention marks the region allowed to change (in any prompt)")
+    p.add_argument("--subtract", nargs="+", metavar="WORD", help="local blend: words whose region must not change")
+    p.add_argument("--threshold", type=float, default=0.3, help="local blend mask threshold (default: 0.3)")
+    p.add_argument("--blend-start", type=float, default=0.2,
+                   help="fraction of steps before local blending starts (default: 0.2)")
+
+
+def cmd_edit(args) -> None:
+    from .edits import edit
+    from .figures import write_edit
+
+    options = _edit_options(args)
+    pipe = _pipe(args)
+    result = edit(pipe, args.source, args.targets, options, _options(args), progress=not args.quiet)
+    files = write_edit(result, args.out, model=args.model)
+    print(f"wrote {len(files)} files to {args.out}; open {files['html']}")
+
+
+def cmd_swap(args) -> None:
+    from .analysis import swap_analysis
+    from .figures import write_swap
+
+    options = _edit_options(args)
+    pipe = _pipe(args)
+    result = swap_analysis(pipe, args.source, args.target, _options(args), options, progress=not args.quiet)
+    files = write_swap(result, args.out, model=args.model)
+    print(f"first step: {result.argmax_changed:.1%} of pixels change their most-attended word; final latent drift "
+          f"vanilla {result.drift_vanilla[-1]:.3f} vs controlled {result.drift_controlled[-1]:.3f}")
     print(f"wrote {len(files)} files to {args.out}; open {files['html']}")
 
 
@@ -71,6 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="self-attention principal components to draw; 0 records no self-attention (default: 6)")
     _common(p, "p2p-out/attend")
     p.set_defaults(func=cmd_attend)
+
+    p = sub.add_parser("edit", help="Prompt-to-Prompt edit: vanilla row versus attention-controlled row",
+                       description="Generate the source and edited prompts from one seed, without control (vanilla) "
+                       "and with Prompt-to-Prompt attention control; write a labelled grid, each image, the settings "
+                       "as JSON and an HTML page.")
+    p.add_argument("source", help="the source prompt")
+    p.add_argument("targets", nargs="+", help="one or more edited prompts")
+    _edit_flags(p)
+    _common(p, "p2p-out/edit")
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("swap-analysis", help="why a one-word swap changes the whole image, vanilla vs controlled",
+                       description="Measure, for a source and a word-swapped prompt from one seed, the share of pixels "
+                       "whose most-attended word changes at the first step, and how the latents drift apart over the "
+                       "steps without and with attention control. Writes numbers (JSON), a plot and an HTML page.")
+    p.add_argument("source", help="the source prompt")
+    p.add_argument("target", help="the prompt with one word swapped")
+    _edit_flags(p)
+    _common(p, "p2p-out/swap")
+    p.set_defaults(func=cmd_swap)
     return parser
 
 

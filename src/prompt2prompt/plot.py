@@ -126,3 +126,40 @@ def signed_colorize(values: np.ndarray) -> Image.Image:
     white = np.ones(3)
     rgb = np.where(v >= 0, white * (1 - v) + pos * v, white * (1 + v) - neg * v)
     return Image.fromarray((rgb * 255).round().astype(np.uint8))
+
+
+def line_plot(series: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str = "",
+              size: tuple[int, int] = (520, 320)) -> Image.Image:
+    """A small line chart (one line per series, with a legend)."""
+    w, h = size
+    left, right, top, bottom = 56, 16, 30 if title else 12, 40
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    f = font(12)
+    values = [v for s in series.values() for v in s]
+    longest = max((len(s) for s in series.values()), default=1)
+    hi = max(values, default=1.0) or 1.0
+    x0, x1, y0, y1 = left, w - right, h - bottom, top
+    draw.line([(x0, y0), (x1, y0)], fill="black")
+    draw.line([(x0, y0), (x0, y1)], fill="black")
+    for k in range(5):  # y ticks
+        v = hi * k / 4
+        y = y0 - (y0 - y1) * k / 4
+        draw.line([(x0 - 4, y), (x0, y)], fill="black")
+        draw.text((4, y - 7), f"{v:.2f}", fill="black", font=f)
+    for k in range(0, longest, max(1, longest // 5)):  # x ticks
+        x = x0 + (x1 - x0) * k / max(1, longest - 1)
+        draw.text((x - 4, y0 + 4), str(k), fill="black", font=f)
+    draw.text(((x0 + x1) / 2 - 30, h - 18), xlabel, fill="black", font=f)
+    if title:
+        draw.text((x0, 6), title, fill="black", font=font(13))
+    draw.text((x0 + 6, y1), ylabel, fill="gray", font=f)
+    for n, (name, s) in enumerate(series.items()):
+        colour = PALETTE[[3, 0, 1, 5][n % 4]]
+        pts = [(x0 + (x1 - x0) * i / max(1, longest - 1), y0 - (y0 - y1) * v / hi) for i, v in enumerate(s)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        ly = y1 + 18 + 16 * n
+        draw.line([(x1 - 150, ly + 7), (x1 - 130, ly + 7)], fill=colour, width=3)
+        draw.text((x1 - 125, ly), name, fill="black", font=f)
+    return canvas

@@ -1,0 +1,104 @@
+"""Token correspondences between a source prompt and an edited one, the heart of Prompt-to-Prompt.
+
+- `replace_mapper`: prompts with the same words but some swapped. A (tokens, tokens) matrix M with
+  new[..., t] = sum_s source[..., s] * M[s, t]; a swapped word that tokenises differently shares the source word's
+  attention equally among its target tokens (as in the p2p paper's code).
+- `refine_alignment`: prompts that add words. A global (Needleman-Wunsch) alignment of the two token sequences; each
+  target token either takes the attention of the source token it aligns with or, if new, keeps its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import PromptError
+from .tokens import PromptTokens
+
+
+def _same(a: str, b: str) -> bool:
+    return a.lower() == b.lower()
+
+
+def replace_mapper(source: PromptTokens, target: PromptTokens) -> torch.Tensor:
+    """(length, length) float matrix mapping source token positions to target token positions."""
+    if len(source.words) != len(target.words):
+        src, tgt = source.word_list(), target.word_list()
+        kept = align_sequences(src, tgt)
+        extra = [w for j, w in enumerate(tgt) if j not in {b for _, b in kept}]
+        missing = [w for i, w in enumerate(src) if i not in {a for a, _ in kept}]
+        raise PromptError(
+            f"a word swap needs prompts of the same number of words: {source.prompt!r} has {len(src)}, "
+            f"{target.prompt!r} has {len(tgt)} (unmatched: {', '.join(map(repr, extra + missing))}); "
+            "use refine (--mode refine) for prompts that add words"
+        )
+    n = source.length
+    mapper = torch.zeros(n, n)
+    mapper[0, 0] = 1.0  # start token
+    for ws, wt in zip(source.words, target.words):
+        if len(ws.tokens) == len(wt.tokens):
+            mapper[list(ws.tokens), list(wt.tokens)] = 1.0  # token by token
+        else:  # the source word's attention, shared equally among the target word's tokens
+            for t in wt.tokens:
+                mapper[list(ws.tokens), t] = 1.0 / len(wt.tokens)
+    # end token and padding, in order; if the target's tail is longer, its last positions reuse the last source one
+    for k in range(n - target.end):
+        mapper[min(source.end + k, n - 1), target.end + k] = 1.0
+    return mapper
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """For each target position: the source position it takes attention from, and whether it does (1) or not (0)."""
+
+    index: torch.Tensor  # (length,) long: source position (0 where the token is new)
+    weight: torch.Tensor  # (length,) float: 1 for aligned tokens, 0 for new ones
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(int(s), t) for t, (s, w) in enumerate(zip(self.index, self.weight)) if w > 0]
+
+
+def align_sequences(a: list[str], b: list[str], match: int = 1, mismatch: int = -1, gap: int = 0
+                    ) -> list[tuple[int, int]]:
+    """Needleman-Wunsch global alignment; returns the (i, j) pairs of equal items that are aligned.
+
+    Ties in the traceback prefer the diagonal, then a gap in a: "a squirrel" aligns with the "a" right before
+    "squirrel" in "a painting of a squirrel", not with the first "a".
+    """
+    n, m = len(a), len(b)
+    score = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(1, n + 1):
+        score[i][0] = i * gap
+    for j in range(1, m + 1):
+        score[0][j] = j * gap
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            diag = score[i - 1][j - 1] + (match if _same(a[i - 1], b[j - 1]) else mismatch)
+            score[i][j] = max(diag, score[i - 1][j] + gap, score[i][j - 1] + gap)
+    pairs = []
+    i, j = n, m
+    while i > 0 and j > 0:
+        same = _same(a[i - 1], b[j - 1])
+        if score[i][j] == score[i - 1][j - 1] + (match if same else mismatch):
+            if same:
+                pairs.append((i - 1, j - 1))
+            i, j = i - 1, j - 1
+        elif score[i][j] == score[i][j - 1] + gap:
+            j -= 1
+        else:
+            i -= 1
+    return pairs[::-1]
+
+
+def refine_alignment(source: PromptTokens, target: PromptTokens) -> Alignment:
+    n = target.length
+    index = torch.zeros(n, dtype=torch.long)
+    weight = torch.zeros(n)
+    index[0], weight[0] = 0, 1.0  # start token
+    src_inner, tgt_inner = list(source.tokens[1 : source.end]), list(target.tokens[1 : target.end])
+    for i, j in align_sequences(src_inner, tgt_inner):
+        index[j + 1], weight[j + 1] = i + 1, 1.0
+    for k in range(n - target.end):  # end token and padding
+        index[target.end + k], weight[target.end + k] = min(source.end + k, n - 1), 1.0
+    return Alignment(index, weight)
