@@ -59,6 +59,7 @@ def generate(
 ) -> Generation:
     """Generate one image per prompt, all from the same initial latent, with the controller in the loop.
 
+    latent: (1, channels, h, w) shared by every prompt (default: drawn from options.seed), or one row per prompt.
     With no controller the pipeline runs untouched (the stock processors). Extra keyword arguments go to the pipeline.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -66,6 +67,8 @@ def generate(
         raise P2PError("expected at least one prompt, got none")
     latent = initial_latent(pipe, options) if latent is None else latent
     device, dtype = pipe.unet.device, pipe.unet.dtype
+    if latent.shape[0] not in (1, len(prompts)):
+        raise P2PError(f"expected one initial latent or one per prompt ({len(prompts)}), got {latent.shape[0]}")
     latents = latent.expand(len(prompts), *latent.shape[1:]).to(device, dtype).clone()
     pipe.set_progress_bar_config(disable=not progress, desc="denoising", leave=False)
     final = {}

@@ -74,8 +74,11 @@ def shape_mask(shape: str, centre: tuple[float, float], radius: float, size: int
 
 
 def caption_for(objects: tuple[WorldObject, ...], with_colour: tuple[bool, ...]) -> str:
-    """'a red circle and a square': each object's colour is named where with_colour says so."""
-    parts = [f"a {o.colour} {o.shape}" if c else f"a {o.shape}" for o, c in zip(objects, with_colour)]
+    """'a red circle and an orange square': each object's colour is named where with_colour says so."""
+    parts = []
+    for obj, named in zip(objects, with_colour):
+        noun = f"{obj.colour} {obj.shape}" if named else obj.shape
+        parts.append(("an " if noun[0] in "aeiou" else "a ") + noun)
     return " and ".join(parts)
 
 
@@ -140,7 +143,7 @@ def parse_caption(caption: str) -> list[tuple[str | None, str]]:
 
 def vocabulary() -> list[str]:
     """Every word the world's captions use."""
-    return ["a", "and", *SHAPES, *COLOURS]
+    return ["a", "an", "and", *SHAPES, *COLOURS]
 
 
 def batch(seed: int, count: int, size: int = IMAGE_SIZE) -> tuple[list[Scene], np.ndarray]:

@@ -1,0 +1,180 @@
+"""Measure the shapes model against the world's truth: colours, shapes, both objects, attention-mask IoU.
+
+    python -m prompt2prompt.shapes.evaluate [--model shapes] [--count 200] [--json eval.json]
+
+Captions come from the world's sampler with fixed seeds, one initial latent per caption (seeded). Each generated image
+is segmented by colour: pixels with saturation above 0.35 are object pixels, labelled with the nearest of the world's
+hues; a colour counts as present with at least `min_pixels` pixels. A region's shape is the world shape whose
+rendered template (fitted to the region's bounding box) overlaps it best (IoU). The attention IoU compares each noun's
+cross-attention map (all recorded resolutions, upsampled, min-max normalised, thresholded at 0.5, resized to the image)
+with the region of its object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..attention import Controllers
+from ..generation import GenerationOptions, generate
+from ..maps import cross_maps
+from ..store import AttentionStore, RecordOptions
+from ..tokens import PromptTokens
+from . import world
+
+SATURATION = 0.35  # object pixels are saturated, backgrounds are grey
+MIN_PIXELS = 25  # a colour region smaller than this is noise
+ATTENTION_THRESHOLD = 0.5
+
+_HUES = {name: colorsys.rgb_to_hsv(*rgb)[0] for name, rgb in world.COLOURS.items()}
+
+
+def segment(image: np.ndarray, min_pixels: int = MIN_PIXELS) -> dict[str, np.ndarray]:
+    """{colour: (h, w) bool mask} of the world colours present in an (h, w, 3) float image in [0, 1]."""
+    mx, mn = image.max(-1), image.min(-1)
+    sat = np.where(mx > 1e-6, (mx - mn) / np.maximum(mx, 1e-6), 0)
+    objects = (sat > SATURATION) & (mx > 0.25)
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+    hue = np.zeros_like(mx)  # standard RGB -> hue, vectorised
+    delta = np.maximum(mx - mn, 1e-6)
+    hue = np.where(mx == r, ((g - b) / delta) % 6, hue)
+    hue = np.where(mx == g, (b - r) / delta + 2, hue)
+    hue = np.where(mx == b, (r - g) / delta + 4, hue)
+    hue = hue / 6.0
+    names = list(_HUES)
+    ref = np.array([_HUES[n] for n in names])
+    dist = np.abs(hue[..., None] - ref)
+    dist = np.minimum(dist, 1 - dist)
+    label = dist.argmin(-1)
+    regions = {}
+    for k, name in enumerate(names):
+        mask = objects & (label == k)
+        if mask.sum() >= min_pixels:
+            regions[name] = mask
+    return regions
+
+
+def classify_shape(mask: np.ndarray) -> tuple[str, float]:
+    """The world shape whose template best overlaps the mask, and that IoU."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return "none", 0.0
+    cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    half = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / 2
+    best = ("none", 0.0)
+    for shape in world.SHAPES:
+        for r in [half * f * k for f in (0.9, 0.95, 1.0, 1.05, 1.1) for k in (1.0, 1 / 0.85)]:
+            template = world.shape_mask(shape, (cx, cy), r, mask.shape[0])
+            iou = (template & mask).sum() / max(1, (template | mask).sum())
+            if iou > best[1]:
+                best = (shape, float(iou))
+    return best
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+@dataclass
+class EvalResult:
+    colour_accuracy: float  # named colours found in the image
+    shape_accuracy: float  # caption shapes recognised (in the named colour's region where a colour is named)
+    both_present: float  # two-object captions with two colour regions
+    attention_iou: float  # mean IoU of each noun's thresholded cross-attention with its object's region
+    count: int
+    settings: dict = field(default_factory=dict)
+    per_caption: list[dict] = field(default_factory=list)
+
+    def table(self) -> str:
+        rows = [("colour accuracy", self.colour_accuracy, 0.90), ("shape accuracy", self.shape_accuracy, 0.80),
+                ("both objects present", self.both_present, 0.80), ("attention-mask IoU", self.attention_iou, 0.50)]
+        lines = [f"{'measure':<24}{'value':>8}{'bar':>8}  pass", "-" * 46]
+        lines += [f"{n:<24}{v:>8.3f}{b:>8.2f}  {'yes' if v >= b else 'NO'}" for n, v, b in rows]
+        return "\n".join(lines) + f"\n({self.count} captions)"
+
+
+def score_image(image: np.ndarray, caption: str, maps=None, prompt: int = 0) -> dict:
+    """Per-caption scores: colours found, shapes recognised, both objects, attention IoU per noun."""
+    specs = world.parse_caption(caption)
+    regions = segment(image)
+    shapes_of = {c: classify_shape(m)[0] for c, m in regions.items()}
+    row = {"caption": caption, "found": {c: shapes_of[c] for c in regions}, "colour_ok": [], "shape_ok": [],
+           "iou": []}
+    unclaimed = dict(regions)
+    for colour, shape in specs:
+        region = None
+        if colour is not None:
+            row["colour_ok"].append(colour in regions)
+            if colour in regions:
+                region = regions[colour]
+                unclaimed.pop(colour, None)
+        else:  # colour left to the model: the region with that shape, if any
+            match = next((c for c in unclaimed if shapes_of[c] == shape), None)
+            if match is not None:
+                region = unclaimed.pop(match)
+        row["shape_ok"].append(region is not None and classify_shape(region)[0] == shape)
+        if maps is not None:
+            heat = maps.word(shape, prompt=prompt)
+            attention = heat.mask(ATTENTION_THRESHOLD, size=image.shape[:2]).numpy()
+            row["iou"].append(iou(attention, region) if region is not None else 0.0)
+    if len(specs) == 2:
+        row["both"] = len(regions) >= 2
+    return row
+
+
+def evaluate(pipe, count: int = 200, seed: int = 1234, options: GenerationOptions = GenerationOptions(),
+             batch: int = 25, progress: bool = True) -> EvalResult:
+    rng = random.Random(seed)
+    captions = [world.sample_scene(rng).caption for _ in range(count)]
+    rows = []
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, count, batch), desc="evaluating", disable=not progress):
+        chunk = captions[start : start + batch]
+        tokens = [PromptTokens.from_tokenizer(pipe.tokenizer, c) for c in chunk]
+        latents = torch.cat([
+            torch.randn((1, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size),
+                        generator=torch.Generator().manual_seed(seed + start + k)) for k in range(len(chunk))
+        ])
+        store = AttentionStore(RecordOptions(self_attention=False))
+        gen = generate(pipe, chunk, Controllers(store), options, latent=latents, progress=False)
+        maps = cross_maps(store, tokens)
+        for k, (caption, image) in enumerate(zip(chunk, gen.images)):
+            rows.append(score_image(np.asarray(image, dtype=np.float32) / 255.0, caption, maps, k))
+    colour = [ok for r in rows for ok in r["colour_ok"]]
+    shape = [ok for r in rows for ok in r["shape_ok"]]
+    both = [r["both"] for r in rows if "both" in r]
+    ious = [v for r in rows for v in r["iou"]]
+    settings = {"count": count, "seed": seed, **options.to_dict(), "saturation": SATURATION,
+                "min_pixels": MIN_PIXELS, "attention_threshold": ATTENTION_THRESHOLD}
+    return EvalResult(float(np.mean(colour)), float(np.mean(shape)), float(np.mean(both)), float(np.mean(ious)),
+                      count, settings, rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..loading import load_pipeline
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="shapes", help="bundled name or pipeline folder (default: shapes)")
+    parser.add_argument("--count", type=int, default=200, help="captions to generate (default: 200)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the captions and latents (default: 1234)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    parser.add_argument("--json", default=None, help="write the results (with per-caption rows) to this file")
+    args = parser.parse_args(argv)
+    pipe = load_pipeline(args.model)
+    result = evaluate(pipe, args.count, args.seed, GenerationOptions(steps=args.steps, guidance=args.guidance))
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps({**asdict(result), "model": args.model}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+import random
+
+import numpy as np
+import pytest
+
+from prompt2prompt.shapes import world
+from prompt2prompt.shapes.evaluate import classify_shape, score_image, segment
+from prompt2prompt.tokens import PromptTokens
+
+
+def test_world_is_seeded_and_masks_match_the_render():
+    a_scenes, a = world.batch(seed=5, count=8)
+    b_scenes, b = world.batch(seed=5, count=8)
+    assert np.array_equal(a, b) and [s.caption for s in a_scenes] == [s.caption for s in b_scenes]
+    for scene, image in zip(a_scenes, a):
+        masks = scene.masks()
+        assert len(masks) == len(scene.objects) in (1, 2)
+        if len(masks) == 2:
+            assert not (masks[0] & masks[1]).any()
+        for obj, mask in zip(scene.objects, masks):
+            assert mask.sum() > 50
+            expected = np.array(world.COLOURS[obj.colour]) * 2 - 1
+            np.testing.assert_allclose(image[:, mask].T, np.broadcast_to(expected, (mask.sum(), 3)), atol=1e-6)
+
+
+def test_captions_follow_the_grammar():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = world.sample_scene(rng)
+        specs = world.parse_caption(scene.caption)
+        assert [s for _, s in specs] == [o.shape for o in scene.objects]
+        for (colour, _), obj in zip(specs, scene.objects):
+            assert colour in (None, obj.colour)
+        assert " a orange" not in scene.caption and not scene.caption.startswith("a orange")
+    with pytest.raises(ValueError, match="names no shape"):
+        world.parse_caption("a red blob")
+
+
+def test_scene_from_caption_honours_it():
+    scene = world.scene_from_caption("a red circle and a square", random.Random(3))
+    assert [(o.colour, o.shape) for o in scene.objects][0] == ("red", "circle")
+    assert scene.objects[1].shape == "square" and scene.objects[1].colour != "red"
+
+
+def test_evaluator_recognises_rendered_truth():
+    rng = random.Random(11)
+    colour, shape, both = [], [], []
+    for _ in range(120):
+        scene = world.sample_scene(rng)
+        row = score_image(scene.render(), scene.caption)
+        colour += row["colour_ok"]
+        shape += row["shape_ok"]
+        if "both" in row:
+            both.append(row["both"])
+    assert all(colour) and all(shape) and all(both)
+
+
+def test_segment_and_classify_each_shape():
+    for k, shape in enumerate(world.SHAPES):
+        colour = sorted(world.COLOURS)[k]
+        scene = world.Scene((world.WorldObject(shape, colour, (30.0, 33.0), 9.0),), 0.5, f"a {colour} {shape}")
+        regions = segment(scene.render())
+        assert list(regions) == [colour]
+        assert classify_shape(regions[colour])[0] == shape
+    assert segment(np.full((64, 64, 3), 0.5, dtype=np.float32)) == {}
+
+
+def test_world_words_are_single_tokens(tokenizer):
+    for word in world.vocabulary():
+        p = PromptTokens.from_tokenizer(tokenizer, word)
+        assert p.tokens == ("<start>", word, "<end>")
