@@ -9,7 +9,7 @@ from .errors import P2PError
 from .loading import DEFAULT_MODEL
 
 
-def _common(p: argparse.ArgumentParser, out: str) -> None:
+def _common(p: argparse.ArgumentParser, out: str, out_is: str = "output folder") -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"bundled model name, local diffusers folder, or cached hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared initial latent (default: 0)")
@@ -19,7 +19,7 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--fp16", action="store_true", help="half precision (GPU only)")
-    p.add_argument("--out", default=out, help=f"output folder (default: {out})")
+    p.add_argument("--out", default=out, help=f"{out_is} (default: {out})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -108,12 +108,36 @@ def _edit_flags(p: argparse.ArgumentParser) -> None:
 def cmd_edit(args) -> None:
     from .edits import edit
     from .figures import write_edit
+    from .inversion import Inversion
 
     options = _edit_options(args)
+    inversion = Inversion.load(args.from_inversion) if args.from_inversion else None
     pipe = _pipe(args)
-    result = edit(pipe, args.source, args.targets, options, _options(args), progress=not args.quiet)
+    result = edit(pipe, args.source, args.targets, options, _options(args), progress=not args.quiet,
+                  inversion=inversion)
     files = write_edit(result, args.out, model=args.model)
     print(f"wrote {len(files)} files to {args.out}; open {files['html']}")
+
+
+def cmd_invert(args) -> None:
+    from .generation import GenerationOptions, generate
+    from .inversion import InversionOptions, autoencoder_reconstruction, invert, psnr
+
+    options = InversionOptions(method=args.method, steps=args.steps, guidance=args.guidance,
+                               inner_steps=args.inner_steps, offsets=tuple(args.offsets))
+    pipe = _pipe(args)
+    inv = invert(pipe, args.image, args.caption, options, progress=not args.quiet, model=args.model)
+    rec = generate(pipe, [args.caption], None, GenerationOptions(steps=args.steps, guidance=args.guidance),
+                   latent=inv.latent, uncond=inv.uncond, progress=not args.quiet).images[0]
+    ae = autoencoder_reconstruction(pipe, inv.image)
+    inv.settings.update(psnr_vs_input=psnr(rec, inv.image), psnr_vs_autoencoder=psnr(rec, ae))
+    path = inv.save(args.out)
+    rec_path = path.with_name(path.stem + "_reconstruction.png")
+    rec.save(rec_path)
+    print(f"{args.method} inversion in {inv.settings['seconds']:.1f} s: reconstruction PSNR "
+          f"{inv.settings['psnr_vs_input']:.2f} dB against the input, {inv.settings['psnr_vs_autoencoder']:.2f} dB "
+          f"against the autoencoder's own reconstruction")
+    print(f"wrote {path} and {rec_path}; edit with: p2p edit --from {path} \"{args.caption}\" \"EDITED CAPTION\"")
 
 
 def cmd_swap(args) -> None:
@@ -153,9 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
                        "as JSON and an HTML page.")
     p.add_argument("source", help="the source prompt")
     p.add_argument("targets", nargs="+", help="one or more edited prompts")
+    p.add_argument("--from", dest="from_inversion", default=None, metavar="INVERSION",
+                   help="edit a real image: an inversion file from `p2p invert` (its caption must be the source; "
+                   "its steps and guidance are used)")
     _edit_flags(p)
     _common(p, "p2p-out/edit")
     p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("invert", help="invert a real image (DDIM / null-text / negative-prompt) for editing",
+                       description="Invert an image under its caption so that sampling regenerates it; the result "
+                       "(starting latent, per-step unconditional embeddings, settings) goes to one safetensors file "
+                       "for `p2p edit --from`. Also writes the reconstruction and prints its PSNR.")
+    p.add_argument("image", help="image file (any size and mode: centre-cropped and resized to the model's size)")
+    p.add_argument("caption", help="a caption of the image (becomes the source prompt of edits)")
+    p.add_argument("--method", default="null-text", choices=["null-text", "ddim", "negative-prompt"],
+                   help="null-text (Mokady et al. 2022, default), plain ddim, or negative-prompt (no optimisation)")
+    p.add_argument("--inner-steps", type=int, default=10, help="null-text: Adam steps per timestep (default: 10)")
+    p.add_argument("--offsets", type=int, nargs=4, default=[0, 0, 0, 0], metavar=("LEFT", "RIGHT", "TOP", "BOTTOM"),
+                   help="pixels to cut from each side before the centre crop (default: 0 0 0 0)")
+    _common(p, "p2p-out/inversion.safetensors", "inversion file to write")
+    p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("swap-analysis", help="why a one-word swap changes the whole image, vanilla vs controlled",
                        description="Measure, for a source and a word-swapped prompt from one seed, the share of pixels "

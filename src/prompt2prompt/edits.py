@@ -8,7 +8,7 @@ replaced for 80% of the steps, self-attention for 40%, local-blend threshold 0.3
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -228,14 +228,29 @@ def edit_controllers(pipe, prompts: list[str], options: EditOptions, steps: int
 
 def edit(pipe, source: str, targets: list[str] | str, options: EditOptions = EditOptions(),
          generation: GenerationOptions = GenerationOptions(), vanilla: bool = True, progress: bool = True,
-         extra: AttentionController | None = None, **pipe_kwargs) -> EditResult:
-    """Generate the source and the edited prompts from one latent, with attention control (and, if asked, without)."""
+         extra: AttentionController | None = None, inversion=None, **pipe_kwargs) -> EditResult:
+    """Generate the source and the edited prompts from one latent, with attention control (and, if asked, without).
+
+    inversion: an `Inversion` of a real image; its caption must be the source prompt, and its latent, per-step
+    unconditional embeddings, steps and guidance are used (the seed is then irrelevant).
+    """
     targets = [targets] if isinstance(targets, str) else list(targets)
     prompts = [source, *targets]
+    if inversion is not None:
+        from .inversion import ensure_ddim
+
+        if inversion.prompt.strip() != source.strip():
+            raise PromptError(f"the inversion was made with the caption {inversion.prompt!r}; pass that caption as "
+                              f"the source prompt (got {source!r})")
+        ensure_ddim(pipe)
+        generation = replace(generation, steps=inversion.options.steps, guidance=inversion.options.guidance)
+        pipe_kwargs.update(latent=inversion.latent, uncond=inversion.uncond)
     tokens, p2p, blend = edit_controllers(pipe, prompts, options, generation.steps)
     controller = Controllers(blend, p2p, extra)  # the blend sees each prompt's own attention, before the edit
     controlled = generate(pipe, prompts, controller, generation, progress=progress, **pipe_kwargs)
     plain = generate(pipe, prompts, None, generation, progress=progress, **pipe_kwargs) if vanilla else None
     settings = {"prompts": prompts, **options.to_dict(), "mode": p2p.mode, "requested_mode": options.mode,
                 **generation.to_dict()}
+    if inversion is not None:
+        settings["inversion"] = {"method": inversion.options.method, **inversion.settings}
     return EditResult(tokens, controlled, plain, settings, blend.mask if blend else None)

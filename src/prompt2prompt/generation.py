@@ -55,11 +55,14 @@ def generate(
     options: GenerationOptions = GenerationOptions(),
     latent: torch.Tensor | None = None,
     progress: bool = True,
+    uncond: torch.Tensor | None = None,
     **pipe_kwargs,
 ) -> Generation:
     """Generate one image per prompt, all from the same initial latent, with the controller in the loop.
 
     latent: (1, channels, h, w) shared by every prompt (default: drawn from options.seed), or one row per prompt.
+    uncond: (steps, tokens, width) an unconditional embedding per step (from an inversion), swapped in through the
+    step callback; it needs classifier-free guidance (guidance > 1).
     With no controller the pipeline runs untouched (the stock processors). Extra keyword arguments go to the pipeline.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -72,10 +75,26 @@ def generate(
     latents = latent.expand(len(prompts), *latent.shape[1:]).to(device, dtype).clone()
     pipe.set_progress_bar_config(disable=not progress, desc="denoising", leave=False)
     final = {}
+    inputs = ["latents"]
+    if uncond is not None:
+        if uncond.shape[0] != options.steps:
+            raise P2PError(f"the per-step unconditional embeddings are for {uncond.shape[0]} steps, "
+                           f"but {options.steps} steps were asked")
+        if options.guidance <= 1 or options.negative_prompt:
+            raise P2PError("per-step unconditional embeddings need classifier-free guidance (guidance > 1) "
+                           "and no negative prompt")
+        uncond = uncond.to(device, pipe.text_encoder.dtype)
+        pipe_kwargs["negative_prompt_embeds"] = uncond[0].expand(len(prompts), -1, -1)
+        inputs.append("prompt_embeds")
 
-    def keep_latents(pipe_, step, timestep, kwargs):
-        final["latents"] = kwargs["latents"]
-        return {}
+    def keep_latents(pipe_, step, timestep, kwargs, changed=None):
+        changed = {} if changed is None else changed
+        final["latents"] = changed.get("latents", kwargs["latents"])
+        if uncond is not None and step + 1 < options.steps:  # the next step's unconditional embedding
+            embeds = kwargs["prompt_embeds"]  # (2 * prompts, tokens, width): [unconditional, conditional]
+            n = embeds.shape[0] // 2
+            changed["prompt_embeds"] = torch.cat([uncond[step + 1].expand(n, -1, -1), embeds[n:]])
+        return changed
 
     args = dict(
         prompt=prompts,
@@ -86,7 +105,7 @@ def generate(
         height=latents.shape[2] * pipe.vae_scale_factor,
         width=latents.shape[3] * pipe.vae_scale_factor,
         output_type="np",
-        callback_on_step_end_tensor_inputs=["latents"],
+        callback_on_step_end_tensor_inputs=inputs,
         **pipe_kwargs,
     )
     if controller is None:
@@ -95,9 +114,7 @@ def generate(
         with control(pipe, controller) as router:
 
             def callback(pipe_, step, timestep, kwargs):
-                changed = router.callback(pipe_, step, timestep, kwargs)
-                final["latents"] = changed.get("latents", kwargs["latents"])
-                return changed
+                return keep_latents(pipe_, step, timestep, kwargs, router.callback(pipe_, step, timestep, kwargs))
 
             out = pipe(**args, callback_on_step_end=callback)
     images = [Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)) for im in out.images]

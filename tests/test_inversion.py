@@ -1,0 +1,147 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prompt2prompt.cli import main
+from prompt2prompt.edits import EditOptions, edit
+from prompt2prompt.errors import InputError, ModelError, PromptError
+from prompt2prompt.generation import GenerationOptions, generate
+from prompt2prompt.inversion import Inversion, InversionOptions, invert, prepare_image, psnr
+from prompt2prompt.shapes import world
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def scene_image():
+    scene = world.scene_from_caption("a red circle and a blue square", random.Random(2))
+    return scene.caption, Image.fromarray((scene.render() * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def null_text(sd1, scene_image):
+    caption, image = scene_image
+    return invert(sd1, image, caption, InversionOptions(steps=STEPS), progress=False)
+
+
+def test_prepare_any_size_and_mode(tmp_path):
+    rgba = Image.new("RGBA", (90, 50), (255, 0, 0, 0))
+    out = prepare_image(rgba, (32, 32))
+    assert out.size == (32, 32) and out.mode == "RGB"
+    assert np.asarray(out)[16, 16].tolist() == [255, 255, 255]  # transparent composited on white
+    grey = Image.new("L", (40, 80), 100)
+    assert prepare_image(grey, (32, 48)).size == (48, 32)
+    pal = Image.new("P", (20, 20))
+    assert prepare_image(pal, (32, 32)).mode == "RGB"
+    half = Image.new("RGB", (64, 32), "black")
+    half.paste((255, 255, 255), (32, 0, 64, 32))
+    right = prepare_image(half, (32, 32), offsets=(32, 0, 0, 0))  # cut the black left half away
+    assert np.asarray(right).min() == 255
+    with pytest.raises(InputError, match="leave nothing"):
+        prepare_image(half, (32, 32), offsets=(40, 30, 0, 0))
+
+
+def test_unreadable_and_missing_images(tmp_path):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("hello")
+    with pytest.raises(InputError, match="cannot read"):
+        prepare_image(bad, (32, 32))
+    with pytest.raises(InputError, match="no image file"):
+        prepare_image(tmp_path / "missing.png", (32, 32))
+
+
+def test_file_round_trip(null_text, tmp_path):
+    path = null_text.save(tmp_path / "inv")
+    assert path.suffix == ".safetensors"
+    back = Inversion.load(path)
+    assert back.prompt == null_text.prompt and back.options == null_text.options
+    torch.testing.assert_close(back.latent, null_text.latent, atol=0, rtol=0)
+    torch.testing.assert_close(back.uncond, null_text.uncond, atol=0, rtol=0)
+    assert np.array_equal(np.asarray(back.image), np.asarray(null_text.image))
+    assert back.settings["losses"] == [list(x) for x in null_text.settings["losses"]]
+    (tmp_path / "junk.safetensors").write_text("junk")
+    with pytest.raises(InputError):
+        Inversion.load(tmp_path / "junk.safetensors")
+    with pytest.raises(InputError, match="no inversion file"):
+        Inversion.load(tmp_path / "none.safetensors")
+
+
+def test_null_text_optimisation_lowers_each_steps_loss(null_text):
+    losses = null_text.settings["losses"]
+    assert len(losses) == STEPS and null_text.uncond.shape[0] == STEPS
+    before = sum(b for b, _ in losses)
+    after = sum(a for _, a in losses)
+    assert after < before
+
+
+def test_ddim_uncond_path_equals_plain_sampling(sd1, scene_image):
+    """Swapping in per-step embeddings through the callback is exact: with the null embedding at every step,
+    sampling from the inverted latent equals the pipeline's own sampling from it."""
+    caption, image = scene_image
+    inv = invert(sd1, image, caption, InversionOptions(method="ddim", steps=STEPS), progress=False)
+    opts = GenerationOptions(steps=STEPS)
+    swapped = generate(sd1, caption, None, opts, latent=inv.latent, uncond=inv.uncond, progress=False)
+    plain = generate(sd1, caption, None, opts, latent=inv.latent, progress=False)
+    torch.testing.assert_close(swapped.latents, plain.latents, atol=1e-5, rtol=1e-5)
+
+
+def test_negative_prompt_method_uses_the_caption(sd1, scene_image):
+    caption, image = scene_image
+    inv = invert(sd1, image, caption, InversionOptions(method="negative-prompt", steps=STEPS), progress=False)
+    ids = sd1.tokenizer(caption, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        cond = sd1.text_encoder(ids)[0][0]
+    for k in range(STEPS):
+        torch.testing.assert_close(inv.uncond[k], cond)
+
+
+def test_edit_from_an_inversion(sd1, null_text, scene_image):
+    caption, _ = scene_image
+    rec = generate(sd1, caption, None, GenerationOptions(steps=STEPS), latent=null_text.latent,
+                   uncond=null_text.uncond, progress=False)
+    r = edit(sd1, caption, caption.replace("square", "cross"), EditOptions(blend=("square", "cross")),
+             GenerationOptions(steps=99, seed=123), inversion=null_text, progress=False)
+    assert r.settings["steps"] == STEPS and r.settings["inversion"]["method"] == "null-text"
+    torch.testing.assert_close(r.controlled.latents[0], rec.latents[0], atol=1e-4, rtol=1e-4)
+    assert psnr(r.controlled.images[0], rec.images[0]) > 40
+    with pytest.raises(PromptError, match="made with the caption"):
+        edit(sd1, "a green cross", "a green square", inversion=null_text, progress=False)
+
+
+def test_sdxl_is_refused_clearly(pipes, scene_image):
+    caption, image = scene_image
+    with pytest.raises(ModelError, match="SD 1.x and 2.x"):
+        invert(pipes["sdxl"], image, caption, InversionOptions(steps=2), progress=False)
+
+
+def test_sd2_v_prediction_inverts(pipes, scene_image):
+    caption, image = scene_image
+    inv = invert(pipes["sd2"], image, caption, InversionOptions(steps=STEPS, inner_steps=3), progress=False)
+    assert torch.isfinite(inv.latent).all() and inv.uncond.shape == (STEPS, 77, 64)
+
+
+def test_cli_invert_then_edit(sd1_folder, scene_image, tmp_path, capsys):
+    caption, image = scene_image
+    image.save(tmp_path / "scene.png")
+    inv_path = tmp_path / "inv.safetensors"
+    assert main(["invert", str(tmp_path / "scene.png"), caption, "--model", str(sd1_folder), "--steps", "3",
+                 "--inner-steps", "2", "--out", str(inv_path), "--quiet"]) == 0
+    assert inv_path.exists() and (tmp_path / "inv_reconstruction.png").exists()
+    assert "dB against the input" in capsys.readouterr().out
+    out = tmp_path / "edit"
+    assert main(["edit", "--from", str(inv_path), caption, caption.replace("red", "green"), "--model",
+                 str(sd1_folder), "--out", str(out), "--quiet"]) == 0
+    assert (out / "grid.png").exists() and (out / "edit_1.png").exists()
+
+
+def test_cli_invert_bad_image(sd1_folder, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\x00\x01")
+    out = tmp_path / "inv.safetensors"
+    assert main(["invert", str(bad), "a circle", "--model", str(sd1_folder), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "Traceback" not in err
+    assert not out.exists()
