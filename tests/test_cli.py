@@ -94,3 +94,22 @@ def test_swap_analysis_numbers_and_plot(sd1_folder, tmp_path, capsys):
     for name in ("drift.png", "images.png", "argmax_step0_0.png", "argmax_step0_1.png", "index.html"):
         assert (out / name).exists()
     assert "of pixels change their most-attended word" in capsys.readouterr().out
+
+
+def test_demo_quick_writes_a_report_with_finite_numbers(sd1_folder, tmp_path):
+    import math
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--model", str(sd1_folder), "--out", str(out), "--quiet"]) == 0
+    numbers = json.loads((out / "demo.json").read_text())
+    assert set(numbers) >= {"swap", "blend", "sweep", "swap_analysis", "pairs", "settings", "seconds"}
+    flat = [numbers["swap"]["replace"]["outside_psnr"], numbers["blend"]["replace+blend"]["outside_mad"],
+            numbers["swap_analysis"]["argmax_changed"], *numbers["swap_analysis"]["drift_vanilla"],
+            numbers["pairs"]["replace"]["outside_psnr"]]
+    assert all(math.isfinite(x) for x in flat)
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/png;base64,") >= 12
+    for section in ("1. What each word attends to", "2. One word changed", "3. Keeping the rest exactly",
+                    "4. How long to inject", "5. Refine and re-weight", "6. Why one word moves everything",
+                    "7. Measured over"):
+        assert section in page

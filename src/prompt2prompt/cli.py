@@ -153,6 +153,18 @@ def cmd_swap(args) -> None:
     print(f"wrote {len(files)} files to {args.out}; open {files['html']}")
 
 
+def cmd_demo(args) -> None:
+    from dataclasses import replace
+
+    from .demo import DemoOptions, quick_options, run_demo
+
+    options = quick_options() if args.quick else DemoOptions()
+    options = replace(options, **{k: v for k, v in (("steps", args.steps), ("pairs", args.pairs)) if v is not None})
+    pipe = _pipe(args)
+    run_demo(pipe, args.out, options, model=args.model, quiet=args.quiet)
+    print(f"wrote {args.out}; open {args.out}/index.html")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2p", description="Look inside Stable Diffusion's attention and edit "
                                      "images by controlling it (Prompt-to-Prompt).")
@@ -183,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     _edit_flags(p)
     _common(p, "p2p-out/edit")
     p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("demo", help="the tour: maps, word swap, local blend, sweeps, refine, re-weight, analysis",
+                       description="Run the seed notes' claims on the bundled model and write one self-contained "
+                       "HTML report with pictures and the numbers that measure them.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default: {DEFAULT_MODEL})")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; 8 with --quick)")
+    p.add_argument("--pairs", type=int, default=None, help="seeded edit pairs to measure (default: 6; 1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="a reduced tour (few steps, short sweeps) for a fast check")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--fp16", action="store_true", help="half precision (GPU only)")
+    p.add_argument("--out", default="p2p-out/demo", help="output folder (default: p2p-out/demo)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("invert", help="invert a real image (DDIM / null-text / negative-prompt) for editing",
                        description="Invert an image under its caption so that sampling regenerates it; the result "

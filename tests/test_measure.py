@@ -1,0 +1,65 @@
+import numpy as np
+from PIL import Image
+
+from prompt2prompt.measure import EditPair, grow, sample_pairs, score_edit, summarize
+from prompt2prompt.shapes import world
+
+
+def render(objects, background=0.5):
+    scene = world.Scene(tuple(objects), background, world.caption_for(tuple(objects), (True,) * len(objects)))
+    return Image.fromarray((scene.render() * 255).astype(np.uint8))
+
+
+def obj(shape, colour, x, y, r=9.0):
+    return world.WorldObject(shape, colour, (x, y), r)
+
+
+PAIR = EditPair("a red circle and a blue square", "a red circle and a blue triangle", 1, "shape", "square",
+                "triangle", ("square", "triangle"), 0)
+
+
+def test_sample_pairs_are_one_word_swaps():
+    pairs = sample_pairs(60, seed=3)
+    assert len(pairs) == 60 and pairs == sample_pairs(60, seed=3)
+    kinds = {p.kind for p in pairs}
+    assert kinds == {"shape", "colour"}
+    for p in pairs:
+        a, b = p.source.split(), p.target.split()
+        diff = [(x, y) for x, y in zip(a, b) if x != y and x not in ("a", "an")]
+        assert diff == [(p.old, p.new)]
+        assert all(w in p.source or w in p.target for w in p.blend)
+
+
+def test_perfect_edit_scores():
+    source = render([obj("circle", "red", 16, 16), obj("square", "blue", 46, 46)])
+    edited = render([obj("circle", "red", 16, 16), obj("triangle", "blue", 46, 46)])
+    s = score_edit(PAIR, source, edited)
+    assert s.keep_iou == 1.0 and s.edit_ok
+    assert s.outside_mad == 0.0 and s.outside_psnr >= 99
+
+
+def test_moved_layout_and_failed_edit():
+    source = render([obj("circle", "red", 16, 16), obj("square", "blue", 46, 46)])
+    moved = render([obj("circle", "red", 46, 16), obj("square", "blue", 16, 46)], background=0.3)
+    s = score_edit(PAIR, source, moved)
+    assert s.keep_iou == 0.0 and not s.edit_ok  # the circle moved away; still a square
+    assert s.outside_psnr < 20
+
+
+def test_colour_edit_recognised():
+    pair = EditPair("a red circle and a blue square", "a red circle and a green square", 1, "colour", "blue", "green",
+                    ("square",), 0)
+    source = render([obj("circle", "red", 16, 16), obj("square", "blue", 46, 46)])
+    edited = render([obj("circle", "red", 16, 16), obj("square", "green", 46, 46)])
+    s = score_edit(pair, source, edited)
+    assert s.edit_ok and s.keep_iou == 1.0 and s.outside_mad == 0.0
+
+
+def test_grow_and_summarize():
+    m = np.zeros((9, 9), dtype=bool)
+    m[4, 4] = True
+    assert grow(m, 2).sum() == 25
+    source = render([obj("circle", "red", 16, 16), obj("square", "blue", 46, 46)])
+    s = score_edit(PAIR, source, source)
+    summary = summarize([s, s])
+    assert summary["pairs"] == 2 and summary["keep_iou"] == 1.0 and summary["edit_ok"] == 0.0
