@@ -154,3 +154,20 @@ def test_edit_returned_probabilities_are_used(sd1):
     plain = generate(sd1, ["a red circle"], None, OPTS, progress=False)
     edited = generate(sd1, ["a red circle"], Uniform(), OPTS, progress=False)
     assert (edited.latents - plain.latents).abs().max() > 1e-3
+
+
+def test_without_guidance_every_row_is_conditional(sd1):
+    shapes = []
+
+    class Probe(AttentionController):
+        def wants(self, site):
+            return site.layer.is_cross
+
+        def attention(self, probs, site):
+            shapes.append(probs.shape[0])
+
+    generate(sd1, ["a red circle", "a blue square"], Probe(), GenerationOptions(steps=2, guidance=1.0),
+             progress=False)
+    generate(sd1, ["a red circle", "a blue square"], Probe(), GenerationOptions(steps=2, guidance=5.0),
+             progress=False)
+    assert set(shapes) == {2}

@@ -111,7 +111,7 @@ def generate(
     if controller is None:
         out = pipe(**args, callback_on_step_end=keep_latents)
     else:
-        with control(pipe, controller) as router:
+        with control(pipe, controller, prompts=len(prompts)) as router:
 
             def callback(pipe_, step, timestep, kwargs):
                 return keep_latents(pipe_, step, timestep, kwargs, router.callback(pipe_, step, timestep, kwargs))
