@@ -9,18 +9,24 @@ from .errors import P2PError
 from .loading import DEFAULT_MODEL
 
 
-def _common(p: argparse.ArgumentParser, out: str, out_is: str = "output folder") -> None:
+def _machine(p: argparse.ArgumentParser, out: str, out_is: str = "output folder") -> None:
+    """The flags every command has: model, device, precision, output, quietness."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"bundled model name, local diffusers folder, or cached hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--fp16", action="store_true", help="half precision (GPU only)")
+    p.add_argument("--out", default=out, help=f"{out_is} (default: {out})")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _common(p: argparse.ArgumentParser, out: str, out_is: str = "output folder") -> None:
+    """_machine's flags and the generation settings."""
+    _machine(p, out, out_is)
     p.add_argument("--seed", type=int, default=0, help="seed of the shared initial latent (default: 0)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--fp16", action="store_true", help="half precision (GPU only)")
-    p.add_argument("--out", default=out, help=f"{out_is} (default: {out})")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _options(args):
@@ -199,14 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the tour: maps, word swap, local blend, sweeps, refine, re-weight, analysis",
                        description="Run the seed notes' claims on the bundled model and write one self-contained "
                        "HTML report with pictures and the numbers that measure them.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default: {DEFAULT_MODEL})")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; 8 with --quick)")
     p.add_argument("--pairs", type=int, default=None, help="seeded edit pairs to measure (default: 6; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="a reduced tour (few steps, short sweeps) for a fast check")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--fp16", action="store_true", help="half precision (GPU only)")
-    p.add_argument("--out", default="p2p-out/demo", help="output folder (default: p2p-out/demo)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _machine(p, "p2p-out/demo")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("invert", help="invert a real image (DDIM / null-text / negative-prompt) for editing",
