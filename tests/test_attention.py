@@ -171,3 +171,13 @@ def test_without_guidance_every_row_is_conditional(sd1):
     generate(sd1, ["a red circle", "a blue square"], Probe(), GenerationOptions(steps=2, guidance=5.0),
              progress=False)
     assert set(shapes) == {2}
+
+
+def test_per_step_series_for_chosen_layers(sd1):
+    store = AttentionStore(RecordOptions(steps=(0, 1)), series=lambda site: site.layer.is_cross and site.res == (8, 8))
+    generate(sd1, ["a red circle"], store, GenerationOptions(steps=5), progress=False)
+    assert store.series and all(len(v) == 5 for v in store.series.values())
+    assert all(v[0].shape == (1, 64, 77) for v in store.series.values())  # (prompts, pixels, tokens), head mean
+    assert set(store.counts.values()) == {1}  # the sums kept only step 0
+    name = next(iter(store.series))
+    torch.testing.assert_close(store.series[name][0], store.mean(name).mean(1))

@@ -122,3 +122,19 @@ def test_local_blend_class_alone_needs_words(sd1):
     toks = [PromptTokens.from_tokenizer(sd1.tokenizer, p) for p in ("a circle", "a square")]
     with pytest.raises(PromptError, match="'cross'"):
         LocalBlend(toks, ("cross",))
+
+
+def test_edits_run_under_another_scheduler(sd1):
+    from diffusers import EulerDiscreteScheduler
+
+    original = sd1.scheduler
+    sd1.scheduler = EulerDiscreteScheduler.from_config(original.config)
+    try:
+        off = edit(sd1, "a red circle", "a red square", EditOptions(cross_steps=0.0, self_steps=0.0), GEN,
+                   progress=False)
+        torch.testing.assert_close(off.controlled.latents, off.vanilla.latents, atol=0, rtol=0)
+        on = edit(sd1, "a red circle", "a red square", EditOptions(blend=("circle", "square"), threshold=0.97), GEN,
+                  vanilla=False, progress=False)
+        assert on.mask is not None and torch.isfinite(on.controlled.latents).all()
+    finally:
+        sd1.scheduler = original

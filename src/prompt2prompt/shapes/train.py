@@ -184,6 +184,9 @@ def save_pipeline(folder: Path, vae, unet, text_encoder, tokenizer, scaling_fact
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/shapes", help="run folder: checkpoint, loss log, final pipeline")
+    parser.add_argument("--export", default=None, metavar="FOLDER",
+                        help="only write the checkpoint's EMA weights as a pipeline to FOLDER (to look at a run "
+                        "while it trains), then stop")
     for field, default in asdict(TrainConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default,
                             help=f"TrainConfig.{field} (default {default})")
@@ -215,6 +218,15 @@ def main(argv: list[str] | None = None) -> None:
     else:
         data = encode_dataset(vae, tokenizer, cfg)
         _save(data_path, data)
+    if args.export:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        with torch.no_grad():
+            for e, p in zip(state["ema"], list(unet.parameters()) + list(text_encoder.parameters())):
+                p.copy_(e)
+        save_pipeline(Path(args.export), vae, unet, text_encoder, tokenizer, data["scaling_factor"])
+        print(f"exported step {state['step']} to {args.export}")
+        return
     train_diffusion(unet, text_encoder, data, tokenizer, cfg, out, state)
     folder = save_pipeline(out / "pipeline", vae, unet, text_encoder, tokenizer, data["scaling_factor"])
     print(f"saved {folder} after {(time.time() - t0) / 60:.1f} min this run")
