@@ -69,3 +69,11 @@ def test_world_words_are_single_tokens(tokenizer):
     for word in world.vocabulary():
         p = PromptTokens.from_tokenizer(tokenizer, word)
         assert p.tokens == ("<start>", word, "<end>")
+
+
+def test_tokenizer_files_are_reproducible(tmp_path):
+    from prompt2prompt.shapes.tokenizer import train_tokenizer
+
+    a, b = train_tokenizer(tmp_path / "a"), train_tokenizer(tmp_path / "b")
+    for name in ("vocab.json", "merges.txt"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()

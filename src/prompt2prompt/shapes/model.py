@@ -16,6 +16,7 @@ class ShapesModelConfig:
     unet_channels: tuple[int, ...] = (32, 64, 128)  # UNet levels at 16x16, 8x8, 4x4 latents
     unet_layers_per_block: int = 1
     unet_head_dim: int = 16  # channels per attention head
+    unet_norm_groups: int = 8  # GroupNorm groups; >= 2 channels per group, or the output cannot carry a mean (DC) shift
     cross_attention_levels: tuple[bool, ...] = (True, True, False)  # cross-attention at 16x16 and 8x8 (and the mid)
     text_width: int = 128  # CLIP text encoder hidden size = UNet cross_attention_dim
     text_layers: int = 2
@@ -52,7 +53,7 @@ def build_unet(cfg: ShapesModelConfig) -> UNet2DConditionModel:
         layers_per_block=cfg.unet_layers_per_block,
         cross_attention_dim=cfg.text_width,
         attention_head_dim=tuple(c // cfg.unet_head_dim for c in cfg.unet_channels),  # = number of heads
-        norm_num_groups=32,
+        norm_num_groups=cfg.unet_norm_groups,
     )
 
 

@@ -35,7 +35,7 @@ class TrainConfig:
     vae_object_weight: float = 4.0  # extra loss weight on (saturated) object pixels, so colours come out exact
     kl_weight: float = 1e-6  # SD's autoencoders use a tiny KL term too
     dataset_size: int = 30_000  # scenes encoded once to latents for the diffusion stage
-    steps: int = 5000  # UNet + text encoder steps
+    steps: int = 3500  # UNet + text encoder steps
     batch: int = 64
     lr: float = 3e-4
     warmup: int = 200
