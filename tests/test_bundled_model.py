@@ -10,6 +10,8 @@ from prompt2prompt.shapes.evaluate import segment
 
 @pytest.fixture(scope="module")
 def shapes():
+    if not (BUNDLED["shapes"] / "model_index.json").exists():
+        pytest.skip("the shapes model is not shipped yet: its training has not passed its bars")
     return load_pipeline("shapes")
 
 

@@ -45,3 +45,11 @@ def test_hub_id_not_in_cache(tmp_path, monkeypatch):
 def test_nonsense_name():
     with pytest.raises(ModelError, match="neither a bundled model"):
         load_pipeline("no_such_thing")
+
+
+def test_tiny_pipeline_command(tmp_path, capsys):
+    from prompt2prompt.testing import main
+
+    main(["sd2", str(tmp_path / "tiny")])
+    assert family(load_pipeline(tmp_path / "tiny")) == "sd2"
+    assert "saved a tiny random sd2 pipeline" in capsys.readouterr().out

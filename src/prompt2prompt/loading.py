@@ -28,7 +28,10 @@ def resolve(name_or_path: str | Path) -> Path:
     if name in BUNDLED:
         folder = BUNDLED[name]
         if not (folder / "model_index.json").exists():
-            raise ModelError(f"the bundled model {name!r} is not installed at {folder}")
+            raise ModelError(
+                f"the bundled model {name!r} is not installed at {folder} (it ships once its training passes its "
+                "quality bars; train it with `python -m prompt2prompt.shapes.train`), or pass --model FOLDER"
+            )
         return folder
     path = Path(name).expanduser()
     if path.exists():

@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -188,6 +187,3 @@ def self_maps(store: AttentionStore, res: int | None = None, places: tuple[str, 
     values = sum(store.mean(n) for n in names) / len(names)
     return SelfAttentionMaps(values.cpu(), store.res[names[0]])
 
-
-def to_numpy_image(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

@@ -80,3 +80,22 @@ def tiny_pipeline(kind: str, folder: str | Path, seed: int = 0):
             scheduler=DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
         )
     raise ValueError(f"unknown pipeline kind {kind!r}: expected sd1, sd2 or sdxl")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m prompt2prompt.testing KIND FOLDER: save a tiny random pipeline (sd1, sd2 or sdxl) to FOLDER."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description="Save a tiny random Stable Diffusion pipeline (for trying the "
+                                     "tool and for tests; its pictures are noise).")
+    parser.add_argument("kind", choices=["sd1", "sd2", "sdxl"], help="architecture family")
+    parser.add_argument("folder", help="where to save the pipeline")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_pipeline(args.kind, tmp).save_pretrained(args.folder)
+    print(f"saved a tiny random {args.kind} pipeline to {args.folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,8 +14,6 @@ from pathlib import Path
 from .world import vocabulary
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-# CLIP's pre-tokenisation pattern (openai/CLIP simple_tokenizer.py), also used by transformers' CLIPTokenizer.
-CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 MODEL_MAX_LENGTH = 77  # SD's text length, so prompts pad exactly as in Stable Diffusion
 
 # Everyday words learnt as merges too, so that prompts outside the world split into a few readable pieces.
