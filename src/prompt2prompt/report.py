@@ -56,7 +56,7 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; }
-figure img { max-width: 100%; image-rendering: pixelated; border: 1px solid #ccc; }
+figure img { max-width: 100%; min-width: 160px; image-rendering: pixelated; border: 1px solid #ccc; }
 figcaption { font-size: 0.85em; color: #555; max-width: 520px; }
 table { border-collapse: collapse; margin: 0.5em 0; } td, th { border: 1px solid #ddd; padding: 4px 8px; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; } pre { background: #f6f6f6; padding: 0.5em; }
