@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from . import plot
 from .analysis import SwapAnalysis
 from .attend import AttendResult
 from .edits import EditResult
-from .maps import CrossAttentionMaps
+from .maps import CrossAttentionMaps, HeatMap
 from .report import Section, page, staged, write_json
 
 CAPTIONS = {
@@ -21,11 +20,6 @@ CAPTIONS = {
     "argmax": "most-attended token per pixel (start token and padding ignored)",
     "self_attention": "top principal components of the self-attention (mean-centred rows, SVD)",
 }
-
-
-def _unit(t: torch.Tensor) -> torch.Tensor:
-    lo, hi = t.min(), t.max()
-    return (t - lo) / (hi - lo) if hi > lo else t * 0
 
 
 def attention_figures(result: AttendResult, maps: CrossAttentionMaps, prompt: int = 0, components: int = 6,
@@ -47,7 +41,7 @@ def attention_figures(result: AttendResult, maps: CrossAttentionMaps, prompt: in
         selfmaps = result.self_maps()
         comps = selfmaps.components(components, prompt)
         figures["self_attention"] = plot.grid(
-            [plot.colorize(_unit(c).numpy()) for c in comps], [f"component {i + 1}" for i in range(len(comps))],
+            [HeatMap(c, "").image() for c in comps], [f"component {i + 1}" for i in range(len(comps))],
             cell=cell, title=f"self-attention components at {selfmaps.size[0]}x{selfmaps.size[1]}")
     return figures
 
