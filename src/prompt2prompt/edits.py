@@ -150,7 +150,7 @@ class PromptToPrompt(AttentionController):
             self.index = torch.stack([a.index for a in aligned])  # (targets, tokens)
             self.weight = torch.stack([a.weight for a in aligned])  # (targets, tokens)
         self.alpha = cross_schedule(options.cross_steps, targets, steps)  # (steps, targets, tokens)
-        self.cross_active = self.alpha.flatten(1).amax(1) > 0  # (steps,)
+        self.cross_active = (self.alpha.flatten(1).amax(1) > 0).tolist()  # per step; plain bools for wants()
         self.self_range = step_range(options.self_steps, steps)
         self.equalizer = None
         if options.reweight:
@@ -173,7 +173,7 @@ class PromptToPrompt(AttentionController):
         if site.step >= len(self.cross_active):
             return False
         if site.layer.is_cross:
-            return bool(self.cross_active[site.step])
+            return self.cross_active[site.step]
         return self.self_range[0] <= site.step < self.self_range[1] and max(site.res) <= self.self_side
 
     def attention(self, probs, site):

@@ -172,27 +172,22 @@ class _DDIM:
     def alpha(self, t: int) -> torch.Tensor:
         return self.alphas[t] if t >= 0 else self.final
 
-    def split(self, output, t, sample):
-        """(eps, x0) from the model output at timestep t."""
-        a = self.alpha(int(t))
+    def split(self, output, a, sample):
+        """(eps, x0) from the model output, with a the cumulative alpha of sample's noise level."""
         if self.prediction == "v_prediction":
             return a**0.5 * output + (1 - a) ** 0.5 * sample, a**0.5 * sample - (1 - a) ** 0.5 * output
         return output, (sample - (1 - a) ** 0.5 * output) / a**0.5
 
     def prev(self, output, t, sample):
         """x_t -> x_{t - stride} (what DDIMScheduler.step does with eta=0)."""
-        eps, x0 = self.split(output, t, sample)
+        eps, x0 = self.split(output, self.alpha(int(t)), sample)
         a_prev = self.alpha(int(t) - self.stride)
         return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
 
     def next(self, output, t, sample):
         """x_{t - stride} -> x_t, with the model output evaluated at t (the inversion's approximation)."""
-        a_cur, a_next = self.alpha(int(t) - self.stride), self.alpha(int(t))
-        if self.prediction == "v_prediction":
-            eps = a_cur**0.5 * output + (1 - a_cur) ** 0.5 * sample
-            x0 = a_cur**0.5 * sample - (1 - a_cur) ** 0.5 * output
-        else:
-            eps, x0 = output, (sample - (1 - a_cur) ** 0.5 * output) / a_cur**0.5
+        eps, x0 = self.split(output, self.alpha(int(t) - self.stride), sample)
+        a_next = self.alpha(int(t))
         return a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps
 
 
