@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from prompt2prompt.shapes import world
-from prompt2prompt.shapes.evaluate import classify_shape, score_image, segment
+from prompt2prompt.shapes.evaluate import classify_shape, largest_part, score_image, segment
 from prompt2prompt.tokens import PromptTokens
 
 
@@ -63,6 +63,18 @@ def test_segment_and_classify_each_shape():
         assert list(regions) == [colour]
         assert classify_shape(regions[colour])[0] == shape
     assert segment(np.full((64, 64, 3), 0.5, dtype=np.float32)) == {}
+
+
+def test_dark_tints_and_specks_do_not_fool_the_shape_test():
+    # what an autoencoder does to a dark picture: faint colour casts in the grey, a few stray coloured pixels
+    scene = world.Scene((world.WorldObject("cross", "blue", (40.0, 40.0), 12.0),), 0.2, "a blue cross")
+    image = scene.render()
+    image[..., 2] += np.where(scene.masks()[0], 0, 0.15)  # a bluish cast: chroma 0.15, saturation 0.43
+    image[2:8, 2:8] = world.COLOURS["blue"]  # a 36-pixel speck far from the cross
+    regions = segment(image)
+    assert list(regions) == ["blue"]
+    assert classify_shape(regions["blue"])[0] == "cross"
+    assert largest_part(regions["blue"]).sum() == scene.masks()[0].sum()
 
 
 def test_world_words_are_single_tokens(tokenizer):

@@ -3,11 +3,12 @@
     python -m prompt2prompt.shapes.evaluate [--model shapes] [--count 200] [--json eval.json]
 
 Captions come from the world's sampler with fixed seeds, one initial latent per caption (seeded). Each generated image
-is segmented by colour: pixels with saturation above 0.35 are object pixels, labelled with the nearest of the world's
-hues; a colour counts as present with at least `min_pixels` pixels. A region's shape is the world shape whose
-rendered template (fitted to the region's bounding box) overlaps it best (IoU). The attention IoU compares each noun's
-cross-attention map (all recorded resolutions, upsampled, min-max normalised, thresholded at 0.5, resized to the image)
-with the region of its object.
+is segmented by colour: pixels whose chroma (max - min of RGB) exceeds 0.3 are object pixels (the world's colours have
+0.6 or more, its greys 0), labelled with the nearest of the world's hues; a colour counts as present with at least
+`min_pixels` pixels. A region's shape is the world shape whose rendered template (fitted to the bounding box of the
+region's largest connected part, so stray specks do not stretch it) overlaps that part best (IoU). The attention IoU
+compares each noun's cross-attention map (all recorded resolutions, upsampled, min-max normalised, thresholded at 0.5
+or --attention-threshold, resized to the image) with the region of its object; a noun whose object is missing scores 0.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from ..store import AttentionStore, RecordOptions
 from ..tokens import PromptTokens
 from . import world
 
-SATURATION = 0.35  # object pixels are saturated, backgrounds are grey
+CHROMA = 0.3  # object pixels are coloured, backgrounds are grey. (Relative saturation, (max-min)/max, was used first:
+# on dark backgrounds it blows the autoencoder's faint tints up into object pixels, and 13% of reconstructions of
+# correct shapes failed the shape test.)
 MIN_PIXELS = 25  # a colour region smaller than this is noise
 ATTENTION_THRESHOLD = 0.5
 
@@ -39,8 +42,7 @@ _HUES = {name: colorsys.rgb_to_hsv(*rgb)[0] for name, rgb in world.COLOURS.items
 def segment(image: np.ndarray, min_pixels: int = MIN_PIXELS) -> dict[str, np.ndarray]:
     """{colour: (h, w) bool mask} of the world colours present in an (h, w, 3) float image in [0, 1]."""
     mx, mn = image.max(-1), image.min(-1)
-    sat = np.where(mx > 1e-6, (mx - mn) / np.maximum(mx, 1e-6), 0)
-    objects = (sat > SATURATION) & (mx > 0.25)
+    objects = (mx - mn) > CHROMA
     r, g, b = image[..., 0], image[..., 1], image[..., 2]
     hue = np.zeros_like(mx)  # standard RGB -> hue, vectorised
     delta = np.maximum(mx - mn, 1e-6)
@@ -61,8 +63,24 @@ def segment(image: np.ndarray, min_pixels: int = MIN_PIXELS) -> dict[str, np.nda
     return regions
 
 
+def largest_part(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean mask."""
+    if not mask.any():
+        return mask
+    inside = torch.from_numpy(mask)[None, None]
+    labels = torch.arange(1, mask.size + 1, dtype=torch.float32).view(1, 1, *mask.shape) * inside
+    while True:  # every pixel takes the largest label among its neighbours until the components agree
+        grown = torch.nn.functional.max_pool2d(labels, 3, stride=1, padding=1) * inside
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    values, counts = labels[inside].unique(return_counts=True)
+    return (labels == values[counts.argmax()])[0, 0].numpy()
+
+
 def classify_shape(mask: np.ndarray) -> tuple[str, float]:
-    """The world shape whose template best overlaps the mask, and that IoU."""
+    """The world shape whose template best overlaps the mask's largest part, and that IoU."""
+    mask = largest_part(mask)
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         return "none", 0.0
@@ -100,7 +118,8 @@ class EvalResult:
         return "\n".join(lines) + f"\n({self.count} captions)"
 
 
-def score_image(image: np.ndarray, caption: str, maps=None, prompt: int = 0) -> dict:
+def score_image(image: np.ndarray, caption: str, maps=None, prompt: int = 0,
+                threshold: float = ATTENTION_THRESHOLD) -> dict:
     """Per-caption scores: colours found, shapes recognised, both objects, attention IoU per noun."""
     specs = world.parse_caption(caption)
     regions = segment(image)
@@ -122,7 +141,7 @@ def score_image(image: np.ndarray, caption: str, maps=None, prompt: int = 0) -> 
         row["shape_ok"].append(region is not None and classify_shape(region)[0] == shape)
         if maps is not None:
             heat = maps.word(shape, prompt=prompt)
-            attention = heat.mask(ATTENTION_THRESHOLD, size=image.shape[:2]).numpy()
+            attention = heat.mask(threshold, size=image.shape[:2]).numpy()
             row["iou"].append(iou(attention, region) if region is not None else 0.0)
     if len(specs) == 2:
         row["both"] = len(regions) >= 2
@@ -130,7 +149,7 @@ def score_image(image: np.ndarray, caption: str, maps=None, prompt: int = 0) -> 
 
 
 def evaluate(pipe, count: int = 200, seed: int = 1234, options: GenerationOptions = GenerationOptions(),
-             batch: int = 25, progress: bool = True) -> EvalResult:
+             batch: int = 25, progress: bool = True, threshold: float = ATTENTION_THRESHOLD) -> EvalResult:
     rng = random.Random(seed)
     captions = [world.sample_scene(rng).caption for _ in range(count)]
     rows = []
@@ -147,13 +166,13 @@ def evaluate(pipe, count: int = 200, seed: int = 1234, options: GenerationOption
         gen = generate(pipe, chunk, Controllers(store), options, latent=latents, progress=False)
         maps = cross_maps(store, tokens)
         for k, (caption, image) in enumerate(zip(chunk, gen.images)):
-            rows.append(score_image(np.asarray(image, dtype=np.float32) / 255.0, caption, maps, k))
+            rows.append(score_image(np.asarray(image, dtype=np.float32) / 255.0, caption, maps, k, threshold))
     colour = [ok for r in rows for ok in r["colour_ok"]]
     shape = [ok for r in rows for ok in r["shape_ok"]]
     both = [r["both"] for r in rows if "both" in r]
     ious = [v for r in rows for v in r["iou"]]
-    settings = {"count": count, "seed": seed, **options.to_dict(), "saturation": SATURATION,
-                "min_pixels": MIN_PIXELS, "attention_threshold": ATTENTION_THRESHOLD}
+    settings = {"count": count, "seed": seed, **options.to_dict(), "chroma": CHROMA,
+                "min_pixels": MIN_PIXELS, "attention_threshold": threshold}
     return EvalResult(float(np.mean(colour)), float(np.mean(shape)), float(np.mean(both)), float(np.mean(ious)),
                       count, settings, rows)
 
@@ -167,10 +186,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1234, help="seed of the captions and latents (default: 1234)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    parser.add_argument("--attention-threshold", type=float, default=ATTENTION_THRESHOLD,
+                        help=f"threshold of the min-max normalised noun maps (default: {ATTENTION_THRESHOLD})")
     parser.add_argument("--json", default=None, help="write the results (with per-caption rows) to this file")
     args = parser.parse_args(argv)
     pipe = load_pipeline(args.model)
-    result = evaluate(pipe, args.count, args.seed, GenerationOptions(steps=args.steps, guidance=args.guidance))
+    result = evaluate(pipe, args.count, args.seed, GenerationOptions(steps=args.steps, guidance=args.guidance),
+                      threshold=args.attention_threshold)
     print(result.table())
     if args.json:
         Path(args.json).write_text(json.dumps({**asdict(result), "model": args.model}, indent=2))

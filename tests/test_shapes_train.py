@@ -1,0 +1,66 @@
+"""The training script's parts: which tokens name which object, the latent-size masks, the grounding loss, a run."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from prompt2prompt.shapes import world
+from prompt2prompt.shapes.train import Grounding, latent_masks, main, object_tokens
+
+
+@pytest.mark.parametrize("caption, words", [
+    ("a red circle and a blue square", {"red": 0, "circle": 0, "blue": 1, "square": 1}),
+    ("an orange cross", {"orange": 0, "cross": 0}),
+    ("a circle and an orange triangle", {"circle": 0, "orange": 1, "triangle": 1}),
+])
+def test_object_tokens_line_up_with_the_tokenizer(tokenizer, caption, words):
+    owner = object_tokens(tokenizer, caption)
+    ids = tokenizer(caption).input_ids
+    assert len(owner) == len(ids) - 1  # every position but the end token
+    vocab = {v: k.removesuffix("</w>") for k, v in tokenizer.get_vocab().items()}
+    named = {vocab[i]: o for i, o in zip(ids, owner) if o >= 0}
+    assert named == words
+    assert all(o == -1 for i, o in zip(ids, owner) if vocab[i] in ("a", "an", "and") or i == ids[0])
+
+
+def test_latent_masks_are_the_area_share_of_each_object():
+    scene = world.sample_scene(random.Random(4))
+    masks = latent_masks(scene, 16)
+    assert masks.shape == (2, 16, 16)
+    true = scene.masks()
+    for k in range(len(true)):
+        assert masks[k].sum() * 16 == pytest.approx(true[k].sum(), rel=1e-5)  # each cell is 4x4 = 16 pixels
+    assert (masks[len(true):] == 0).all()
+
+
+def test_grounding_loss_is_zero_on_the_object_and_ignores_other_tokens():
+    masks = torch.zeros(1, 2, 4, 4)
+    masks[0, 0, :2, :2] = 1  # object 0: the top-left quarter
+    owner = torch.tensor([[-1, 0, -1]])  # only token 1 names an object
+    on = torch.zeros(1, 2, 16, 3)
+    on[..., 0] = 1
+    on[0, :, [0, 1, 4, 5], 1] = 0.5  # token 1's attention lies only on the object's four pixels
+    g = Grounding()
+    g.probs.append(on)
+    assert g.loss(owner, masks).item() == pytest.approx(0.0)
+    assert g.probs == []  # the layers' probabilities are released after each step
+    g.probs.append(torch.full((1, 2, 16, 3), 1 / 3))  # uniform: a quarter of it on the object
+    assert g.loss(owner, masks).item() == pytest.approx(0.75**2)
+
+
+def test_training_runs_resumes_and_writes_a_pipeline(tmp_path):
+    args = ["--out", str(tmp_path), "--vae-steps", "2", "--vae-full-steps", "1", "--vae-batch", "2",
+            "--dataset-size", "16", "--batch", "4", "--checkpoint-every", "1"]
+    main([*args, "--steps", "1"])
+    main([*args, "--steps", "2"])  # carries on from step 1
+    rows = [json.loads(line) for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["stage"] == "diffusion"] == [0]  # logged every 25 steps: step 0 once
+    assert np.isfinite([r["grounding"] for r in rows if r["stage"] == "diffusion"]).all()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline", local_files_only=True)
+    assert pipe.vae.config.scaling_factor > 0 and pipe.tokenizer.model_max_length == 77
