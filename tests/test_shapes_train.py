@@ -1,6 +1,7 @@
 """The training script's parts: which tokens name which object, the latent-size masks, the grounding loss, a run."""
 
 import json
+import math
 import random
 
 import numpy as np
@@ -45,20 +46,28 @@ def test_grounding_loss_is_zero_on_the_object_and_ignores_other_tokens():
     on[0, :, [0, 1, 4, 5], 1] = 0.5  # token 1's attention lies only on the object's four pixels
     g = Grounding()
     g.probs.append(on)
-    assert g.loss(owner, masks).item() == pytest.approx(0.0)
+    token, pixel = g.loss(owner, masks)
+    assert token.item() == pytest.approx(0.0)
     assert g.probs == []  # the layers' probabilities are released after each step
     g.probs.append(torch.full((1, 2, 16, 3), 1 / 3))  # uniform: a quarter of it on the object
-    assert g.loss(owner, masks).item() == pytest.approx(0.75**2)
+    assert g.loss(owner, masks)[0].item() == pytest.approx(0.75**2)
+    full = on.clone()
+    full[0, :, [0, 1, 4, 5], 1] = 1.0  # all of those pixels' attention on token 1: the pixel loss is ~0 too
+    g.probs.append(full)
+    token, pixel = g.loss(owner, masks)
+    assert token.item() == pytest.approx(0.0) and pixel.item() < 1e-4
+    g.probs.append(on)  # half of it: the pixel loss says the object is only half covered
+    assert g.loss(owner, masks)[1].item() == pytest.approx(4 / 16 * -math.log(0.5), rel=1e-4)
 
 
 def test_training_runs_resumes_and_writes_a_pipeline(tmp_path):
     args = ["--out", str(tmp_path), "--vae-steps", "2", "--vae-full-steps", "1", "--vae-batch", "2",
-            "--dataset-size", "16", "--batch", "4", "--checkpoint-every", "1"]
+            "--dataset-size", "16", "--batch", "4", "--checkpoint-every", "1", "--coverage-weight", "0.1"]
     main([*args, "--steps", "1"])
     main([*args, "--steps", "2"])  # carries on from step 1
     rows = [json.loads(line) for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["stage"] == "diffusion"] == [0]  # logged every 25 steps: step 0 once
-    assert np.isfinite([r["grounding"] for r in rows if r["stage"] == "diffusion"]).all()
+    assert np.isfinite([r[k] for r in rows if r["stage"] == "diffusion" for k in ("grounding", "coverage")]).all()
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
     from diffusers import StableDiffusionPipeline
 

@@ -74,12 +74,15 @@ python -m prompt2prompt.shapes.train --out runs/shapes
 Seeded and resumable; settings used: `{flags or 'the defaults'}`. Autoencoder first (L1 + L2, extra weight on
 object pixels, tiny KL), then the UNet and text encoder together on latents of 40,000 scenes with Min-SNR-5
 weighting, 10% empty captions for classifier-free guidance, and EMA weights. The cross-attention is also trained to
-point at the objects: TokenCompose's token loss (Wang et al. 2024, "TokenCompose: Grounding Diffusion with
-Token-level Supervision") on each colour and shape word, using the world's masks, weight
-{config.get('grounding_weight', 0.05)}. A model this small, trained for an hour from scratch, otherwise attends to all
-words alike and binds colours to the wrong objects; real Stable Diffusion learns this grounding from scale. The
-attention IoU below is therefore partly trained for: it shows the maps are usable for Prompt-to-Prompt's editing and
-local blending, not that grounding emerges by itself.
+point at the objects, with the two grounding losses of TokenCompose (Wang et al. 2024, "TokenCompose: Grounding
+Diffusion with Token-level Supervision") on each colour and shape word, using the world's masks: the token loss (the
+share of a word's attention on its object) throughout, weight {config.get('grounding_weight', 0.05)}, and the pixel
+loss (cross-entropy of the word's attention at each pixel against the object's mask) from step
+{config.get('coverage_from', 0)}, weight {config.get('coverage_weight', 0.0)}. A model this small, trained for about
+an hour and a half from scratch, otherwise attends to all words alike (every token's map the same) and binds colours
+to the wrong objects; real Stable Diffusion learns this grounding from scale. The attention IoU below is therefore
+partly trained for: it shows that the maps are usable for Prompt-to-Prompt's editing and local blending, not that
+grounding emerges by itself.
 
 ## Measured
 `python -m prompt2prompt.shapes.evaluate --model shapes --json eval.json`: {evaluation['count']} seeded captions,
@@ -108,6 +111,9 @@ def ship(run: Path, evaluation: dict, name: str = "shapes") -> Path:
             dest = tmp / path.relative_to(pipeline)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest)
+        for name in ("vocab.json", "merges.txt"):  # CLIP's own tokenizer files, beside the tokenizer.json saved
+            if (run / "tokenizer" / name).exists():
+                shutil.copy2(run / "tokenizer" / name, tmp / "tokenizer" / name)
         (tmp / "README.md").write_text(model_card(run, evaluation, pipeline))
         (tmp / "eval.json").write_text(json.dumps({k: v for k, v in evaluation.items() if k != "per_caption"},
                                                   indent=2))
