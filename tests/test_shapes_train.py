@@ -73,3 +73,5 @@ def test_training_runs_resumes_and_writes_a_pipeline(tmp_path):
 
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline", local_files_only=True)
     assert pipe.vae.config.scaling_factor > 0 and pipe.tokenizer.model_max_length == 77
+    assert (tmp_path / "pipeline" / "tokenizer" / "vocab.json").exists()  # CLIP's own files, as the issue asks
+    assert (tmp_path / "pipeline" / "tokenizer" / "merges.txt").exists()

@@ -128,17 +128,17 @@ def score_image(image: np.ndarray, caption: str, maps=None, prompt: int = 0,
            "iou": []}
     unclaimed = dict(regions)
     for colour, shape in specs:
-        region = None
+        key = None  # the colour of this object's region
         if colour is not None:
             row["colour_ok"].append(colour in regions)
             if colour in regions:
-                region = regions[colour]
+                key = colour
                 unclaimed.pop(colour, None)
         else:  # colour left to the model: the region with that shape, if any
-            match = next((c for c in unclaimed if shapes_of[c] == shape), None)
-            if match is not None:
-                region = unclaimed.pop(match)
-        row["shape_ok"].append(region is not None and classify_shape(region)[0] == shape)
+            key = next((c for c in unclaimed if shapes_of[c] == shape), None)
+            unclaimed.pop(key, None)
+        region = regions.get(key)
+        row["shape_ok"].append(region is not None and shapes_of[key] == shape)
         if maps is not None:
             heat = maps.word(shape, prompt=prompt)
             attention = heat.mask(threshold, size=image.shape[:2]).numpy()

@@ -111,9 +111,6 @@ def ship(run: Path, evaluation: dict, name: str = "shapes") -> Path:
             dest = tmp / path.relative_to(pipeline)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest)
-        for name in ("vocab.json", "merges.txt"):  # CLIP's own tokenizer files, beside the tokenizer.json saved
-            if (run / "tokenizer" / name).exists():
-                shutil.copy2(run / "tokenizer" / name, tmp / "tokenizer" / name)
         (tmp / "README.md").write_text(model_card(run, evaluation, pipeline))
         (tmp / "eval.json").write_text(json.dumps({k: v for k, v in evaluation.items() if k != "per_caption"},
                                                   indent=2))

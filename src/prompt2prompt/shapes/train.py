@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -264,6 +265,8 @@ def save_pipeline(folder: Path, vae, unet, text_encoder, tokenizer, scaling_fact
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):  # transformers writes only tokenizer.json; keep CLIP's own files too
+        shutil.copy2(Path(tokenizer.name_or_path) / name, Path(folder) / "tokenizer" / name)
     return folder
 
 
