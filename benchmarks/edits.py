@@ -41,6 +41,10 @@ def main() -> None:
     for variant, s in result["summary"].items():
         print(f"{variant:<15}{s['keep_iou']:>10.3f}{s['edit_ok']:>10.1%}{s['outside_psnr']:>10.2f}"
               f"{s['outside_mad']:>10.4f}")
+    print(f"\n{'keep IoU by kind':<17}" + "".join(f"{v:>15}" for v in result["summary"]))
+    for kind, per in result["by_kind"].items():
+        print(f"{kind + ' swaps':<12}({per['vanilla']['pairs']:>2})" + "".join(
+            f"{per[v]['keep_iou']:>15.3f}" for v in per))
     gain = result["summary"]["replace+blend"]["outside_psnr"] - result["summary"]["replace"]["outside_psnr"]
     print(f"local blend raises PSNR outside the edited object by {gain:.2f} dB")
     if curve["curve"]:
@@ -50,7 +54,8 @@ def main() -> None:
             print(f"{f:>9}{s['keep_iou']:>10.3f}{s['edit_ok']:>10.1%}{s['outside_psnr']:>10.2f}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"settings": vars(args), "summary": result["summary"], "pairs": result["pairs"],
+            json.dump({"settings": vars(args), "summary": result["summary"], "by_kind": result["by_kind"],
+                       "pairs": result["pairs"],
                        "sweep": curve["curve"]}, fh, indent=2)
 
 

@@ -5,8 +5,9 @@
 The images are drawn by the shapes world's renderer (pictures the model never produced, with true masks). Per method
 (ddim, negative-prompt, null-text): reconstruction PSNR against the input and against the autoencoder's own
 reconstruction (the ceiling of any inversion), and seconds per image. Then, from each null-text inversion, a replace
-edit (one object's shape swapped) with local blend: PSNR against the input outside the edited object's true mask
-(grown by 2 pixels), i.e. over the unedited object and the background.
+edit (one object's shape swapped) with local blend: PSNR against the input over the unedited object and the
+background, i.e. outside both the edited object's true mask and its new shape's region in the edit (colour
+segmentation), grown by 2 pixels.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from prompt2prompt.inversion import (
 from prompt2prompt.loading import load_pipeline
 from prompt2prompt.measure import grow
 from prompt2prompt.shapes import world
+from prompt2prompt.shapes.evaluate import segment
 
 
 def scenes(count: int, seed: int):
@@ -88,10 +90,12 @@ def main() -> None:
                 target, new = swapped(scene)
                 r = edit(pipe, scene.caption, target, EditOptions(blend=(scene.objects[1].shape, new)), gen,
                          vanilla=False, progress=False, inversion=inv)
-                mask = Image.fromarray(grow(scene.masks()[1])).resize(image.size, Image.NEAREST)
-                outside = ~np.asarray(mask)
+                edited = r.controlled.images[1]
+                old = np.asarray(Image.fromarray(scene.masks()[1]).resize(image.size, Image.NEAREST))
+                new = segment(np.asarray(edited, dtype=np.float32) / 255).get(scene.objects[1].colour)
+                outside = ~grow(old | new) if new is not None else ~grow(old)
                 edits.append({"caption": scene.caption, "target": target,
-                              "psnr_outside": psnr(r.controlled.images[1], image, outside),
+                              "psnr_outside": psnr(edited, image, outside),
                               "psnr_source_vs_input": psnr(r.controlled.images[0], image)})
         print(f"[{n + 1}/{len(items)}] " + "  ".join(
             f"{m}: {rows[m]['psnr_input'][-1]:.1f} dB" for m in METHODS) +

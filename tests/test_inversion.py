@@ -9,7 +9,7 @@ from prompt2prompt.cli import main
 from prompt2prompt.edits import EditOptions, edit
 from prompt2prompt.errors import InputError, ModelError, PromptError
 from prompt2prompt.generation import GenerationOptions, generate
-from prompt2prompt.inversion import Inversion, InversionOptions, invert, prepare_image, psnr
+from prompt2prompt.inversion import Inversion, InversionOptions, encode, invert, prepare_image, psnr
 from prompt2prompt.shapes import world
 
 STEPS = 5
@@ -75,6 +75,22 @@ def test_null_text_optimisation_lowers_each_steps_loss(null_text):
     before = sum(b for b, _ in losses)
     after = sum(a for _, a in losses)
     assert after < before
+
+
+def test_sampling_from_null_text_retraces_the_optimised_path(sd1, null_text, scene_image):
+    """Sampling with the saved per-step embeddings lands where the optimisation ended: its error against the image's
+    latent is the last step's loss (each step's embedding is kept as it was, not aliased to a later one), and it is
+    closer than plain DDIM."""
+    caption, _ = scene_image
+    target = encode(sd1, null_text.image)
+    opts = GenerationOptions(steps=STEPS)
+    rec = generate(sd1, caption, None, opts, latent=null_text.latent, uncond=null_text.uncond, progress=False)
+    error = torch.nn.functional.mse_loss(rec.latents.float(), target).item()
+    assert error == pytest.approx(null_text.settings["losses"][-1][1], rel=1e-3, abs=1e-7)
+    assert not torch.equal(null_text.uncond[0], null_text.uncond[-1])
+    ddim = invert(sd1, null_text.image, caption, InversionOptions(method="ddim", steps=STEPS), progress=False)
+    plain = generate(sd1, caption, None, opts, latent=ddim.latent, uncond=ddim.uncond, progress=False)
+    assert error < torch.nn.functional.mse_loss(plain.latents.float(), target).item()
 
 
 def test_ddim_uncond_path_equals_plain_sampling(sd1, scene_image):

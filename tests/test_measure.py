@@ -63,3 +63,20 @@ def test_grow_and_summarize():
     s = score_edit(PAIR, source, source)
     summary = summarize([s, s])
     assert summary["pairs"] == 2 and summary["keep_iou"] == 1.0 and summary["edit_ok"] == 0.0
+
+
+def test_run_pairs_splits_by_kind(sd1):
+    from prompt2prompt.generation import GenerationOptions
+    from prompt2prompt.measure import VARIANTS, run_pairs
+
+    pairs = sample_pairs(6, seed=3)
+    kinds = [p.kind for p in pairs]
+    assert {"shape", "colour"} <= set(kinds)
+    result = run_pairs(sd1, pairs, GenerationOptions(steps=2), progress=False)
+    for v in VARIANTS:
+        per = [row[v] for row in result["pairs"]]
+        for kind in ("shape", "colour"):
+            part = result["by_kind"][kind][v]
+            assert part["pairs"] == kinds.count(kind)
+            expected = [s["outside_psnr"] for s, k in zip(per, kinds) if k == kind]
+            assert np.isclose(part["outside_psnr"], np.mean(expected))

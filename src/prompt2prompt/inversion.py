@@ -253,7 +253,8 @@ def _optimise(unet, ddim: _DDIM, trajectory, cond, null, options: InversionOptio
         target = trajectory[len(trajectory) - i - 2]
         with torch.no_grad():
             out_cond = unet(current, t, encoder_hidden_states=cond).sample
-        uncond = uncond.detach().float().requires_grad_(True)
+        # a fresh leaf each timestep: Adam updates it in place, and the embeddings kept for earlier steps must not move
+        uncond = uncond.detach().float().clone().requires_grad_(True)
         opt = torch.optim.Adam([uncond], lr=options.lr * (1.0 - i / 100.0))
         loss_value = first = float("nan")
         for j in range(options.inner_steps):
@@ -275,5 +276,5 @@ def _optimise(unet, ddim: _DDIM, trajectory, cond, null, options: InversionOptio
         losses.append((first, loss_value))
         bar.set_postfix(loss=f"{loss_value:.2e}")
         uncond = uncond.detach().to(unet.dtype)
-        per_step.append(uncond[0])
+        per_step.append(uncond[0].clone())
     return torch.stack(per_step), losses

@@ -124,7 +124,8 @@ VARIANTS = ("vanilla", "replace", "replace+blend")
 def run_pairs(pipe, pairs: list[EditPair], generation, options=None, progress: bool = True) -> dict:
     """Each pair three ways from its seed: vanilla, controlled replace, controlled replace with local blend.
 
-    Returns {"summary": {variant: summarize(...)}, "pairs": [...per pair scores...], "images": {...first pair...}}.
+    Returns {"summary": {variant: summarize(...)}, "by_kind": {"shape" | "colour": {variant: summarize(...)}},
+    "pairs": [...per pair scores...], "images": {...first pair...}}.
     """
     from dataclasses import replace
 
@@ -151,7 +152,10 @@ def run_pairs(pipe, pairs: list[EditPair], generation, options=None, progress: b
         rows.append(row)
         if not first:
             first = {"source": source, **outputs}
-    return {"summary": {v: summarize(s) for v, s in scores.items()}, "pairs": rows, "images": first}
+    by_kind = {kind: {v: summarize([s for s, p in zip(scores[v], pairs) if p.kind == kind]) for v in VARIANTS}
+               for kind in ("shape", "colour")}
+    return {"summary": {v: summarize(s) for v, s in scores.items()}, "by_kind": by_kind, "pairs": rows,
+            "images": first}
 
 
 def sweep(pipe, pairs: list[EditPair], generation, fractions=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
