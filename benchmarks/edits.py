@@ -43,7 +43,7 @@ def main() -> None:
               f"{s['outside_mad']:>10.4f}")
     print(f"\n{'keep IoU by kind':<17}" + "".join(f"{v:>15}" for v in result["summary"]))
     for kind, per in result["by_kind"].items():
-        print(f"{kind + ' swaps':<12}({per['vanilla']['pairs']:>2})" + "".join(
+        print(f"{kind + ' swaps':<13}({per['vanilla']['pairs']:>2})" + "".join(
             f"{per[v]['keep_iou']:>15.3f}" for v in per))
     gain = result["summary"]["replace+blend"]["outside_psnr"] - result["summary"]["replace"]["outside_psnr"]
     print(f"local blend raises PSNR outside the edited object by {gain:.2f} dB")
