@@ -269,7 +269,12 @@ def _optimise(unet, ddim: _DDIM, trajectory, cond, null, options: InversionOptio
             if loss_value < options.early_stop + i * 2e-5:
                 break
         with torch.no_grad():
-            out_uncond = unet(current, t, encoder_hidden_states=uncond.to(unet.dtype)).sample
+            # advance exactly as sampling will: one UNet batch [unconditional, conditional], as the pipeline runs it.
+            # Guided sampling from an optimised embedding can be chaotic: on some images a batch-1 versus batch-2
+            # rounding difference alone grows into a visibly different image by the last step.
+            both = unet(torch.cat([current, current]), t,
+                        encoder_hidden_states=torch.cat([uncond.to(unet.dtype), cond])).sample
+            out_uncond, out_cond = both.chunk(2)  # (1, channels, h, w) each
             guided = out_uncond + g * (out_cond - out_uncond)
             current = ddim.prev(guided, t, current)
             loss_value = F.mse_loss(current.float(), target.float()).item()
