@@ -55,8 +55,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"settings": vars(args), "summary": result["summary"], "by_kind": result["by_kind"],
-                       "pairs": result["pairs"],
-                       "sweep": curve["curve"]}, fh, indent=2)
+                       "pairs": result["pairs"], "sweep": curve["curve"]}, fh, indent=2)
 
 
 if __name__ == "__main__":

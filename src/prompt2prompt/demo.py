@@ -81,8 +81,8 @@ def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shap
         "2. One word changed, same seed",
         "Vanilla: the same seed with 'square' swapped for 'triangle' changes more than the square. Prompt-to-Prompt: "
         "the source's cross-attention is injected, so the layout stays and only the square becomes a triangle. (On "
-        "this small model a vanilla shape swap keeps much of the layout, mean IoU 0.74 over 26 pairs; a colour swap "
-        "moves it, 0.41: the first steps settle the colour blobs. See BENCHMARKS.md.)",
+        "this small model a vanilla shape swap keeps much of the layout and a colour swap moves it: the first steps "
+        "settle the colour blobs. BENCHMARKS.md has the numbers.)",
         [("top: vanilla; bottom: attention-controlled", pictures["swap"])],
         [("red circle kept (mask IoU), vanilla", _fmt(s_van.keep_iou), "1 = the unchanged object did not move"),
          ("red circle kept (mask IoU), controlled", _fmt(s_rep.keep_iou), "the same with attention control"),
