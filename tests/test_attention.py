@@ -181,3 +181,169 @@ def test_per_step_series_for_chosen_layers(sd1):
     assert set(store.counts.values()) == {1}  # the sums kept only step 0
     name = next(iter(store.series))
     torch.testing.assert_close(store.series[name][0], store.mean(name).mean(1))
+
+
+STOCHASTIC = {
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim-eta": ("DDIMScheduler", {"eta": 1.0}),
+    "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+}
+
+
+def with_scheduler(pipe, name: str, **config):
+    import diffusers
+
+    original = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, name).from_config(original.config, **config)
+    return original
+
+
+@pytest.mark.parametrize("kind", sorted(STOCHASTIC))
+def test_stochastic_schedulers_are_seeded_and_share_noise(sd1, kind):
+    """The same seed gives the same images; identical prompts in one batch stay identical (every prompt gets the same
+    noise at every step); one prompt reproduces the stock pipeline called with the seed's generator."""
+    name, extra = STOCHASTIC[kind]
+    config = {k: v for k, v in extra.items() if k != "eta"}
+    kwargs = {"eta": extra["eta"]} if "eta" in extra else {}
+    original = with_scheduler(sd1, name, **config)
+    try:
+        opts = GenerationOptions(steps=4, seed=5)
+        a = generate(sd1, ["a red circle", "a red circle"], None, opts, progress=False, **kwargs)
+        b = generate(sd1, ["a red circle", "a red circle"], None, opts, progress=False, **kwargs)
+        torch.testing.assert_close(a.latents, b.latents, atol=0, rtol=0)
+        torch.testing.assert_close(a.latents[0], a.latents[1], atol=0, rtol=0)
+        other = generate(sd1, "a red circle", None, GenerationOptions(steps=4, seed=6), progress=False, **kwargs)
+        assert (other.latents[0] - a.latents[0]).abs().max() > 1e-3  # the noise depends on the seed
+        one = generate(sd1, "a red circle", None, opts, progress=False, **kwargs)
+        stock = sd1("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(5),
+                    output_type="latent", **kwargs).images
+        torch.testing.assert_close(one.latents, stock, atol=1e-6, rtol=1e-6)
+    finally:
+        sd1.scheduler = original
+
+
+@pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler"])
+def test_second_order_schedulers_report_their_real_loop(sd1, name):
+    """Heun and KDPM2 run 2N-1 loop iterations for N steps: the run knows it, steps count iterations."""
+    runs, steps = [], []
+
+    class Probe(AttentionController):
+        def begin(self, run):
+            runs.append(run)
+
+        def wants(self, site):
+            steps.append(site.step)
+            return False
+
+    original = with_scheduler(sd1, name)
+    try:
+        generate(sd1, ["a circle"], Probe(), GenerationOptions(steps=5), progress=False)
+    finally:
+        sd1.scheduler = original
+    assert runs[0].steps == 9 and sorted(set(steps)) == list(range(9))
+
+
+def test_small_map_rule():
+    from prompt2prompt.attention import small_map_sides
+
+    assert small_map_sides((64, 64), (64, 32, 16, 8)) == (16, 16)  # SD at 512 px: the p2p code's 16x16 maps
+    assert small_map_sides((16, 16), (16, 8, 4)) == (4, 16)  # the shapes model: blend on its full 16x16 maps
+    assert small_map_sides((128, 128), (64, 32)) == (32, 32)  # SDXL at 1024 px
+    assert small_map_sides((96, 64), (96, 48, 24, 12)) == (24, 24)  # the longer side counts
+
+
+def test_run_knows_the_models_map_sides(sd1):
+    runs = []
+
+    class Probe(AttentionController):
+        def begin(self, run):
+            runs.append(run)
+
+    generate(sd1, ["a circle"], Probe(), GenerationOptions(steps=2, height=64, width=96), progress=False)
+    run = runs[0]
+    assert run.latent_size == (32, 48) and run.sides == (48, 24) and run.steps == 2
+    assert (run.self_side, run.map_side) == (12, 24)
+
+
+def test_non_square_maps_have_their_true_shape(sd1):
+    shapes = set()
+
+    class Probe(AttentionController):
+        def wants(self, site):
+            return site.layer.is_cross
+
+        def attention(self, probs, site):
+            assert probs.shape[2] == site.pixels
+            shapes.add(site.res)
+
+    generate(sd1, ["a circle"], Probe(), GenerationOptions(steps=1, height=64, width=96), progress=False)
+    assert shapes == {(32, 48), (16, 24)}
+
+
+def test_processor_keyword_arguments_reach_the_original_processor(sd1):
+    """cross_attention_kwargs that a custom processor declares still reach it on layers the controller leaves alone."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class Gain(AttnProcessor2_0):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, gain=1.0):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb) * gain
+
+    originals = dict(sd1.unet.attn_processors)
+    sd1.unet.set_attn_processor({k: Gain() if "attn1" in k else v for k, v in originals.items()})
+    try:
+        kwargs = {"cross_attention_kwargs": {"gain": 1.5}}
+        plain = generate(sd1, ["a circle"], None, OPTS, progress=False, **kwargs)
+        controlled = generate(sd1, ["a circle"], AttentionController(), OPTS, progress=False, **kwargs)
+        unscaled = generate(sd1, ["a circle"], None, OPTS, progress=False)
+    finally:
+        sd1.unet.set_attn_processor(dict(originals))
+    torch.testing.assert_close(controlled.latents, plain.latents, atol=0, rtol=0)
+    assert (plain.latents - unscaled.latents).abs().max() > 1e-3  # the gain took effect
+
+
+def test_controlling_a_custom_processor_is_refused(sd1):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from prompt2prompt.errors import P2PError
+
+    class Custom(AttnProcessor2_0):
+        pass
+
+    originals = dict(sd1.unet.attn_processors)
+    sd1.unet.set_attn_processor({k: Custom() for k in originals})
+    try:
+        with pytest.raises(P2PError, match="Custom"):
+            generate(sd1, ["a circle"], AttentionStore(), OPTS, progress=False)
+    finally:
+        sd1.unet.set_attn_processor(dict(originals))
+
+
+def test_overlapping_generations_wait_for_each_other(sd1):
+    """Two threads generating on one pipeline: each gets what it would get alone, processors are restored."""
+    import threading
+
+    originals = dict(sd1.unet.attn_processors)
+    alone = [generate(sd1, [p], AttentionStore(), OPTS, progress=False).latents for p in ("a circle", "a square")]
+    results = {}
+
+    def work(prompt, k):
+        results[k] = generate(sd1, [prompt], AttentionStore(), OPTS, progress=False).latents
+
+    threads = [threading.Thread(target=work, args=(p, k)) for k, p in enumerate(("a circle", "a square"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(2):
+        torch.testing.assert_close(results[k], alone[k], atol=0, rtol=0)
+    assert dict(sd1.unet.attn_processors) == originals
+
+
+def test_generation_leaves_the_callers_pipeline_as_it_was(sd1):
+    sd1.set_progress_bar_config(disable=True, desc="mine")
+    scheduler = sd1.scheduler
+    generate(sd1, ["a circle"], AttentionStore(), GenerationOptions(steps=2), progress=True)
+    assert sd1._progress_bar_config == {"disable": True, "desc": "mine"}
+    assert sd1.scheduler is scheduler
+    sd1.set_progress_bar_config(disable=True)

@@ -161,3 +161,83 @@ def test_cli_invert_bad_image(sd1_folder, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot read" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_ddim_steps_are_the_schedulers(pipes, kind):
+    """prev() is DDIMScheduler.step (epsilon and v-prediction alike); for epsilon, next() undoes it exactly when the
+    model output is held fixed (the inversion's approximation)."""
+    from diffusers import DDIMScheduler
+
+    from prompt2prompt.inversion import _DDIM
+
+    pipe = pipes[kind]
+    ddim = _DDIM(pipe.scheduler, 10)
+    reference = DDIMScheduler.from_config(pipe.scheduler.config)
+    reference.set_timesteps(10)
+    torch.manual_seed(0)
+    sample, output = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    for t in ddim.timesteps[:-1]:
+        want = reference.step(output, t, sample).prev_sample
+        torch.testing.assert_close(ddim.prev(output, t, sample), want, atol=1e-5, rtol=1e-5)
+        if kind == "sd1":
+            torch.testing.assert_close(ddim.next(output, t, want), sample, atol=1e-4, rtol=1e-4)
+
+
+def test_every_null_text_step_lowers_its_loss(null_text):
+    losses = null_text.settings["losses"]
+    assert len(losses) == STEPS
+    for first, final in losses:
+        assert final <= first * (1 + 1e-3) + 1e-9
+
+
+def test_null_text_over_a_hundred_steps(sd1, scene_image):
+    caption, image = scene_image
+    inv = invert(sd1, image, caption, InversionOptions(steps=101, inner_steps=1, early_stop=0.0), progress=False)
+    assert inv.uncond.shape[0] == 101 and len(inv.settings["losses"]) == 101
+
+
+def test_inversion_options_are_checked_before_any_work():
+    for bad, match in [({"steps": 0}, "at least 1"), ({"guidance": 1.0}, "guidance > 1"),
+                       ({"guidance": float("inf")}, "finite"), ({"method": "edict"}, "unknown inversion method"),
+                       ({"inner_steps": 0}, "at least 1"), ({"lr": -1.0}, "lr"),
+                       ({"offsets": (0, 0, -1, 0)}, "offsets"), ({"height": 0}, "height")]:
+        with pytest.raises(InputError, match=match):
+            InversionOptions(**bad)
+    InversionOptions(method="ddim", guidance=1.0)  # plain DDIM needs no guidance
+
+
+def test_edit_from_an_inversion_gives_the_pipeline_back(sd1, null_text, scene_image):
+    from diffusers import EulerDiscreteScheduler
+
+    caption, _ = scene_image
+    original = sd1.scheduler
+    sd1.scheduler = mine = EulerDiscreteScheduler.from_config(original.config)
+    try:
+        edit(sd1, caption, caption.replace("square", "cross"), EditOptions(), inversion=null_text, vanilla=False,
+             progress=False)
+        invert(sd1, null_text.image, caption, InversionOptions(method="ddim", steps=2), progress=False)
+        assert sd1.scheduler is mine
+    finally:
+        sd1.scheduler = original
+
+
+def test_inversion_from_another_model_is_refused(pipes, null_text, scene_image):
+    caption, _ = scene_image
+    with pytest.raises(InputError, match="pass --model"):
+        edit(pipes["sd2"], caption, caption, EditOptions(), inversion=null_text, progress=False)
+
+
+def test_tiny_images_are_refused_and_conversions_reported():
+    notes = []
+    prepare_image(Image.new("LA", (40, 40)), (32, 32), notes=notes)
+    assert notes == ["LA image: transparent pixels composited on white",
+                     "centre-cropped and resized from 40x40 to 32x32"]
+    with pytest.raises(InputError, match="enlarge it 32.0 times"):
+        prepare_image(Image.new("RGB", (1, 1)), (32, 32))
+
+
+def test_inversion_at_another_size(sd1, scene_image):
+    caption, image = scene_image
+    inv = invert(sd1, image, caption, InversionOptions(method="ddim", steps=2, height=48, width=64), progress=False)
+    assert inv.image.size == (64, 48) and inv.latent.shape[-2:] == (24, 32)

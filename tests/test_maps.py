@@ -103,3 +103,14 @@ def test_save_and_load_round_trip(result, tmp_path):
     torch.testing.assert_close(back.word("xylophone").values, maps.word("xylophone").values)
     with pytest.raises(InputError, match="no maps file"):
         CrossAttentionMaps.load(tmp_path / "missing.safetensors")
+
+
+def test_token_indices_are_checked(result):
+    maps = result.maps()
+    assert maps.word(50).label == "<pad>" and maps.token(50).label == "<pad>"  # padding positions exist
+    assert maps.token(2).label == "red"
+    for bad in (77, -1):
+        with pytest.raises(P2PError, match="outside 0..76"):
+            maps.word(bad)
+        with pytest.raises(P2PError, match="outside 0..76"):
+            maps.token(bad)

@@ -102,3 +102,74 @@ def refine_alignment(source: PromptTokens, target: PromptTokens) -> Alignment:
     for k in range(n - target.end):  # end token and padding
         index[target.end + k], weight[target.end + k] = min(source.end + k, n - 1), 1.0
     return Alignment(index, weight)
+
+
+# -- the Prompt-to-Prompt code's own rules (reference mode) -------------------------------------------------------
+# Restated from the paper's public code (google/prompt-to-prompt, seq_aligner.py) so that `EditOptions.reference()`
+# reproduces its edits exactly; the defaults above differ where the docs say why.
+
+
+def reference_replace_mapper(source: PromptTokens, target: PromptTokens) -> torch.Tensor:
+    """(length, length): the p2p code's replacement mapper (seq_aligner.get_replacement_mapper_).
+
+    The words that differ (compared as written) are mapped token to token, or shared equally when their token counts
+    differ; the tokens before and between them one to one in order; after the last swapped word every target position
+    j takes source position j, so the end token and padding are not re-aligned when a swap changed the length.
+    """
+    if len(source.words) != len(target.words):
+        replace_mapper(source, target)  # raises the word-count error
+    n = source.length
+    swaps = [(ws.tokens, wt.tokens) for ws, wt in zip(source.words, target.words) if ws.text != wt.text]
+    mapper = torch.zeros(n, n)
+    i = j = k = 0
+    while i < n and j < n:
+        if k < len(swaps) and swaps[k][0][0] == i:
+            src, tgt = swaps[k]
+            if len(src) == len(tgt):
+                mapper[list(src), list(tgt)] = 1.0
+            else:
+                for t in tgt:
+                    mapper[list(src), t] = 1.0 / len(tgt)
+            i, j, k = i + len(src), j + len(tgt), k + 1
+        elif k < len(swaps):
+            mapper[i, j] = 1.0
+            i, j = i + 1, j + 1
+        else:
+            mapper[j, j] = 1.0
+            i, j = i + 1, j + 1
+    return mapper
+
+
+def reference_refine_alignment(source: PromptTokens, target: PromptTokens) -> Alignment:
+    """The p2p code's refinement mapper (seq_aligner.get_mapper): a global alignment of the token ids, start and end
+    tokens included (gap 0, match 1, mismatch -1), whose traceback prefers a new target token, then a dropped source
+    token, then the diagonal. Every target token on the diagonal takes its source token's attention, equal or not;
+    positions after the target's end token take the same position of the source."""
+    x, y = list(source.ids), list(target.ids)
+    if not x or not y:
+        raise PromptError("reference refine needs the prompts' token ids (tokenise them with PromptTokens)")
+    n = target.length
+    score = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    move = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]  # 1: new target token, 2: dropped source token, 3: diagonal
+    for j in range(1, len(y) + 1):
+        move[0][j] = 1
+    for i in range(1, len(x) + 1):
+        move[i][0] = 2
+        for j in range(1, len(y) + 1):
+            new, dropped = score[i][j - 1], score[i - 1][j]
+            diag = score[i - 1][j - 1] + (1 if x[i - 1] == y[j - 1] else -1)
+            score[i][j] = best = max(new, dropped, diag)
+            move[i][j] = 1 if best == new else 2 if best == dropped else 3
+    index = torch.arange(n, dtype=torch.long)
+    weight = torch.ones(n)
+    i, j = len(x), len(y)
+    while i > 0 or j > 0:
+        if move[i][j] == 3:
+            i, j = i - 1, j - 1
+            index[j], weight[j] = i, 1.0
+        elif move[i][j] == 1:
+            j -= 1
+            index[j], weight[j] = 0, 0.0
+        else:
+            i -= 1
+    return Alignment(index, weight)

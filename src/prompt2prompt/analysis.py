@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import Controllers
-from .edits import EditOptions, LatentTrace, edit_controllers
+from .edits import EditOptions, LatentTrace, edit_controller, edit_controllers
 from .generation import Generation, GenerationOptions, generate
 from .maps import CrossAttentionMaps, cross_maps
 from .store import AttentionStore, RecordOptions
@@ -64,7 +64,7 @@ def swap_analysis(pipe, source: str, target: str, generation: GenerationOptions 
     vanilla = generate(pipe, prompts, Controllers(first, trace_v), generation, progress=progress)
     _, p2p, blend = edit_controllers(pipe, prompts, options, generation.steps)
     trace_c = LatentTrace()
-    controlled = generate(pipe, prompts, Controllers(blend, p2p, trace_c), generation, progress=progress)
+    controlled = generate(pipe, prompts, edit_controller(p2p, blend, trace_c), generation, progress=progress)
     maps = cross_maps(first, tokens, settings={"prompts": prompts, **generation.to_dict(), "steps_recorded": [0, 1]})
     words_src, words_tgt = word_index_map(maps, 0), word_index_map(maps, 1)
     changed = float((words_src != words_tgt).float().mean())

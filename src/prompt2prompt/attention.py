@@ -7,17 +7,26 @@ runs diffusers' classic explicit attention and hands the probabilities of the *c
 controller, which may read them (recording) or return replacements (editing).
 
 Denoising steps are counted by the pipeline's own `callback_on_step_end` (`router.callback`), never by counting
-layer calls; the latent size and batch come from a forward pre-hook on the UNet.
+layer calls; the latent size and batch come from a forward pre-hook on the UNet, and the length of the denoising loop
+from the pipeline when its first UNet call happens (Heun-type schedulers run 2N-1 iterations for N steps, and every
+step schedule is a fraction of the loop really run).
+
+One pipeline runs one generation at a time: `control` (and `exclusive`) hold a lock per UNet, so overlapping
+generations from several threads wait for each other instead of installing and restoring processors out of order.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from .errors import P2PError
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,7 @@ class LayerInfo:
     block: int  # index of the block within its place (0 for mid)
     is_cross: bool  # cross-attention (to the text) or self-attention (among pixels)
     heads: int
+    level: int | None = None  # resolution level: 0 at the latent's size, each level half the side; None: unknown
 
 
 @dataclass(frozen=True)
@@ -102,25 +112,66 @@ class RunInfo:
     batch: int  # images per UNet call (2 * prompts with classifier-free guidance)
     device: torch.device
     dtype: torch.dtype
+    steps: int = 0  # iterations of the pipeline's denoising loop (= step callbacks); 0 when unknown (a bare UNet)
+    sides: tuple[int, ...] = ()  # longer sides of the model's cross-attention maps at this latent size, largest first
+
+    @property
+    def self_side(self) -> int:
+        """Self-attention is replaced at maps whose longer side is at most this: a quarter of the latent's side."""
+        return small_map_sides(self.latent_size, self.sides)[0]
+
+    @property
+    def map_side(self) -> int:
+        """Maps are read (local blend, recorded self-attention) at this side by default."""
+        return small_map_sides(self.latent_size, self.sides)[1]
+
+
+def small_map_sides(latent_size: tuple[int, int], sides: tuple[int, ...]) -> tuple[int, int]:
+    """The one rule for "small" attention maps, from the p2p code at SD's 64x64 latents, where both are 16.
+
+    (self_side, map_side): self-attention is replaced at maps whose longer side is at most a quarter of the latent's
+    (the p2p code's 16x16-query maps at 64x64 latents; 4x4 on the 16x16-latent shapes model, where 16x16 would be
+    the whole image). Maps are read (local blend, recorded self-attention) at the largest side the model has that is
+    at most max(16, a quarter of the latent's side): the p2p code's 16x16 maps at 64x64 latents, the full 16x16 maps
+    on shapes (a quarter, 4x4, is too coarse to mask or draw with), 32x32 at SDXL's 128x128 latents.
+    """
+    side = max(latent_size)
+    quarter = max(1, side // 4)
+    bound = max(16, quarter)
+    fitting = [s for s in sides if s <= bound]
+    return quarter, (max(fitting) if fitting else min(sides, default=min(side, 16)))
 
 
 class Router:
     """State shared by the processors of one `control` block: the controller, the step, the run's shapes."""
 
-    def __init__(self, controller: AttentionController, prompts: int | None = None):
+    def __init__(self, controller: AttentionController, prompts: int | None = None, pipe=None,
+                 levels: tuple[int, ...] = ()):
         self.controller = controller
         self.prompts = prompts  # conditional images per UNet call; None: half the batch when it is even, else all
+        self.pipe = pipe  # the pipeline, read for the length of its denoising loop (None: a bare UNet)
+        self.levels = levels  # resolution levels of the cross-attention layers
         self.step = 0
         self.run: RunInfo | None = None
         self._res: dict[int, tuple[int, int]] = {}
 
     # -- hooks ----------------------------------------------------------------------------------------------------
+    def _loop_length(self) -> int:
+        if self.pipe is None:
+            return 0
+        steps = getattr(self.pipe, "_num_timesteps", None)  # set by diffusers pipelines just before their loop
+        if not steps:
+            timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+            steps = len(timesteps) if timesteps is not None else 0
+        return int(steps)
+
     def _on_unet_call(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         batch, _, h, w = sample.shape
         if self.run is None or self.run.latent_size != (h, w) or self.run.batch != batch:
             prompts = self.prompts or (batch // 2 if batch % 2 == 0 else batch)
-            self.run = RunInfo((h, w), prompts, batch, sample.device, sample.dtype)
+            sides = tuple(sorted({-(-max(h, w) // 2**level) for level in self.levels}, reverse=True))
+            self.run = RunInfo((h, w), prompts, batch, sample.device, sample.dtype, self._loop_length(), sides)
             self._res.clear()
             self.controller.begin(self.run)
 
@@ -137,12 +188,17 @@ class Router:
 
     # -- per attention call ------------------------------------------------------------------------------------------
     def resolution(self, pixels: int) -> tuple[int, int]:
+        """(h, w) of a map of this many pixels: the level of the latent whose halved (rounded up) sides give it."""
         res = self._res.get(pixels)
         if res is None:
             h, w = self.run.latent_size if self.run else (int(math.isqrt(pixels)),) * 2
-            factor = max(1, round(math.sqrt(h * w / pixels)))
-            rh = -(-h // factor)
-            res = self._res[pixels] = (rh, pixels // rh)
+            res = next(((-(-h // 2**k), -(-w // 2**k)) for k in range(16)
+                        if -(-h // 2**k) * -(-w // 2**k) == pixels), None)
+            if res is None:  # not a halving of the latent (another architecture): the nearest aspect-true guess
+                factor = max(1, round(math.sqrt(h * w / pixels)))
+                rh = -(-h // factor)
+                res = (rh, pixels // rh)
+            self._res[pixels] = res
         return res
 
     def route(self, probs: torch.Tensor, site: Site, heads: int) -> torch.Tensor:
@@ -153,7 +209,16 @@ class Router:
         new = self.controller.attention(view[batch - prompts :], site)
         if new is None:
             return probs
-        return torch.cat([view[: batch - prompts], new.to(probs.dtype)]).view_as(probs)
+        if probs.requires_grad:  # softmax's backward needs its output unchanged
+            return torch.cat([view[: batch - prompts], new.to(probs.dtype)]).view_as(probs)
+        view[batch - prompts :] = new.to(probs.dtype)  # in place: probs is this call's own fresh tensor
+        return probs
+
+
+# diffusers' processors whose arithmetic `RoutedProcessor.explicit` restates (classic attention with the probabilities
+# materialised); a wanted layer with another processor (IP-Adapter, a custom one) cannot be controlled faithfully.
+STOCK_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor",
+                    "FusedAttnProcessor2_0", "AttnProcessorNPU")
 
 
 class RoutedProcessor:
@@ -163,12 +228,27 @@ class RoutedProcessor:
         self.router = router
         self.layer = layer
         self.original = original
+        # diffusers' Attention.forward keeps only the cross_attention_kwargs that `processor.__call__` declares. Show it
+        # the original processor's signature (an instance attribute: calls still go through the class's __call__), so
+        # that keyword arguments the original takes reach it.
+        def call(*args, **kwargs):
+            return self._call(*args, **kwargs)
+
+        call.__wrapped__ = original.__call__  # what inspect.signature reports
+        self.__call__ = call
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
+        return self._call(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kw)
+
+    def _call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
         pixels = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
         site = Site(self.layer, self.router.resolution(pixels), self.router.step)
         if not self.router.controller.wants(site):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kw)
+        if type(self.original).__name__ not in STOCK_PROCESSORS:
+            raise P2PError(f"the layer {self.layer.name} uses {type(self.original).__name__}; attention control "
+                           f"recomputes a layer's attention explicitly and supports diffusers' standard processors "
+                           f"({', '.join(STOCK_PROCESSORS)})")
         return self.explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, site)
 
     def explicit(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, site: Site):
@@ -214,7 +294,23 @@ def layer_info(unet, name: str) -> LayerInfo:
     parts = name.split(".")
     place = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(parts[0], parts[0])
     block = int(parts[1]) if place in ("down", "up") else 0
-    return LayerInfo(name, place, block, bool(module.is_cross_attention), int(module.heads))
+    levels = len(getattr(unet, "down_blocks", ()))  # each down block but the last halves the side
+    level = {"down": block, "mid": levels - 1, "up": levels - 1 - block}.get(place) if levels else None
+    return LayerInfo(name, place, block, bool(module.is_cross_attention), int(module.heads), level)
+
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def exclusive(pipe) -> Iterator[None]:
+    """Hold the pipeline's lock: one generation (or inversion) at a time per UNet; re-entrant within a thread."""
+    unet = pipe.unet if hasattr(pipe, "unet") else pipe
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(unet, threading.RLock())
+    with lock:
+        yield
 
 
 @contextmanager
@@ -222,16 +318,20 @@ def control(pipe, controller: AttentionController, prompts: int | None = None) -
     """Route every attention layer of pipe.unet through controller; always restore the original processors.
 
     Use `router.callback` as the pipeline's `callback_on_step_end`. `prompts` is the number of conditional images per
-    UNet call (default: half the batch when it is even, i.e. classifier-free guidance).
+    UNet call (default: half the batch when it is even, i.e. classifier-free guidance). `pipe` may be a bare UNet
+    (training), whose step schedules then have no loop length.
     """
     unet = pipe.unet if hasattr(pipe, "unet") else pipe
-    originals = dict(unet.attn_processors)
-    router = Router(controller, prompts)
-    routed = {name: RoutedProcessor(router, layer_info(unet, name), proc) for name, proc in originals.items()}
-    unet.set_attn_processor(dict(routed))  # set_attn_processor empties the dict it is given
-    hook = unet.register_forward_pre_hook(router._on_unet_call, with_kwargs=True)
-    try:
-        yield router
-    finally:
-        hook.remove()
-        unet.set_attn_processor(dict(originals))
+    with exclusive(unet):
+        originals = dict(unet.attn_processors)
+        layers = {name: layer_info(unet, name) for name in originals}
+        levels = tuple(sorted({i.level for i in layers.values() if i.is_cross and i.level is not None}))
+        router = Router(controller, prompts, pipe if unet is not pipe else None, levels)
+        routed = {name: RoutedProcessor(router, layers[name], proc) for name, proc in originals.items()}
+        unet.set_attn_processor(dict(routed))  # set_attn_processor empties the dict it is given
+        hook = unet.register_forward_pre_hook(router._on_unet_call, with_kwargs=True)
+        try:
+            yield router
+        finally:
+            hook.remove()
+            unet.set_attn_processor(dict(originals))

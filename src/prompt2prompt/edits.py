@@ -7,34 +7,79 @@ replaced for 80% of the steps, self-attention for 40%, local-blend threshold 0.3
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
-from .alignment import refine_alignment, replace_mapper
+from .alignment import reference_refine_alignment, reference_replace_mapper, refine_alignment, replace_mapper
 from .attention import AttentionController, Controllers, RunInfo, Site
 from .errors import PromptError
 from .generation import Generation, GenerationOptions, generate
-from .schedule import Span, cross_schedule, step_range
+from .schedule import Span, check_span, resolve_cross, step_range
 from .tokens import PromptTokens
 
 MODES = ("auto", "replace", "refine", "reweight")
+NOTEBOOKS = {  # the p2p code's notebooks that reference mode reproduces: (self-attention pixel limit, blend start)
+    "stable": (16 * 16, 0.0),  # prompt-to-prompt_stable.ipynb: `att_replace.shape[2] <= 16 ** 2`, blends from step 0
+    "null-text": (32 * 32, 0.2),  # null_text_w_ptp.ipynb: `<= 32 ** 2`, LocalBlend(start_blend=0.2)
+}
+POOLED = ("own", "source")
 
 
 @dataclass(frozen=True)
 class EditOptions:
     mode: str = "auto"  # auto (replace if the word counts match, else refine), replace, refine, reweight
-    cross_steps: Span | Mapping[str, Span] = 0.8  # steps whose cross-attention comes from the source; per word too
-    self_steps: Span = 0.4  # steps whose self-attention comes from the source
+    cross_steps: Span | Mapping[str, Span] = 0.8  # fraction of the loop whose cross-attention is the source's; per word
+    self_steps: Span = 0.4  # fraction of the loop whose self-attention is the source's
     self_max_side: int | None = None  # self-attention replaced at maps this small or smaller; None: latent side / 4
     reweight: tuple[tuple[str, float], ...] = ()  # (word, factor): scale a word's cross-attention (may be negative)
     blend: tuple[str, ...] = ()  # local blend: words whose attention masks the region that may change
     subtract: tuple[str, ...] = ()  # local blend: words whose region must not change
-    threshold: float = 0.3  # local blend: mask threshold on the max-normalised attention
-    blend_start: float = 0.2  # local blend: fraction of the steps before blending starts
-    blend_res: int | None = None  # local blend: map side to use; None: largest recorded side <= max(16, latent/4)
+    threshold: float = 0.3  # local blend: mask threshold on the max-normalised attention, in (0, 1)
+    blend_start: float = 0.2  # local blend: fraction of the loop before blending starts
+    blend_res: int | None = None  # local blend: map side to use; None: the model's map side (16 at SD's 64 latents)
+    pooled: str = "own"  # SDXL: each prompt's own pooled text embedding, or the source's for every prompt ("source")
+    exact: str | None = None  # reproduce a notebook of the p2p code exactly: "stable" or "null-text" (see reference())
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise PromptError(f"unknown edit mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.mode == "reweight" and not self.reweight:
+            raise PromptError("mode reweight needs at least one word to re-weight (WORD=FACTOR, e.g. circle=2)")
+        spans = self.cross_steps if isinstance(self.cross_steps, Mapping) else {"default": self.cross_steps}
+        for word, span in spans.items():
+            check_span(span, "the cross-attention span" if word == "default" else f"the step span of {word!r}")
+        check_span(self.self_steps, "the self-attention span")
+        for word, factor in self.reweight:
+            if not isinstance(factor, (int, float)) or not math.isfinite(factor):
+                raise PromptError(f"the re-weight factor of {word!r} must be a finite number, got {factor!r}")
+        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0):
+            raise PromptError(f"the local-blend threshold must be between 0 and 1 (exclusive), got {self.threshold!r}")
+        check_span(self.blend_start, "the local-blend start")
+        for name in ("self_max_side", "blend_res"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise PromptError(f"{name} must be a positive number of pixels per side or None, got {value!r}")
+        if self.pooled not in POOLED:
+            raise PromptError(f"pooled must be one of {', '.join(POOLED)}, got {self.pooled!r}")
+        if self.exact is not None and self.exact not in NOTEBOOKS:
+            raise PromptError(f"reference mode reproduces the notebooks {', '.join(NOTEBOOKS)}, got {self.exact!r}")
+        if self.subtract and not self.blend:
+            raise PromptError("subtract words only make sense with blend words (--blend)")
+
+    @classmethod
+    def reference(cls, notebook: str = "stable", **overrides) -> EditOptions:
+        """Options that reproduce the Prompt-to-Prompt code's edits exactly (README, "Reference mode").
+
+        notebook "stable" (prompt-to-prompt_stable.ipynb): self-attention replaced at maps of at most 16x16 queries,
+        local blend from the first step; "null-text" (null_text_w_ptp.ipynb): at most 32x32, blend from 20%.
+        """
+        if notebook not in NOTEBOOKS:
+            raise PromptError(f"reference mode reproduces the notebooks {', '.join(NOTEBOOKS)}, got {notebook!r}")
+        return cls(**{"blend_start": NOTEBOOKS[notebook][1], **overrides, "exact": notebook})
 
     def to_dict(self) -> dict:
         d = dict(vars(self))
@@ -42,9 +87,20 @@ class EditOptions:
         return d
 
 
-def _word_positions(prompts: list[PromptTokens], words: tuple[str, ...], what: str) -> torch.Tensor:
-    """(prompts, tokens) 0/1: the positions of the given words in each prompt that has them. Every word must occur."""
+def _word_positions(prompts: list[PromptTokens], words: tuple[str, ...], what: str,
+                    per_prompt: bool = False) -> torch.Tensor:
+    """(prompts, tokens) 0/1: the positions of the given words in each prompt that has them. Every word must occur.
+
+    per_prompt: the p2p code's pairing, the i-th word belongs to the i-th prompt only (one word per prompt).
+    """
     weights = torch.zeros(len(prompts), prompts[0].length)
+    if per_prompt:
+        if len(words) != len(prompts):
+            raise PromptError(f"in reference mode the {what} words pair with the prompts in order (source first), as "
+                              f"the p2p code's LocalBlend: expected {len(prompts)} words, got {len(words)}: {words}")
+        for k, (p, word) in enumerate(zip(prompts, words)):
+            weights[k, list(p.positions(word))] = 1.0
+        return weights
     for word in words:
         found = False
         for k, p in enumerate(prompts):
@@ -65,38 +121,40 @@ class LocalBlend(AttentionController):
     """After each step from `start` on, reset the edited latents to the source's outside the words' attention mask.
 
     The mask (p2p paper, Algorithm 1, lines 11-14): the chosen words' cross-attention summed over steps so far,
-    averaged over layers at one map side and over heads, 3x3 max-pooled, resized to the latent, divided by its
-    maximum, thresholded; the union of the source's and each edited prompt's mask, minus the subtract words' mask.
+    averaged over heads and summed over the layers at one map side, 3x3 max-pooled, resized to the latent (nearest),
+    divided by its maximum, thresholded; the union of the source's and each edited prompt's mask, minus the subtract
+    words' mask (thresholded the same way without the max-pool, as the p2p code).
     """
 
     def __init__(self, prompts: list[PromptTokens], words: tuple[str, ...], subtract: tuple[str, ...] = (),
-                 threshold: float = 0.3, start: int = 0, res: int | None = None):
-        self.words = _word_positions(prompts, words, "blend")  # (prompts, tokens)
-        self.sub = _word_positions(prompts, subtract, "subtract") if subtract else None
+                 threshold: float = 0.3, start: float = 0.0, res: int | None = None, per_prompt: bool = False,
+                 steps: int = 0):
+        self.words = _word_positions(prompts, words, "blend", per_prompt)  # (prompts, tokens)
+        self.sub = _word_positions(prompts, subtract, "subtract", per_prompt) if subtract else None
         self.threshold = threshold
-        self.start = start
+        self.start_fraction = check_span(start, "the local-blend start")[1]
         self.res = res
-        self.side = 0
+        self.fallback_steps = steps  # the loop length when the pipeline does not tell it (a bare UNet)
+        self.start = int(self.start_fraction * steps)  # the first blended loop iteration
+        self.side = 0  # the map side read, set for each run
         self.latent_size: tuple[int, int] = (0, 0)
-        self._chosen: tuple[int, int] | None = None  # the map size used, picked on the first step
         self.acc: torch.Tensor | None = None  # (prompts, h, w) word attention summed over layers and steps
         self.acc_sub: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # (prompts, 1, H, W) the last mask applied (row 0: source)
 
     def begin(self, run: RunInfo) -> None:
-        self.side = self.res or max(16, max(run.latent_size) // 4)
+        side = self.res or run.map_side
+        if run.sides and side not in run.sides:
+            raise PromptError(f"local blend asked for {side}x{side} maps, but this model's cross-attention maps at "
+                              f"this size have sides {', '.join(map(str, run.sides))}")
+        self.side = side
+        self.start = int(self.start_fraction * (run.steps or self.fallback_steps))
         self.latent_size = run.latent_size
         self.acc = self.acc_sub = self.mask = None
-        self._chosen = None
         self.words, self.sub = self.words.to(run.device, run.dtype), _to(self.sub, run)
 
     def wants(self, site: Site) -> bool:
-        if not site.layer.is_cross or max(site.res) > self.side:
-            return False
-        if self._chosen is None or site.pixels > self._chosen[0] * self._chosen[1]:
-            self._chosen = site.res  # the largest map side not above self.side, found on the first step
-            self.acc = self.acc_sub = None
-        return site.res == self._chosen
+        return site.layer.is_cross and max(site.res) == self.side
 
     def attention(self, probs, site):
         # probs: (prompts, heads, pixels, tokens) -> word attention per pixel, summed over the words' tokens
@@ -109,8 +167,10 @@ class LocalBlend(AttentionController):
             self.acc_sub = sub if self.acc_sub is None else self.acc_sub + sub
         return None
 
-    def _mask(self, maps: torch.Tensor) -> torch.Tensor:
-        maps = F.max_pool2d(maps[:, None], 3, stride=1, padding=1)  # (prompts, 1, h, w)
+    def _mask(self, maps: torch.Tensor, pool: bool = True) -> torch.Tensor:
+        maps = maps[:, None]  # (prompts, 1, h, w)
+        if pool:
+            maps = F.max_pool2d(maps, 3, stride=1, padding=1)
         maps = F.interpolate(maps, size=self.latent_size)  # nearest, as the p2p code
         peak = maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
         return (maps / peak) > self.threshold
@@ -121,7 +181,7 @@ class LocalBlend(AttentionController):
         mask = self._mask(self.acc)
         mask = mask[:1] | mask  # union of the source's mask and each prompt's own
         if self.acc_sub is not None:
-            keep_out = self._mask(self.acc_sub)
+            keep_out = self._mask(self.acc_sub, pool=False)
             mask = mask & ~(keep_out[:1] | keep_out)
         self.mask = mask
         m = mask[1:].to(latents.dtype)
@@ -130,39 +190,58 @@ class LocalBlend(AttentionController):
 
 
 class PromptToPrompt(AttentionController):
-    """Cross-attention replacement (replace or refine), re-weighting, and self-attention replacement."""
+    """Cross-attention replacement (replace or refine), re-weighting, and self-attention replacement.
 
-    def __init__(self, prompts: list[PromptTokens], options: EditOptions, steps: int):
+    steps: the loop length to use when the pipeline does not tell it (a bare UNet); otherwise every schedule is a
+    fraction of the denoising loop the pipeline really runs.
+    """
+
+    def __init__(self, prompts: list[PromptTokens], options: EditOptions, steps: int = 0):
         if len(prompts) < 2:
             raise PromptError("an edit needs a source prompt and at least one edited prompt")
-        if options.mode not in MODES:
-            raise PromptError(f"unknown edit mode {options.mode!r}: expected one of {', '.join(MODES)}")
         self.options = options
+        self.reference = options.exact is not None
         source, targets = prompts[0], prompts[1:]
         mode = options.mode
         if mode == "auto":
             mode = "replace" if all(len(t.words) == len(source.words) for t in targets) else "refine"
         self.mode = "replace" if mode == "reweight" else mode
         if self.mode == "replace":
-            self.mapper = torch.stack([replace_mapper(source, t) for t in targets])  # (targets, tokens, tokens)
+            mapper = reference_replace_mapper if self.reference else replace_mapper
+            self.mapper = torch.stack([mapper(source, t) for t in targets])  # (targets, tokens, tokens)
         else:
-            aligned = [refine_alignment(source, t) for t in targets]
+            align = reference_refine_alignment if self.reference else refine_alignment
+            aligned = [align(source, t) for t in targets]
             self.index = torch.stack([a.index for a in aligned])  # (targets, tokens)
             self.weight = torch.stack([a.weight for a in aligned])  # (targets, tokens)
-        self.alpha = cross_schedule(options.cross_steps, targets, steps)  # (steps, targets, tokens)
-        self.cross_active = (self.alpha.flatten(1).amax(1) > 0).tolist()  # per step; plain bools for wants()
-        self.self_range = step_range(options.self_steps, steps)
+        self.spans = resolve_cross(options.cross_steps, targets)
+        self.fallback_steps = steps
         self.equalizer = None
         if options.reweight:
             eq = torch.ones(len(targets), source.length)
             for word, factor in options.reweight:
-                positions = _word_positions(targets, (word,), "re-weight")
+                # reference: the word is looked up in the first edited prompt and scales every one (the p2p code's
+                # get_equalizer(prompts[1], ...)); otherwise in each edited prompt that has it
+                positions = _word_positions(targets[:1] if self.reference else targets, (word,), "re-weight")
+                positions = positions.expand(len(targets), -1) if self.reference else positions
                 eq = torch.where(positions > 0, torch.full_like(eq, float(factor)), eq)
             self.equalizer = eq
+        self.self_pixels = NOTEBOOKS[options.exact][0] if self.reference else None
         self.self_side = 0
+        self.alpha = None
+        self.cross_active: list[bool] = []
+        self.self_range = (0, 0)
+        if steps:
+            self._tables(steps)
+
+    def _tables(self, steps: int) -> None:
+        self.alpha = self.spans.table(steps, self.reference)  # (steps, targets, tokens)
+        self.cross_active = (self.alpha.flatten(1).amax(1) > 0).tolist()  # per step; plain bools for wants()
+        self.self_range = step_range(self.options.self_steps, steps)
 
     def begin(self, run: RunInfo) -> None:
-        self.self_side = self.options.self_max_side or max(1, max(run.latent_size) // 4)
+        self._tables(run.steps or self.fallback_steps)
+        self.self_side = self.options.self_max_side or run.self_side
         # moved to the UNet's device once per run, not per layer call
         for name in ("mapper", "weight", "alpha", "equalizer"):
             setattr(self, name, _to(getattr(self, name, None), run))
@@ -174,7 +253,9 @@ class PromptToPrompt(AttentionController):
             return False
         if site.layer.is_cross:
             return self.cross_active[site.step]
-        return self.self_range[0] <= site.step < self.self_range[1] and max(site.res) <= self.self_side
+        if not self.self_range[0] <= site.step < self.self_range[1]:
+            return False
+        return site.pixels <= self.self_pixels if self.self_pixels else max(site.res) <= self.self_side
 
     def attention(self, probs, site):
         # probs: (prompts, heads, queries, keys); row 0 is the source
@@ -213,17 +294,41 @@ class EditResult:
     mask: torch.Tensor | None = None  # (prompts, 1, h, w) the last local-blend mask
 
 
-def edit_controllers(pipe, prompts: list[str], options: EditOptions, steps: int
+def edit_controllers(pipe, prompts: list[str], options: EditOptions, steps: int = 0
                      ) -> tuple[list[PromptTokens], PromptToPrompt, LocalBlend | None]:
+    """The edit's controllers, every option and word checked before any work. steps: the loop length to assume when
+    the pipeline cannot tell it (the pipelines' own loop length is used otherwise)."""
     tokens = [PromptTokens.from_tokenizer(pipe.tokenizer, p) for p in prompts]
     p2p = PromptToPrompt(tokens, options, steps)
     blend = None
     if options.blend:
-        blend = LocalBlend(tokens, options.blend, options.subtract, options.threshold,
-                           start=int(options.blend_start * steps), res=options.blend_res)
-    elif options.subtract:
-        raise PromptError("subtract words only make sense with blend words (--blend)")
+        reference = options.exact is not None
+        res = options.blend_res or (16 if reference else None)  # the p2p code reads its 16x16 maps
+        blend = LocalBlend(tokens, options.blend, options.subtract, options.threshold, start=options.blend_start,
+                           res=res, per_prompt=reference, steps=steps)
     return tokens, p2p, blend
+
+
+def edit_controller(p2p: PromptToPrompt, blend: LocalBlend | None, extra: AttentionController | None = None
+                    ) -> Controllers:
+    """The controllers in the order an edit runs them. The blend sees each prompt's own attention, before the edit;
+    in reference mode it sees the edited attention, as the p2p code's store (which aliases the edited tensor) does."""
+    if p2p.reference:
+        return Controllers(p2p, blend, extra)
+    return Controllers(blend, p2p, extra)
+
+
+def _source_pooled(pipe, prompts: list[str], generation: GenerationOptions) -> dict:
+    """SDXL with pooled="source": every prompt's pooled text embedding replaced by the source's (pipeline kwargs)."""
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompts, device=pipe.unet.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=generation.guidance > 1,
+            negative_prompt=[generation.negative_prompt] * len(prompts) if generation.negative_prompt else None)
+    kwargs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled[:1].expand_as(pooled).clone()}
+    if generation.guidance > 1:
+        kwargs.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+    return kwargs
 
 
 def edit(pipe, source: str, targets: list[str] | str, options: EditOptions = EditOptions(),
@@ -234,21 +339,28 @@ def edit(pipe, source: str, targets: list[str] | str, options: EditOptions = Edi
     inversion: an `Inversion` of a real image; its caption must be the source prompt, and its latent, per-step
     unconditional embeddings, steps and guidance are used (the seed is then irrelevant).
     """
+    from contextlib import nullcontext
+
     targets = [targets] if isinstance(targets, str) else list(targets)
     prompts = [source, *targets]
+    scheduler = nullcontext()
     if inversion is not None:
-        from .inversion import ensure_ddim
+        from .inversion import check_inversion, ddim_scheduler
 
-        if inversion.prompt.strip() != source.strip():
-            raise PromptError(f"the inversion was made with the caption {inversion.prompt!r}; pass that caption as "
-                              f"the source prompt (got {source!r})")
-        ensure_ddim(pipe)
+        check_inversion(pipe, inversion, source)
+        scheduler = ddim_scheduler(pipe)
         generation = replace(generation, steps=inversion.options.steps, guidance=inversion.options.guidance)
         pipe_kwargs.update(latent=inversion.latent, uncond=inversion.uncond)
     tokens, p2p, blend = edit_controllers(pipe, prompts, options, generation.steps)
-    controller = Controllers(blend, p2p, extra)  # the blend sees each prompt's own attention, before the edit
-    controlled = generate(pipe, prompts, controller, generation, progress=progress, **pipe_kwargs)
-    plain = generate(pipe, prompts, None, generation, progress=progress, **pipe_kwargs) if vanilla else None
+    controlled_kwargs = dict(pipe_kwargs)
+    if options.pooled == "source" and getattr(pipe, "text_encoder_2", None) is not None:
+        if inversion is not None:
+            raise PromptError("pooled='source' is not available when editing from an inversion")
+        controlled_kwargs.update(_source_pooled(pipe, prompts, generation))
+    with scheduler:
+        controlled = generate(pipe, prompts, edit_controller(p2p, blend, extra), generation, progress=progress,
+                              **controlled_kwargs)
+        plain = generate(pipe, prompts, None, generation, progress=progress, **pipe_kwargs) if vanilla else None
     settings = {"prompts": prompts, **options.to_dict(), "mode": p2p.mode, "requested_mode": options.mode,
                 **generation.to_dict()}
     if inversion is not None:

@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
-from .attention import AttentionController, control
-from .errors import P2PError
+from .attention import AttentionController, control, exclusive
+from .errors import InputError
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
     steps: int = 50  # denoising steps (SD's default)
-    guidance: float = 7.5  # classifier-free guidance scale (SD's default)
-    seed: int = 0  # seeds the initial latent, shared by every prompt of the batch
+    guidance: float = 7.5  # classifier-free guidance scale (SD's default); <= 1 turns guidance off
+    seed: int = 0  # seeds the initial latent, shared by every prompt of the batch, and the schedulers' noise
     height: int | None = None  # pixels; None: the model's native size
     width: int | None = None
     negative_prompt: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise InputError(f"steps must be a whole number of at least 1, got {self.steps!r}")
+        if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance) or self.guidance < 0:
+            raise InputError(f"guidance must be a finite number >= 0 (1 or less turns it off), got {self.guidance!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise InputError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be a positive number of pixels, got {value!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,14 +51,39 @@ def native_size(pipe) -> tuple[int, int]:
     return (side, side) if isinstance(side, int) else tuple(side)
 
 
-def initial_latent(pipe, options: GenerationOptions) -> torch.Tensor:
-    """(1, channels, h, w) standard normal noise drawn on the CPU, so a seed means the same image on every device."""
+def initial_latent(pipe, options: GenerationOptions, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(1, channels, h, w) standard normal noise drawn on the CPU, so a seed means the same image on every device.
+
+    generator: draw from it (it advances); default: a fresh CPU generator seeded with options.seed.
+    """
     height, width = options.height or native_size(pipe)[0], options.width or native_size(pipe)[1]
     factor = pipe.vae_scale_factor
     if height % factor or width % factor:
-        raise P2PError(f"height and width must be multiples of {factor}, got {height}x{width}")
+        raise InputError(f"height and width must be multiples of {factor} for this model, got {height}x{width}")
     shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(options.seed), dtype=torch.float32)
+    generator = generator or torch.Generator("cpu").manual_seed(options.seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def _copy(generator: torch.Generator) -> torch.Generator:
+    twin = torch.Generator(generator.device)
+    twin.set_state(generator.get_state())
+    return twin
+
+
+@contextmanager
+def _progress_bar(pipe, show: bool):
+    """The pipeline's progress bar for one call; the caller's setting is put back afterwards."""
+    had = hasattr(pipe, "_progress_bar_config")
+    saved = dict(pipe._progress_bar_config) if had else None
+    pipe.set_progress_bar_config(disable=not show, desc="denoising", leave=False)
+    try:
+        yield
+    finally:
+        if had:
+            pipe._progress_bar_config = saved
+        else:
+            del pipe._progress_bar_config
 
 
 def generate(
@@ -61,28 +99,33 @@ def generate(
     """Generate one image per prompt, all from the same initial latent, with the controller in the loop.
 
     latent: (1, channels, h, w) shared by every prompt (default: drawn from options.seed), or one row per prompt.
+    Stochastic schedulers (Euler ancestral, DDPM, DDIM with eta > 0, DPM++ SDE) are seeded too: every prompt gets
+    the same noise at every step, drawn from the seed's generator after the initial latent (one prompt therefore
+    reproduces `pipe(prompt, generator=torch.Generator().manual_seed(seed))`).
     uncond: (steps, tokens, width) an unconditional embedding per step (from an inversion), swapped in through the
     step callback; it needs classifier-free guidance (guidance > 1).
-    With no controller the pipeline runs untouched (the stock processors). Extra keyword arguments go to the pipeline.
+    With no controller the pipeline runs untouched (the stock processors). Extra keyword arguments go to the pipeline
+    (prompt_embeds and its kind replace the prompts' own encoding; cross_attention_kwargs reach every processor).
+    The pipeline's scheduler state aside, the caller's pipeline is left as it was (processors, progress bar).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
-        raise P2PError("expected at least one prompt, got none")
-    latent = initial_latent(pipe, options) if latent is None else latent
+        raise InputError("expected at least one prompt, got none")
+    generator = torch.Generator("cpu").manual_seed(options.seed)
+    latent = initial_latent(pipe, options, generator) if latent is None else latent
     device, dtype = pipe.unet.device, pipe.unet.dtype
     if latent.shape[0] not in (1, len(prompts)):
-        raise P2PError(f"expected one initial latent or one per prompt ({len(prompts)}), got {latent.shape[0]}")
+        raise InputError(f"expected one initial latent or one per prompt ({len(prompts)}), got {latent.shape[0]}")
     latents = latent.expand(len(prompts), *latent.shape[1:]).to(device, dtype).clone()
-    pipe.set_progress_bar_config(disable=not progress, desc="denoising", leave=False)
     final = {}
     inputs = ["latents"]
     if uncond is not None:
         if uncond.shape[0] != options.steps:
-            raise P2PError(f"the per-step unconditional embeddings are for {uncond.shape[0]} steps, "
-                           f"but {options.steps} steps were asked")
+            raise InputError(f"the per-step unconditional embeddings are for {uncond.shape[0]} steps, "
+                             f"but {options.steps} steps were asked")
         if options.guidance <= 1 or options.negative_prompt:
-            raise P2PError("per-step unconditional embeddings need classifier-free guidance (guidance > 1) "
-                           "and no negative prompt")
+            raise InputError("per-step unconditional embeddings need classifier-free guidance (guidance > 1) "
+                             "and no negative prompt")
         uncond = uncond.to(device, pipe.text_encoder.dtype)
         pipe_kwargs["negative_prompt_embeds"] = uncond[0].expand(len(prompts), -1, -1)
         inputs.append("prompt_embeds")
@@ -96,26 +139,28 @@ def generate(
             changed["prompt_embeds"] = torch.cat([uncond[step + 1].expand(n, -1, -1), embeds[n:]])
         return changed
 
+    embedded = "prompt_embeds" in pipe_kwargs
     args = dict(
-        prompt=prompts,
-        negative_prompt=[options.negative_prompt] * len(prompts) if options.negative_prompt else None,
+        prompt=None if embedded else prompts,
+        negative_prompt=[options.negative_prompt] * len(prompts) if options.negative_prompt and not embedded else None,
         num_inference_steps=options.steps,
         guidance_scale=options.guidance,
         latents=latents,
+        generator=[_copy(generator) for _ in prompts],  # the same noise for every prompt at every step
         height=latents.shape[2] * pipe.vae_scale_factor,
         width=latents.shape[3] * pipe.vae_scale_factor,
-        output_type="np",
+        output_type="pil",
         callback_on_step_end_tensor_inputs=inputs,
         **pipe_kwargs,
     )
-    if controller is None:
-        out = pipe(**args, callback_on_step_end=keep_latents)
-    else:
-        with control(pipe, controller, prompts=len(prompts)) as router:
+    with exclusive(pipe), _progress_bar(pipe, progress):
+        if controller is None:
+            out = pipe(**args, callback_on_step_end=keep_latents)
+        else:
+            with control(pipe, controller, prompts=len(prompts)) as router:
 
-            def callback(pipe_, step, timestep, kwargs):
-                return keep_latents(pipe_, step, timestep, kwargs, router.callback(pipe_, step, timestep, kwargs))
+                def callback(pipe_, step, timestep, kwargs):
+                    return keep_latents(pipe_, step, timestep, kwargs, router.callback(pipe_, step, timestep, kwargs))
 
-            out = pipe(**args, callback_on_step_end=callback)
-    images = [Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)) for im in out.images]
-    return Generation(images, final["latents"].detach(), latent, options)
+                out = pipe(**args, callback_on_step_end=callback)
+    return Generation(list(out.images), final["latents"].detach(), latent, options)

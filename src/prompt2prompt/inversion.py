@@ -3,9 +3,10 @@
 Methods:
 - `ddim`: deterministic DDIM inversion under the caption; sampling back uses the plain unconditional embedding.
 - `null-text` (default): after DDIM inversion, optimise the unconditional embedding step by step so that guided
-  sampling retraces the inversion trajectory. Defaults from the authors' notebook: 50 DDIM steps, guidance 7.5,
-  10 inner Adam steps per timestep with learning rate 1e-2 * (1 - i/100), early stop once the loss is below
-  1e-5 + i * 2e-5.
+  sampling retraces the inversion trajectory. Defaults from the authors' notebook (null_text_w_ptp.ipynb): 50 DDIM
+  steps, guidance 7.5, 10 inner Adam steps per timestep with learning rate 1e-2 * (1 - i/100) at the i-th, early stop
+  once the loss is below 1e-5 + i * 2e-5. The notebook's decay is written for 50 steps; here it is
+  1 - i / (2 * steps), the same at 50 steps and never negative at more than 100.
 - `negative-prompt` (Miyake et al. 2023): no optimisation; the caption's embedding stands in for the null one, so guided
   sampling reduces to the conditional prediction that DDIM inversion used.
 
@@ -16,6 +17,8 @@ the per-step unconditional embeddings in through the pipeline's step callback.
 from __future__ import annotations
 
 import json
+import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,8 +28,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from .errors import InputError, ModelError
+from .attention import exclusive
+from .errors import InputError, ModelError, PromptError
 from .generation import native_size
+from .metrics import psnr  # noqa: F401  (re-exported: inversion.psnr is public)
 
 METHODS = ("null-text", "ddim", "negative-prompt")
 
@@ -40,6 +45,33 @@ class InversionOptions:
     lr: float = 1e-2  # null-text: learning rate at the first timestep, times (1 - i/100) at the i-th
     early_stop: float = 1e-5  # null-text: stop a timestep's optimisation once the loss < early_stop + i * 2e-5
     offsets: tuple[int, int, int, int] = (0, 0, 0, 0)  # pixels cut from the left, right, top, bottom before the crop
+    height: int | None = None  # pixels to invert at; None: the model's native size
+    width: int | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"unknown inversion method {self.method!r}: expected one of {', '.join(METHODS)}")
+        whole = {"steps": 1, "inner_steps": 1}
+        for name, low in whole.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"{name.replace('_', ' ')} must be a whole number of at least {low}, got {value!r}")
+        if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance) or self.guidance < 0:
+            raise InputError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
+        if self.method == "null-text" and self.guidance <= 1:
+            raise InputError(f"null-text inversion optimises the unconditional embedding, which only matters with "
+                             f"classifier-free guidance: expected guidance > 1, got {self.guidance!r}")
+        for name in ("lr", "early_stop"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
+                    name == "lr" and value == 0):
+                raise InputError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        if len(self.offsets) != 4 or any(not isinstance(v, int) or v < 0 for v in self.offsets):
+            raise InputError(f"offsets must be four whole numbers >= 0 (left, right, top, bottom), got {self.offsets}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be a positive number of pixels, got {value!r}")
 
 
 @dataclass
@@ -82,58 +114,84 @@ class Inversion:
             raise InputError(f"{path} is not a safetensors file: {e}") from e
         if meta.get("kind") != "p2p_inversion":
             raise InputError(f"{path} holds no prompt2prompt inversion")
-        opts = meta["options"]
-        opts["offsets"] = tuple(opts["offsets"])
+        opts = meta.get("options", {})
+        opts["offsets"] = tuple(opts.get("offsets", (0, 0, 0, 0)))
+        if not {"latent", "uncond", "image"} <= set(tensors):
+            raise InputError(f"{path} is a prompt2prompt inversion file without its tensors (latent, uncond, image)")
         image = Image.fromarray(tensors["image"].numpy())
         return cls(tensors["latent"], tensors["uncond"], meta["prompt"], InversionOptions(**opts), image,
                    meta["settings"])
 
 
+MAX_UPSCALE = 4  # an image is refused when inverting it would enlarge it more than this (it would invent detail)
+
+
+def read_image(image: str | Path | Image.Image) -> Image.Image:
+    """An image file (any format PIL reads, EXIF rotation applied) or a PIL image; a clear error otherwise."""
+    if isinstance(image, Image.Image):
+        return image
+    path = Path(image)
+    if not path.is_file():
+        raise InputError(f"no image file at {path}")
+    try:
+        with Image.open(path) as im:
+            image = ImageOps.exif_transpose(im)
+            image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"cannot read {path} as an image ({e}); expected a PNG, JPEG or another image") from e
+    return image
+
+
 def prepare_image(image: str | Path | Image.Image, size: tuple[int, int],
-                  offsets: tuple[int, int, int, int] = (0, 0, 0, 0)) -> Image.Image:
-    """Any image file or PIL image, any mode: offsets cut, centre-cropped to size's aspect, resized to size (h, w)."""
-    if not isinstance(image, Image.Image):
-        path = Path(image)
-        if not path.is_file():
-            raise InputError(f"no image file at {path}")
-        try:
-            with Image.open(path) as im:
-                image = ImageOps.exif_transpose(im)
-                image.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise InputError(f"cannot read {path} as an image ({e}); expected a PNG, JPEG or another image") from e
-    if image.mode in ("RGBA", "LA", "P"):
-        image = image.convert("RGBA")
-        white = Image.new("RGBA", image.size, "white")
-        image = Image.alpha_composite(white, image)
+                  offsets: tuple[int, int, int, int] = (0, 0, 0, 0), notes: list[str] | None = None) -> Image.Image:
+    """Any image file or PIL image, any mode: offsets cut, centre-cropped to size's aspect, resized to size (h, w).
+
+    notes: if given, receives one line per conversion done (mode, transparency, crop, resize). An image that would
+    have to be enlarged more than MAX_UPSCALE times is refused.
+    """
+    image = read_image(image)
+    notes = [] if notes is None else notes
+    mode = image.mode
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+        notes.append(f"{mode} image: transparent pixels composited on white")
+    elif mode != "RGB":
+        notes.append(f"converted from mode {mode} to RGB")
     image = image.convert("RGB")
     left, right, top, bottom = offsets
     w, h = image.size
     if left + right >= w or top + bottom >= h:
         raise InputError(f"offsets {offsets} leave nothing of a {w}x{h} image")
     image = image.crop((left, top, w - right, h - bottom))
+    w, h = image.size
+    scale = max(size[0] / h, size[1] / w)  # ImageOps.fit scales the cropped part up or down by this at least
+    if scale > MAX_UPSCALE:
+        raise InputError(f"the image is {w}x{h} pixels (after offsets); inverting it at {size[1]}x{size[0]} would "
+                         f"enlarge it {scale:.1f} times (at most {MAX_UPSCALE} is allowed): expected at least "
+                         f"{-(-size[1] // MAX_UPSCALE)}x{-(-size[0] // MAX_UPSCALE)} pixels")
+    if (w, h) != (size[1], size[0]):
+        notes.append(f"centre-cropped and resized from {w}x{h} to {size[1]}x{size[0]}")
     return ImageOps.fit(image, (size[1], size[0]), Image.LANCZOS)
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """(1, 3, h, w) in [-1, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+def image_to_tensor(pipe, image: Image.Image) -> torch.Tensor:
+    """(1, 3, h, w) in [-1, 1], by the pipeline's own image processor."""
+    return pipe.image_processor.preprocess(image, height=image.height, width=image.width)
 
 
-def tensor_to_image(x: torch.Tensor) -> Image.Image:
-    arr = ((x[0].permute(1, 2, 0).float().cpu().numpy() + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
-    return Image.fromarray(arr)
+def tensor_to_image(pipe, x: torch.Tensor) -> Image.Image:
+    return pipe.image_processor.postprocess(x.float().cpu(), output_type="pil")[0]
 
 
 @torch.no_grad()
 def encode(pipe, image: Image.Image) -> torch.Tensor:
-    x = image_to_tensor(image).to(pipe.vae.device, pipe.vae.dtype)
+    x = image_to_tensor(pipe, image).to(pipe.vae.device, pipe.vae.dtype)
     return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
 
 
 @torch.no_grad()
 def decode(pipe, latent: torch.Tensor) -> Image.Image:
-    return tensor_to_image(pipe.vae.decode(latent / pipe.vae.config.scaling_factor).sample)
+    return tensor_to_image(pipe, pipe.vae.decode(latent / pipe.vae.config.scaling_factor).sample)
 
 
 def autoencoder_reconstruction(pipe, image: Image.Image) -> Image.Image:
@@ -141,27 +199,45 @@ def autoencoder_reconstruction(pipe, image: Image.Image) -> Image.Image:
     return decode(pipe, encode(pipe, image))
 
 
-def psnr(a: Image.Image, b: Image.Image, mask: np.ndarray | None = None) -> float:
-    """Peak signal-to-noise ratio in dB between two images (optionally only where mask is true)."""
-    x = np.asarray(a.convert("RGB"), dtype=np.float64) / 255
-    y = np.asarray(b.convert("RGB"), dtype=np.float64) / 255
-    err = (x - y) ** 2
-    mse = err[mask].mean() if mask is not None else err.mean()
-    return float(10 * np.log10(1.0 / max(mse, 1e-12)))
-
-
-def ensure_ddim(pipe) -> None:
-    """Inversion and sampling from it assume deterministic DDIM: swap the pipeline's scheduler if it is another."""
+@contextmanager
+def ddim_scheduler(pipe):
+    """Inversion, and sampling from it, assume deterministic DDIM: the pipeline runs with a DDIM scheduler made from
+    its own scheduler's config inside the block, and gets its own scheduler back afterwards."""
     from diffusers import DDIMScheduler
 
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    original = pipe.scheduler
+    if not isinstance(original, DDIMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(original.config)
+    try:
+        yield pipe.scheduler
+    finally:
+        pipe.scheduler = original
+
+
+def check_inversion(pipe, inversion: Inversion, source: str | None = None) -> None:
+    """An inversion fits this pipeline (latent channels, text length and width) and, if given, this source caption."""
+    recorded = inversion.settings.get("model") or "the model it was made with"
+    channels = pipe.unet.config.in_channels
+    tokens, width = pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise ModelError("editing from an inversion supports SD 1.x and 2.x pipelines; SDXL is not supported yet")
+    if inversion.latent.shape[1] != channels or tuple(inversion.uncond.shape[1:]) != (tokens, width):
+        raise InputError(
+            f"the inversion was made with the model {recorded!r} (latent channels {inversion.latent.shape[1]}, text "
+            f"{tuple(inversion.uncond.shape[1:])}); this pipeline has {channels} channels and text ({tokens}, "
+            f"{width}): pass --model {recorded}")
+    if source is not None and inversion.prompt.strip() != source.strip():
+        raise PromptError(f"the inversion was made with the caption {inversion.prompt!r}; pass that caption as "
+                          f"the source prompt (got {source!r})")
 
 
 class _DDIM:
     """Deterministic DDIM steps in both directions, for epsilon and v-prediction models."""
 
     def __init__(self, scheduler, steps: int):
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(scheduler.config)  # its own copy: the pipeline's is not touched
         scheduler.set_timesteps(steps)
         self.timesteps = scheduler.timesteps  # descending
         self.alphas = scheduler.alphas_cumprod
@@ -203,32 +279,38 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
     """Invert an image (path or PIL) under its caption; see the module docstring for the methods."""
     import time
 
-    if options.method not in METHODS:
-        raise InputError(f"unknown inversion method {options.method!r}: expected one of {', '.join(METHODS)}")
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise ModelError("inversion supports SD 1.x and 2.x pipelines; SDXL is not supported yet")
-    ensure_ddim(pipe)
+    if not prompt.strip():
+        raise PromptError("expected a caption of the image, got an empty one")
+    native = native_size(pipe)
+    size = (options.height or native[0], options.width or native[1])
+    factor = pipe.vae_scale_factor
+    if size[0] % factor or size[1] % factor:
+        raise InputError(f"height and width must be multiples of {factor} for this model, got {size[0]}x{size[1]}")
+    notes: list[str] = []
+    prepared = prepare_image(image, size, options.offsets, notes)
     start = time.perf_counter()
-    prepared = prepare_image(image, native_size(pipe), options.offsets)
-    ddim = _DDIM(pipe.scheduler, options.steps)
-    unet = pipe.unet
-    cond, null = _embed(pipe, prompt), _embed(pipe, "")
-    latent = encode(pipe, prepared)
-    trajectory = [latent]
-    with torch.no_grad():
-        for t in tqdm(ddim.timesteps.flip(0), desc="DDIM inversion", disable=not progress, leave=False):
-            out = unet(latent, t, encoder_hidden_states=cond).sample
-            latent = ddim.next(out, t, latent)
-            trajectory.append(latent)
-    losses: list[tuple[float, float]] = []  # null-text: per step, the loss before and after optimising
-    if options.method == "ddim":
-        uncond = null.expand(options.steps, -1, -1).clone()
-    elif options.method == "negative-prompt":
-        uncond = cond.expand(options.steps, -1, -1).clone()
-    else:
-        uncond, losses = _null_text(pipe, ddim, trajectory, cond, null, options, progress)
+    with exclusive(pipe):
+        ddim = _DDIM(pipe.scheduler, options.steps)
+        unet = pipe.unet
+        cond, null = _embed(pipe, prompt), _embed(pipe, "")
+        latent = encode(pipe, prepared)
+        trajectory = [latent]
+        with torch.no_grad():
+            for t in tqdm(ddim.timesteps.flip(0), desc="DDIM inversion", disable=not progress, leave=False):
+                out = unet(latent, t, encoder_hidden_states=cond).sample
+                latent = ddim.next(out, t, latent)
+                trajectory.append(latent)
+        losses: list[tuple[float, float]] = []  # null-text: per step, the loss before and after optimising
+        if options.method == "ddim":
+            uncond = null.expand(options.steps, -1, -1).clone()
+        elif options.method == "negative-prompt":
+            uncond = cond.expand(options.steps, -1, -1).clone()
+        else:
+            uncond, losses = _null_text(pipe, ddim, trajectory, cond, null, options, progress)
     settings = {"model": str(model), "size": list(prepared.size), "seconds": time.perf_counter() - start,
-                "losses": losses, "scaling_factor": float(pipe.vae.config.scaling_factor)}
+                "losses": losses, "scaling_factor": float(pipe.vae.config.scaling_factor), "conversions": notes}
     return Inversion(trajectory[-1].detach().cpu(), uncond.detach().cpu(), prompt, options, prepared, settings)
 
 
@@ -255,7 +337,8 @@ def _optimise(unet, ddim: _DDIM, trajectory, cond, null, options: InversionOptio
             out_cond = unet(current, t, encoder_hidden_states=cond).sample
         # a fresh leaf each timestep: Adam updates it in place, and the embeddings kept for earlier steps must not move
         uncond = uncond.detach().float().clone().requires_grad_(True)
-        opt = torch.optim.Adam([uncond], lr=options.lr * (1.0 - i / 100.0))
+        # the notebook's 1e-2 * (1 - i / 100) at 50 steps, scaled to the number of steps so it never turns negative
+        opt = torch.optim.Adam([uncond], lr=options.lr * (1.0 - i / (2.0 * options.steps)))
         loss_value = first = float("nan")
         for j in range(options.inner_steps):
             out_uncond = unet(current, t, encoder_hidden_states=uncond.to(unet.dtype)).sample

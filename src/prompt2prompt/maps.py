@@ -70,13 +70,14 @@ class CrossAttentionMaps:
 
     def word(self, word: str | int, prompt: int = 0, occurrence: int | None = None) -> HeatMap:
         """The map of a word (its tokens summed; every occurrence unless one is chosen) or of a token index."""
-        positions = list(self._tokens(prompt).positions(word, occurrence))
-        label = word if isinstance(word, str) else self.prompts[prompt].tokens[word]
+        tokens = self._tokens(prompt)
+        positions = list(tokens.positions(word, occurrence))
+        label = word if isinstance(word, str) else tokens.label(word)
         return HeatMap(self.values[prompt, :, :, positions].sum(-1), str(label))
 
     def token(self, index: int, prompt: int = 0) -> HeatMap:
-        tokens = self._tokens(prompt).tokens
-        label = tokens[index] if index < len(tokens) else "<pad>"
+        """The map of one token position (0 is the start token; positions after the end token are padding)."""
+        label = self._tokens(prompt).label(index)
         return HeatMap(self.values[prompt, :, :, index], label)
 
     def tokens(self, prompt: int = 0, start: bool = False) -> list[HeatMap]:

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .metrics import as_float, iou, psnr
 from .shapes import world
-from .shapes.evaluate import classify_shape, iou, segment
+from .shapes.evaluate import classify_shape, segment
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,6 @@ def grow(mask: np.ndarray, pixels: int = 2) -> np.ndarray:
     return F.max_pool2d(t, 2 * pixels + 1, stride=1, padding=pixels)[0, 0].numpy() > 0
 
 
-def _array(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-
-
 @dataclass
 class EditScore:
     keep_iou: float  # unchanged object's region, source vs edit (nan if the source lacks it)
@@ -80,7 +77,7 @@ class EditScore:
 
 
 def score_edit(pair: EditPair, source: Image.Image, edited: Image.Image) -> EditScore:
-    src, out = _array(source), _array(edited)
+    src, out = as_float(source), as_float(edited)
     specs = world.parse_caption(pair.source)
     target_specs = world.parse_caption(pair.target)
     regions_src, regions_out = segment(src), segment(out)
@@ -102,8 +99,7 @@ def score_edit(pair: EditPair, source: Image.Image, edited: Image.Image) -> Edit
         edited_area = edited_area | regions_out.get(old_colour, empty)
     outside = ~grow(edited_area)
     diff = np.abs(src - out)[outside]
-    mse = float((diff**2).mean()) if diff.size else 0.0
-    return EditScore(keep, bool(ok), float(10 * np.log10(1 / max(mse, 1e-10))), float(diff.mean()) if diff.size else 0)
+    return EditScore(keep, bool(ok), psnr(src, out, outside), float(diff.mean()) if diff.size else 0.0)
 
 
 def summarize(scores: list[EditScore]) -> dict:

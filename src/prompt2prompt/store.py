@@ -21,7 +21,8 @@ class RecordOptions:
     cross: bool = True  # record cross-attention
     cross_res: tuple[int, ...] | None = None  # map sides (longer side) to record cross-attention at; None: all
     self_attention: bool = True  # record self-attention (head mean) ...
-    self_max_side: int | None = None  # ... at maps whose longer side is at most this; None: max(16, latent side / 4)
+    self_max_side: int | None = None  # ... at maps whose longer side is at most this; None: the model's map side
+    # (RunInfo.map_side: 16 at SD's 64x64 latents and on shapes, 32 at SDXL's 128x128)
     steps: tuple[int, int] | None = None  # [start, end) denoising steps to sum over; None: all
     places: tuple[str, ...] = ("down", "mid", "up")  # UNet places to record
 
@@ -40,7 +41,7 @@ class AttentionStore(AttentionController):
 
     def begin(self, run: RunInfo) -> None:
         self.run = run
-        self._self_side = self.options.self_max_side or max(16, max(run.latent_size) // 4)
+        self._self_side = self.options.self_max_side or run.map_side
 
     def wants(self, site: Site) -> bool:
         o = self.options

@@ -33,11 +33,20 @@ class PromptTokens:
     tokens: tuple[str, ...]  # readable token strings of the real tokens, start and end token included
     words: tuple[Word, ...]
     length: int  # the padded length the text encoder sees (tokenizer.model_max_length)
+    ids: tuple[int, ...] = ()  # the token ids of the real tokens (start and end included)
+    truncated: str = ""  # the end of the prompt that did not fit in `length` tokens (the model never sees it)
 
     @classmethod
     def from_tokenizer(cls, tokenizer, prompt: str) -> PromptTokens:
+        if not getattr(tokenizer, "is_fast", True):
+            raise PromptError(f"{type(tokenizer).__name__} is a slow tokenizer, which cannot give the character "
+                              "offsets that find words; load the pipeline with a fast tokenizer (transformers >= 5 "
+                              "does)")
         enc = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        covered = max((e for s, e in offsets if e > s), default=0)
+        rest = prompt[covered:].strip()
+        truncated = rest if len(ids) >= tokenizer.model_max_length and rest else ""
         pieces = tokenizer.convert_ids_to_tokens(ids)
         readable = tuple(_readable(tokenizer, p, i) for i, p in zip(ids, pieces))
         words = []
@@ -47,7 +56,8 @@ class PromptTokens:
             )
             if positions:  # a word cut off by truncation has no tokens
                 words.append(Word(m.group(), m.start(), m.end(), positions))
-        return cls(prompt, readable, tuple(words), int(tokenizer.model_max_length))
+        return cls(prompt, readable, tuple(words), int(tokenizer.model_max_length), tuple(int(i) for i in ids),
+                   truncated)
 
     # --- lookup -----------------------------------------------------------------------------------------------
     @property
@@ -70,11 +80,20 @@ class PromptTokens:
                 found.append(tuple(t for w in self.words[i : i + len(wanted)] for t in w.tokens))
         return found
 
+    def label(self, index: int) -> str:
+        """The readable token at a position (checked), "<pad>" after the end token."""
+        self.check_index(index)
+        return self.tokens[index] if index < len(self.tokens) else "<pad>"
+
+    def check_index(self, index: int) -> None:
+        if not isinstance(index, int) or not 0 <= index < self.length:
+            raise PromptError(f"token index {index!r} is outside 0..{self.length - 1} (the prompt {self.prompt!r} "
+                              f"has {len(self.tokens)} real tokens, positions 0..{self.end}; the rest is padding)")
+
     def positions(self, query: str | int, occurrence: int | None = None) -> tuple[int, ...]:
         """Token positions of a word (all occurrences unless one is chosen), or of a token given by its index."""
         if isinstance(query, int):
-            if not 0 <= query < self.length:
-                raise PromptError(f"token index {query} is outside 0..{self.length - 1}")
+            self.check_index(query)
             return (query,)
         found = self.find(query)
         if not found:
@@ -95,12 +114,15 @@ class PromptTokens:
             "tokens": list(self.tokens),
             "words": [[w.text, w.start, w.end, list(w.tokens)] for w in self.words],
             "length": self.length,
+            "ids": list(self.ids),
+            "truncated": self.truncated,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> PromptTokens:
         words = tuple(Word(t, s, e, tuple(p)) for t, s, e, p in d["words"])
-        return cls(d["prompt"], tuple(d["tokens"]), words, int(d["length"]))
+        return cls(d["prompt"], tuple(d["tokens"]), words, int(d["length"]), tuple(d.get("ids", ())),
+                   d.get("truncated", ""))
 
 
 def _readable(tokenizer, piece: str, token_id: int) -> str:

@@ -26,6 +26,7 @@ import torch
 from ..attention import Controllers
 from ..generation import GenerationOptions, generate
 from ..maps import cross_maps
+from ..metrics import iou
 from ..store import AttentionStore, RecordOptions
 from ..tokens import PromptTokens
 from . import world
@@ -63,10 +64,10 @@ def segment(image: np.ndarray, min_pixels: int = MIN_PIXELS) -> dict[str, np.nda
     return regions
 
 
-def largest_part(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of a boolean mask."""
+def parts(mask: np.ndarray) -> list[np.ndarray]:
+    """The 8-connected components of a boolean mask, largest first."""
     if not mask.any():
-        return mask
+        return []
     inside = torch.from_numpy(mask)[None, None]
     labels = torch.arange(1, mask.size + 1, dtype=torch.float32).view(1, 1, *mask.shape) * inside
     while True:  # every pixel takes the largest label among its neighbours until the components agree
@@ -75,7 +76,19 @@ def largest_part(mask: np.ndarray) -> np.ndarray:
             break
         labels = grown
     values, counts = labels[inside].unique(return_counts=True)
-    return (labels == values[counts.argmax()])[0, 0].numpy()
+    return [(labels == values[k])[0, 0].numpy() for k in counts.argsort(descending=True).tolist()]
+
+
+def largest_part(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean mask."""
+    found = parts(mask)
+    return found[0] if found else mask
+
+
+def count_objects(regions: dict[str, np.ndarray], min_pixels: int = MIN_PIXELS) -> int:
+    """Objects in an image: the connected parts of every colour region with at least min_pixels pixels. Objects of
+    different colours that touch count as two; one colour in two places counts as two."""
+    return sum(1 for m in regions.values() for part in parts(m) if part.sum() >= min_pixels)
 
 
 def classify_shape(mask: np.ndarray) -> tuple[str, float]:
@@ -96,10 +109,6 @@ def classify_shape(mask: np.ndarray) -> tuple[str, float]:
     return best
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max(1, (a | b).sum()))
-
-
 @dataclass
 class EvalResult:
     colour_accuracy: float  # named colours found in the image
@@ -107,6 +116,11 @@ class EvalResult:
     both_present: float  # two-object captions with two colour regions
     attention_iou: float  # mean IoU of each noun's thresholded cross-attention with its object's region
     count: int
+    exact_count: float = float("nan")  # captions whose image has exactly as many objects as the caption names
+    exact_count_one: float = float("nan")  # ... among one-object captions
+    exact_count_two: float = float("nan")  # ... among two-object captions
+    duplicates: float = float("nan")  # captions with more objects than named (a duplicate or an extra object)
+    misses: float = float("nan")  # captions with fewer objects than named (one missing, or two merged)
     settings: dict = field(default_factory=dict)
     per_caption: list[dict] = field(default_factory=list)
 
@@ -145,6 +159,7 @@ def score_image(image: np.ndarray, caption: str, maps=None, prompt: int = 0,
             row["iou"].append(iou(attention, region) if region is not None else 0.0)
     if len(specs) == 2:
         row["both"] = len(regions) >= 2
+    row["named"], row["objects"] = len(specs), count_objects(regions)
     return row
 
 
@@ -171,10 +186,24 @@ def evaluate(pipe, count: int = 200, seed: int = 1234, options: GenerationOption
     shape = [ok for r in rows for ok in r["shape_ok"]]
     both = [r["both"] for r in rows if "both" in r]
     ious = [v for r in rows for v in r["iou"]]
+    counts = count_summary(rows)
     settings = {"count": count, "seed": seed, **options.to_dict(), "chroma": CHROMA,
                 "min_pixels": MIN_PIXELS, "attention_threshold": threshold}
     return EvalResult(float(np.mean(colour)), float(np.mean(shape)), float(np.mean(both)), float(np.mean(ious)),
-                      count, settings, rows)
+                      count, settings=settings, per_caption=rows, **counts)
+
+
+def count_summary(rows: list[dict]) -> dict[str, float]:
+    """Exact-count accuracy overall and by the number of objects named; duplicates and misses."""
+    def share(selected, test):
+        selected = list(selected)
+        return float(np.mean([test(r) for r in selected])) if selected else float("nan")
+
+    return {"exact_count": share(rows, lambda r: r["objects"] == r["named"]),
+            "exact_count_one": share((r for r in rows if r["named"] == 1), lambda r: r["objects"] == 1),
+            "exact_count_two": share((r for r in rows if r["named"] == 2), lambda r: r["objects"] == 2),
+            "duplicates": share(rows, lambda r: r["objects"] > r["named"]),
+            "misses": share(rows, lambda r: r["objects"] < r["named"])}
 
 
 def main(argv: list[str] | None = None) -> None:
