@@ -14,7 +14,7 @@ def test_attend_writes_every_file(sd1_folder, tmp_path, capsys):
     assert code == 0
     expected = {"image.png", "cross_attention.png", "overlays.png", "argmax.png", "self_attention.png",
                 "maps.safetensors", "maps.json", "settings.json", "index.html"}
-    assert {p.name for p in out.iterdir()} == expected
+    assert {p.name for p in out.iterdir()} == expected | {".p2p"}
     for name in expected:
         if name.endswith(".png"):
             Image.open(out / name).verify()
@@ -57,7 +57,7 @@ def test_edit_writes_grid_images_settings_and_page(sd1_folder, tmp_path):
                  "green square", "--blend", "square", "cross", "--cross-steps", "default=0.8,cross=0.4",
                  "--reweight", "red=2", "--model", str(sd1_folder), "--steps", "4", "--out", str(out), "--quiet"])
     assert code == 0
-    names = {p.name for p in out.iterdir()}
+    names = {p.name for p in out.iterdir()} - {".p2p"}
     assert names == {"grid.png", "source.png", "edit_1.png", "edit_2.png", "vanilla_source.png",
                      "vanilla_edit_1.png", "vanilla_edit_2.png", "blend_mask.png", "settings.json", "index.html"}
     settings = json.loads((out / "settings.json").read_text())

@@ -75,3 +75,34 @@ def test_training_runs_resumes_and_writes_a_pipeline(tmp_path):
     assert pipe.vae.config.scaling_factor > 0 and pipe.tokenizer.model_max_length == 77
     assert (tmp_path / "pipeline" / "tokenizer" / "vocab.json").exists()  # CLIP's own files, as the issue asks
     assert (tmp_path / "pipeline" / "tokenizer" / "merges.txt").exists()
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Killed right after its 3rd checkpoint (inside the autoencoder stage) and started again with the same command,
+    a run ends at exactly the weights of one uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from prompt2prompt.shapes import train
+
+    args = ["--vae-steps", "3", "--vae-full-steps", "1", "--vae-batch", "2", "--dataset-size", "16", "--batch", "4",
+            "--checkpoint-every", "1", "--steps", "3", "--two-objects", "0.75", "--margin", "6"]
+    main(["--out", str(tmp_path / "whole"), *args])
+    save, saves = train._save, []
+
+    def dying(path, state):
+        save(path, state)
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # as if the machine stopped here
+
+    monkeypatch.setattr(train, "_save", dying)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--out", str(tmp_path / "cut"), *args])
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["vae_step"] == 2
+    monkeypatch.setattr(train, "_save", save)
+    main(["--out", str(tmp_path / "cut"), *args])
+    for part in ("unet", "vae", "text_encoder"):
+        name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        a = load_file(tmp_path / "whole" / "pipeline" / part / name)
+        b = load_file(tmp_path / "cut" / "pipeline" / part / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part

@@ -1,4 +1,4 @@
-"""Why a one-word change moves the whole image (the seed notes' analysis), measured.
+"""Why a one-word change moves the whole image, measured.
 
 For a source prompt and a word-swapped one, from the same seed:
 - at the first denoising step, the share of pixels whose most-attended word differs between the two prompts: swapping

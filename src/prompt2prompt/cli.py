@@ -1,32 +1,92 @@
-"""`p2p`: a thin command line over the library. Every subcommand writes pictures, JSON and an index.html."""
+"""`p2p`: a thin command line over the library. Every subcommand writes pictures, JSON and an index.html.
+
+Every input is checked before any work (numbers, device, destination, image, words): a bad one ends the command with
+exit status 2 and one sentence saying what was expected and what was given; Ctrl-C ends it with status 130. Output
+folders are written whole or not at all.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .errors import P2PError
 from .loading import DEFAULT_MODEL
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage block): what was wrong, and where the options are listed."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+# -- argument types: a bad value is argparse's one-line error, exit status 2 -----------------------------------------
+def whole(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
+        return value
+
+    parse.__name__ = f"whole number >= {low}"
+    return parse
+
+
+def number(low: float | None = None, high: float | None = None, open_low: bool = False, open_high: bool = False):
+    lo = "" if low is None else f"{'>' if open_low else '>='} {low:g}"
+    hi = "" if high is None else f"{'<' if open_high else '<='} {high:g}"
+    expected = "a finite number" + (f" {lo}" if lo else "") + (" and" if lo and hi else "") + (f" {hi}" if hi else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        bad = not math.isfinite(value)
+        bad |= low is not None and (value <= low if open_low else value < low)
+        bad |= high is not None and (value >= high if open_high else value > high)
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected
+    return parse
+
+
+# -- flags every command shares ------------------------------------------------------------------------------------
 def _machine(p: argparse.ArgumentParser, out: str, out_is: str = "output folder") -> None:
     """The flags every command has: model, device, precision, output, quietness."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"bundled model name, local diffusers folder, or cached hub id (default: {DEFAULT_MODEL})")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--fp16", action="store_true", help="half precision (GPU only)")
-    p.add_argument("--out", default=out, help=f"{out_is} (default: {out})")
+    p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N or mps (default: cuda if "
+                   "available, else cpu)")
+    p.add_argument("--fp16", action="store_true", help="half precision (needs a GPU device)")
+    p.add_argument("--out", default=out, help=f"{out_is} (default: {out}); a folder is replaced whole, and one "
+                   "holding files p2p did not write is refused" if out_is == "output folder" else
+                   f"{out_is} (default: {out})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _sampling(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    if seed:
+        p.add_argument("--seed", type=whole(0), default=0, help="seed of the shared initial latent and of the "
+                       "scheduler's noise (default: 0)")
+    p.add_argument("--steps", type=whole(1), default=50, help="denoising steps (default: 50)")
+    p.add_argument("--guidance", type=number(0), default=7.5,
+                   help="classifier-free guidance scale; 1 or less turns it off (default: 7.5)")
+    p.add_argument("--height", type=whole(1), default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=whole(1), default=None, help="image width in pixels (default: the model's)")
 
 
 def _common(p: argparse.ArgumentParser, out: str, out_is: str = "output folder") -> None:
     """_machine's flags and the generation settings."""
     _machine(p, out, out_is)
-    p.add_argument("--seed", type=int, default=0, help="seed of the shared initial latent (default: 0)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    _sampling(p)
 
 
 def _options(args):
@@ -36,9 +96,37 @@ def _options(args):
                              width=args.width)
 
 
-def _pipe(args):
-    import diffusers
+def _prompts(*prompts: str) -> None:
+    for prompt in prompts:
+        if not prompt.strip():
+            raise P2PError(f"expected a prompt with at least one word, got {prompt!r}")
+
+
+def _warn_truncated(pipe, prompts, quiet: bool) -> None:
+    """Say where a prompt longer than the text encoder's limit is cut (the model never sees the rest)."""
+    from .tokens import PromptTokens
+
+    for prompt in prompts:
+        cut = PromptTokens.from_tokenizer(pipe.tokenizer, prompt).truncated
+        if cut:
+            print(f"p2p: warning: the prompt is longer than the model's {pipe.tokenizer.model_max_length} tokens; "
+                  f"it is cut before {cut[:60]!r}{'...' if len(cut) > 60 else ''}", file=sys.stderr)
+
+
+def _device(args):
+    """The device and dtype, checked before anything is loaded."""
     import torch
+
+    from .loading import resolve_device
+
+    device = resolve_device(args.device)
+    if args.fp16 and device.type == "cpu":
+        raise P2PError("--fp16 needs a GPU device (--device cuda or mps); on the CPU run in full precision")
+    return device, torch.float16 if args.fp16 else torch.float32
+
+
+def _pipe(args, device):
+    import diffusers
     import transformers
 
     from .loading import load_pipeline
@@ -49,22 +137,30 @@ def _pipe(args):
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()
         diffusers.utils.logging.disable_progress_bar()
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if args.fp16 else torch.float32
     if not args.quiet:
-        print(f"loading {args.model} on {device}", file=sys.stderr)
-    return load_pipeline(args.model, device=device, dtype=dtype)
+        print(f"loading {args.model} on {device[0]}", file=sys.stderr)
+    return load_pipeline(args.model, device=device[0], dtype=device[1])
 
 
+def _folder(args) -> None:
+    from .report import check_output_folder
+
+    check_output_folder(args.out)
+
+
+# -- commands --------------------------------------------------------------------------------------------------------
 def cmd_attend(args) -> None:
     from .attend import attend
     from .figures import write_attend
     from .store import RecordOptions
 
-    pipe = _pipe(args)
+    _prompts(args.prompt)
+    options, device = _options(args), _device(args)
+    _folder(args)
+    pipe = _pipe(args, device)
+    _warn_truncated(pipe, [args.prompt], args.quiet)
     record = RecordOptions(self_attention=args.components > 0)
-    result = attend(pipe, args.prompt, _options(args), record, model=args.model, progress=not args.quiet)
+    result = attend(pipe, args.prompt, options, record, model=args.model, progress=not args.quiet)
     res = tuple(args.res) if args.res else None
     files = write_attend(result, args.out, res=res, components=args.components)
     print(f"wrote {len(files)} files to {args.out}; open {files['html']}")
@@ -72,74 +168,110 @@ def cmd_attend(args) -> None:
 
 def _edit_options(args):
     from .edits import EditOptions
-    from .errors import P2PError
     from .schedule import parse_spans
 
     reweight = []
     for item in args.reweight or []:
         word, _, factor = item.partition("=")
         try:
-            reweight.append((word, float(factor)))
+            value = float(factor)
         except ValueError:
-            raise P2PError(f"--reweight expects WORD=FACTOR such as circle=2 or circle=-1, got {item!r}") from None
+            value = None
+        if not word or value is None or not math.isfinite(value):
+            raise P2PError(f"--reweight expects WORD=FACTOR with a finite factor, such as circle=2 or circle=-1, got "
+                           f"{item!r}")
+        reweight.append((word, value))
     self_steps = parse_spans(args.self_steps)
     if isinstance(self_steps, dict):
         raise P2PError(f"--self-steps takes a fraction or a pair (0.4 or 0.1,0.4), not per word: {args.self_steps}")
-    return EditOptions(
-        mode=args.mode, cross_steps=parse_spans(args.cross_steps), self_steps=self_steps,
-        reweight=tuple(reweight), blend=tuple(args.blend or ()), subtract=tuple(args.subtract or ()),
-        threshold=args.threshold, blend_start=args.blend_start,
-    )
+    flags = dict(mode=args.mode, cross_steps=parse_spans(args.cross_steps), self_steps=self_steps,
+                 reweight=tuple(reweight), blend=tuple(args.blend or ()), subtract=tuple(args.subtract or ()),
+                 threshold=args.threshold, pooled=args.pooled)
+    if args.reference:
+        given = {k: v for k, v in (("blend_start", args.blend_start),) if v is not None}
+        return EditOptions.reference(args.reference, **flags, **given)
+    return EditOptions(**flags, blend_start=0.2 if args.blend_start is None else args.blend_start)
 
 
 def _edit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="auto", choices=["auto", "replace", "refine", "reweight"],
                    help="replace: word swap (same number of words); refine: added words (token alignment); "
-                   "reweight: same prompt, re-weighted words; auto: replace if the word counts match, else refine")
+                   "reweight: same prompt, re-weighted words (needs --reweight); auto: replace if the word counts "
+                   "match, else refine (default: auto)")
     p.add_argument("--cross-steps", default="0.8",
-                   help="fraction of steps whose cross-attention comes from the source: 0.8, a pair 0.1,0.8, or "
-                   "per word default=1.0,lion=0.4 (pairs per word as lion=0.1:0.4) (default: 0.8)")
+                   help="fraction of the denoising loop whose cross-attention comes from the source: 0.8, a pair "
+                   "0.1,0.8, or per word default=1.0,lion=0.4 (pairs per word as lion=0.1:0.4) (default: 0.8)")
     p.add_argument("--self-steps", default="0.4",
-                   help="fraction (or pair) of steps whose self-attention comes from the source (default: 0.4)")
+                   help="fraction (or pair) of the loop whose self-attention comes from the source (default: 0.4)")
     p.add_argument("--reweight", nargs="+", metavar="WORD=FACTOR",
-                   help="scale words' cross-attention, e.g. circle=2 red=-1")
+                   help="scale words' cross-attention by a finite factor, e.g. circle=2 red=-1")
     p.add_argument("--blend", nargs="+", metavar="WORD",
-                   help="local blend: words whose attention marks the region allowed to change (in any prompt)")
+                   help="local blend: words whose attention marks the region allowed to change (in any prompt; with "
+                   "--reference, one per prompt, source first)")
     p.add_argument("--subtract", nargs="+", metavar="WORD", help="local blend: words whose region must not change")
-    p.add_argument("--threshold", type=float, default=0.3, help="local blend mask threshold (default: 0.3)")
-    p.add_argument("--blend-start", type=float, default=0.2,
-                   help="fraction of steps before local blending starts (default: 0.2)")
+    p.add_argument("--threshold", type=number(0, 1, open_low=True, open_high=True), default=0.3,
+                   help="local blend mask threshold, between 0 and 1 (default: 0.3)")
+    p.add_argument("--blend-start", type=number(0, 1), default=None,
+                   help="fraction of the loop before local blending starts, 0 to 1 (default: 0.2; with --reference "
+                   "the notebook's)")
+    p.add_argument("--pooled", default="own", choices=["own", "source"],
+                   help="SDXL: each prompt's own pooled text embedding, or the source's for every prompt "
+                   "(default: own)")
+    p.add_argument("--reference", nargs="?", const="stable", default=None, choices=["stable", "null-text"],
+                   help="reproduce the Prompt-to-Prompt code's edits exactly, as its stable (default) or null-text "
+                   "notebook computes them (README: reference mode)")
 
 
 def cmd_edit(args) -> None:
     from .edits import edit
     from .figures import write_edit
-    from .inversion import Inversion
+    from .inversion import Inversion, check_inversion
 
-    options = _edit_options(args)
+    _prompts(args.source, *args.targets)
+    options, generation, device = _edit_options(args), _options(args), _device(args)
+    _folder(args)
     inversion = Inversion.load(args.from_inversion) if args.from_inversion else None
-    pipe = _pipe(args)
-    result = edit(pipe, args.source, args.targets, options, _options(args), progress=not args.quiet,
-                  inversion=inversion)
-    files = write_edit(result, args.out, model=args.model)
+    if inversion is not None:
+        check_inversion(None, inversion, args.source)  # the caption, before the model loads
+    pipe = _pipe(args, device)
+    if inversion is not None:
+        check_inversion(pipe, inversion, args.source)
+    _warn_truncated(pipe, [args.source, *args.targets], args.quiet)
+    result = edit(pipe, args.source, args.targets, options, generation, progress=not args.quiet, inversion=inversion)
+    files = write_edit(result, args.out, model=args.model, inversion=inversion)
     print(f"wrote {len(files)} files to {args.out}; open {files['html']}")
 
 
 def cmd_invert(args) -> None:
     from .generation import GenerationOptions, generate
-    from .inversion import InversionOptions, autoencoder_reconstruction, invert, psnr
+    from .inversion import InversionOptions, autoencoder_reconstruction, invert, psnr, read_image
+    from .report import check_output_file
 
+    _prompts(args.caption)
     options = InversionOptions(method=args.method, steps=args.steps, guidance=args.guidance,
-                               inner_steps=args.inner_steps, offsets=tuple(args.offsets))
-    pipe = _pipe(args)
-    inv = invert(pipe, args.image, args.caption, options, progress=not args.quiet, model=args.model)
+                               inner_steps=args.inner_steps, offsets=tuple(args.offsets), height=args.height,
+                               width=args.width)
+    device = _device(args)
+    check_output_file(args.out)  # a folder given as --out is refused as such
+    path = check_output_file(args.out if args.out.endswith(".safetensors") else args.out + ".safetensors")
+    image = read_image(args.image)  # before the model loads: a missing or unreadable image fails at once
+    pipe = _pipe(args, device)
+    _warn_truncated(pipe, [args.caption], args.quiet)
+    inv = invert(pipe, image, args.caption, options, progress=not args.quiet, model=args.model)
+    for note in inv.settings["conversions"]:
+        print(f"p2p invert: {note}", file=sys.stderr)
     rec = generate(pipe, [args.caption], None, GenerationOptions(steps=args.steps, guidance=args.guidance),
                    latent=inv.latent, uncond=inv.uncond, progress=not args.quiet).images[0]
     ae = autoencoder_reconstruction(pipe, inv.image)
     inv.settings.update(psnr_vs_input=psnr(rec, inv.image), psnr_vs_autoencoder=psnr(rec, ae))
-    path = inv.save(args.out)
     rec_path = path.with_name(path.stem + "_reconstruction.png")
-    rec.save(rec_path)
+    partial = rec_path.with_name("." + rec_path.name + ".part")
+    try:
+        rec.save(partial, format="PNG")
+        path = inv.save(path)  # itself written to a temporary name and renamed
+        partial.replace(rec_path)
+    finally:
+        partial.unlink(missing_ok=True)
     print(f"{args.method} inversion in {inv.settings['seconds']:.1f} s: reconstruction PSNR "
           f"{inv.settings['psnr_vs_input']:.2f} dB against the input, {inv.settings['psnr_vs_autoencoder']:.2f} dB "
           f"against the autoencoder's own reconstruction")
@@ -150,9 +282,12 @@ def cmd_swap(args) -> None:
     from .analysis import swap_analysis
     from .figures import write_swap
 
-    options = _edit_options(args)
-    pipe = _pipe(args)
-    result = swap_analysis(pipe, args.source, args.target, _options(args), options, progress=not args.quiet)
+    _prompts(args.source, args.target)
+    options, generation, device = _edit_options(args), _options(args), _device(args)
+    _folder(args)
+    pipe = _pipe(args, device)
+    _warn_truncated(pipe, [args.source, args.target], args.quiet)
+    result = swap_analysis(pipe, args.source, args.target, generation, options, progress=not args.quiet)
     files = write_swap(result, args.out, model=args.model)
     print(f"first step: {result.argmax_changed:.1%} of pixels change their most-attended word; final latent drift "
           f"vanilla {result.drift_vanilla[-1]:.3f} vs controlled {result.drift_controlled[-1]:.3f}")
@@ -166,13 +301,15 @@ def cmd_demo(args) -> None:
 
     options = quick_options() if args.quick else DemoOptions()
     options = replace(options, **{k: v for k, v in (("steps", args.steps), ("pairs", args.pairs)) if v is not None})
-    pipe = _pipe(args)
+    device = _device(args)
+    _folder(args)
+    pipe = _pipe(args, device)
     run_demo(pipe, args.out, options, model=args.model, quiet=args.quiet)
     print(f"wrote {args.out}; open {args.out}/index.html")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2p", description="Look inside Stable Diffusion's attention and edit "
+    parser = Parser(prog="p2p", description="Look inside Stable Diffusion's attention and edit "
                                      "images by controlling it (Prompt-to-Prompt).")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -181,10 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "most-attended token per pixel, self-attention components, the maps as safetensors + JSON, "
                        "and a self-contained index.html.")
     p.add_argument("prompt", help="the text prompt")
-    p.add_argument("--res", type=int, nargs="+", default=None,
+    p.add_argument("--res", type=whole(1), nargs="+", default=None,
                    help="map sides to aggregate (e.g. 16, or 16 32); default: every recorded resolution, upsampled "
                    "to the largest")
-    p.add_argument("--components", type=int, default=6,
+    p.add_argument("--components", type=whole(0), default=6,
                    help="self-attention principal components to draw; 0 records no self-attention (default: 6)")
     _common(p, "p2p-out/attend")
     p.set_defaults(func=cmd_attend)
@@ -203,26 +340,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("demo", help="the tour: maps, word swap, local blend, sweeps, refine, re-weight, analysis",
-                       description="Run the seed notes' claims on the bundled model and write one self-contained "
-                       "HTML report with pictures and the numbers that measure them.")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; 8 with --quick)")
-    p.add_argument("--pairs", type=int, default=None, help="seeded edit pairs to measure (default: 6; 1 with --quick)")
+                       description="Show on the bundled model, with pictures and the numbers that measure them, what "
+                       "each word attends to, why a one-word change moves the whole image, and how attention control "
+                       "(replace, local blend, refine, re-weight) keeps it; one self-contained HTML report.")
+    p.add_argument("--steps", type=whole(1), default=None, help="denoising steps (default: 50; 8 with --quick)")
+    p.add_argument("--pairs", type=whole(0), default=None,
+                   help="seeded edit pairs to measure (default: 6; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="a reduced tour (few steps, short sweeps) for a fast check")
     _machine(p, "p2p-out/demo")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("invert", help="invert a real image (DDIM / null-text / negative-prompt) for editing",
-                       description="Invert an image under its caption so that sampling regenerates it; the result "
-                       "(starting latent, per-step unconditional embeddings, settings) goes to one safetensors file "
-                       "for `p2p edit --from`. Also writes the reconstruction and prints its PSNR.")
-    p.add_argument("image", help="image file (any size and mode: centre-cropped and resized to the model's size)")
+                       description="Invert an image under its caption so that sampling regenerates it, on SD 1.x and "
+                       "2.x pipelines (SDXL is not supported yet). The result (starting latent, per-step "
+                       "unconditional embeddings, settings) goes to one safetensors file for `p2p edit --from`; the "
+                       "reconstruction is written beside it and its PSNR printed. Inversion is deterministic: it "
+                       "takes no seed.")
+    p.add_argument("image", help="image file, any size and mode (centre-cropped and resized to the inversion size; "
+                   "enlarging more than 4 times is refused)")
     p.add_argument("caption", help="a caption of the image (becomes the source prompt of edits)")
     p.add_argument("--method", default="null-text", choices=["null-text", "ddim", "negative-prompt"],
                    help="null-text (Mokady et al. 2022, default), plain ddim, or negative-prompt (no optimisation)")
-    p.add_argument("--inner-steps", type=int, default=10, help="null-text: Adam steps per timestep (default: 10)")
-    p.add_argument("--offsets", type=int, nargs=4, default=[0, 0, 0, 0], metavar=("LEFT", "RIGHT", "TOP", "BOTTOM"),
+    p.add_argument("--inner-steps", type=whole(1), default=10, help="null-text: Adam steps per timestep (default: 10)")
+    p.add_argument("--offsets", type=whole(0), nargs=4, default=[0, 0, 0, 0],
+                   metavar=("LEFT", "RIGHT", "TOP", "BOTTOM"),
                    help="pixels to cut from each side before the centre crop (default: 0 0 0 0)")
-    _common(p, "p2p-out/inversion.safetensors", "inversion file to write")
+    _machine(p, "p2p-out/inversion.safetensors", "inversion file to write")
+    _sampling(p, seed=False)
     p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("swap-analysis", help="why a one-word swap changes the whole image, vanilla vs controlled",
@@ -244,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     except P2PError as e:
         print(f"p2p {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"p2p {args.command}: interrupted; no unfinished output was kept", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`p2p demo`: the seed notes' claims, each as pictures and numbers, on the bundled shapes model.
+"""`p2p demo`: what attention shows and what controlling it does, each as pictures and numbers, on the bundled model.
 
 1. cross-attention maps of a two-object prompt, the most-attended token per pixel, self-attention components;
 2. a word swap, vanilla versus controlled, same seed ("no local control for vanilla stable diffusion");
@@ -14,8 +14,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-
-from PIL import Image
 
 from . import plot
 from .analysis import swap_analysis
@@ -92,10 +90,10 @@ def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shap
     blended = edit(pipe, SOURCE, SWAPPED, EditOptions(blend=("square", "triangle")), gen, vanilla=False,
                    progress=False)
     s_blend = score_edit(pair, src, blended.controlled.images[1])
-    mask = blended.mask[1, 0].float().numpy()
-    mask_img = plot.upscale(Image.fromarray((mask * 255).astype("uint8")), 128)
+    mask_img = plot.mask_overlay(blended.controlled.images[1], blended.mask[1, 0].float().numpy() > 0.5)
     pictures["blend"] = plot.grid([src, swap.controlled.images[1], blended.controlled.images[1], mask_img],
-                                  ["source", "replace", "replace + local blend", "blend mask"], cell=160)
+                                  ["source", "replace", "replace + local blend", "blend mask (greyed: kept)"],
+                                  cell=160)
     numbers["blend"] = {"replace": s_rep.to_dict(), "replace+blend": s_blend.to_dict()}
     sections.append(Section(
         "3. Keeping the rest exactly: local blend",
@@ -153,7 +151,7 @@ def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shap
         [("most-attended word at step 0, source", sw["argmax_step0_0"]),
          ("most-attended word at step 0, swapped", sw["argmax_step0_1"]), ("latent drift", sw["drift"])],
         [("pixels whose most-attended word changes at step 0", _fmt(analysis.argmax_changed, True),
-          "the seed notes' analysis, measured"),
+          "one swapped token column changes many pixels' ranking of the words"),
          ("final latent drift, vanilla / controlled",
           f"{analysis.drift_vanilla[-1]:.3f} / {analysis.drift_controlled[-1]:.3f}", "relative L2 to the source")]))
 

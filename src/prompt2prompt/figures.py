@@ -37,6 +37,8 @@ def attention_figures(result: AttendResult, maps: CrossAttentionMaps, prompt: in
         "argmax": plot.argmax_image(maps.argmax(prompt).numpy(), {i: f"{i}: {tokens.tokens[i]}"
                                                                   for i in range(1, tokens.end)}),
     }
+    if tokens.end <= 1:  # a prompt without tokens has no argmax map to show
+        figures.pop("argmax")
     if components and result.store.resolutions(cross=False):
         selfmaps = result.self_maps()
         comps = selfmaps.components(components, prompt)
@@ -69,27 +71,73 @@ def write_attend(result: AttendResult, out, res: int | tuple[int, ...] | None = 
     return {k: Path(out) / v for k, v in files.items()}
 
 
-def edit_grid(result: EditResult, cell: int = 160) -> Image.Image:
-    """Columns: the prompts. Rows: vanilla (same seed, no control) and Prompt-to-Prompt."""
+def changed_words(prompts: list[str]) -> list[list[tuple[str, bool]]]:
+    """Each prompt as (word, changed) runs: a word is changed where the global word alignment with the source (or,
+    for the source, with any edited prompt) does not pair it with the same word."""
+    from .alignment import align_sequences
+
+    words = [p.split() for p in prompts]
+    kept_in_source = set(range(len(words[0])))
+    runs = [None]
+    for w in words[1:]:
+        pairs = align_sequences(words[0], w)
+        kept_in_source &= {i for i, _ in pairs}
+        same = {j for _, j in pairs}
+        runs.append([(word, j not in same) for j, word in enumerate(w)])
+    runs[0] = [(word, i not in kept_in_source) for i, word in enumerate(words[0])]
+    return runs
+
+
+def edit_grid(result: EditResult, cell: int = 160, inversion=None) -> Image.Image:
+    """Columns: the prompts (changed words highlighted). Rows: vanilla (same seed, no control) and Prompt-to-Prompt."""
     prompts = [p.prompt for p in result.prompts]
     images = list(result.controlled.images)
     rows = ["p2p"]
     if result.vanilla is not None:
         images = list(result.vanilla.images) + images
         rows = ["vanilla", "p2p"]
-    labels = prompts * len(rows)
-    return plot.grid(images, labels, columns=len(prompts), cell=cell, row_labels=rows,
-                     title=f"mode {result.settings['mode']}, seed {result.settings['seed']}")
+    labels = changed_words(prompts) * len(rows)
+    if inversion is not None:
+        title = f"edit of a real image ({inversion.options.method} inversion), mode {result.settings['mode']}"
+    else:
+        title = f"mode {result.settings['mode']}, seed {result.settings['seed']}"
+    return plot.grid(images, labels, columns=len(prompts), cell=cell, row_labels=rows, title=title)
 
 
-def write_edit(result: EditResult, out, model: str = "") -> dict:
+def _inversion_summary(inversion) -> dict:
+    """What an inversion's settings say, without the per-step arrays."""
+    settings = dict(inversion.settings)
+    losses = settings.pop("losses", [])
+    if losses:
+        settings["null-text loss, first and last step (before -> after)"] = [losses[0], losses[-1]]
+    return {"method": inversion.options.method, "caption": inversion.prompt, **settings}
+
+
+def write_edit(result: EditResult, out, model: str = "", inversion=None) -> dict:
+    from .metrics import psnr
+
     settings = {**result.settings, "model": str(model)}
+    page_settings = {k: v for k, v in settings.items() if k != "inversion"}
     files = {}
     with staged(out) as tmp:
-        grid = edit_grid(result)
+        grid = edit_grid(result, inversion=inversion)
         grid.save(tmp / "grid.png")
         files["grid"] = "grid.png"
-        shown = [("Vanilla row: the same prompts and seed without control; p2p row: attention-controlled", grid)]
+        if inversion is not None:
+            vanilla = "the same prompts from the inverted latent without attention control"
+        else:
+            vanilla = f"the same prompts and seed ({settings['seed']}) without attention control"
+        shown = [(f"vanilla row: {vanilla}; p2p row: attention-controlled (changed words in red)", grid)]
+        sections = []
+        if inversion is not None:
+            rec = result.controlled.images[0]
+            table = [("reconstruction vs input (PSNR)", f"{psnr(rec, inversion.image):.2f} dB",
+                      "the source column against the image that was inverted")]
+            sections.append(Section("Input", f"The image inverted under “{inversion.prompt}” "
+                                    f"({inversion.options.method}, {inversion.options.steps} steps, guidance "
+                                    f"{inversion.options.guidance:g}), and its reconstruction.",
+                                    [("input", inversion.image), ("reconstruction (the edit's source)", rec)], table))
+            page_settings["inversion"] = _inversion_summary(inversion)
         for k, image in enumerate(result.controlled.images):
             name = "source" if k == 0 else f"edit_{k}"
             image.save(tmp / f"{name}.png")
@@ -98,15 +146,18 @@ def write_edit(result: EditResult, out, model: str = "") -> dict:
                 result.vanilla.images[k].save(tmp / f"vanilla_{name}.png")
                 files[f"vanilla_{name}"] = f"vanilla_{name}.png"
         if result.mask is not None:
-            masks = [plot.upscale(Image.fromarray((m[0].float().cpu().numpy() * 255).astype("uint8")), 128)
-                     for m in result.mask[1:]]
-            mask_grid = plot.grid(masks, [f"edit {k + 1}" for k in range(len(masks))], title="local-blend mask")
+            masks = [plot.mask_overlay(result.controlled.images[k + 1], m[0].float().cpu().numpy() > 0.5)
+                     for k, m in enumerate(result.mask[1:])]
+            mask_grid = plot.grid(masks, [f"edit {k + 1}" for k in range(len(masks))], cell=160,
+                                  title="local-blend mask over each edited image")
             mask_grid.save(tmp / "blend_mask.png")
             files["blend_mask"] = "blend_mask.png"
-            shown.append(("local-blend mask at the last step: white may change, black is the source's", mask_grid))
+            shown.append(("local-blend mask at the last step: inside (bright, red outline) may change, outside "
+                          "(greyed) is the source's", mask_grid))
         write_json(tmp / "settings.json", settings)
         files["settings"] = "settings.json"
-        (tmp / "index.html").write_text(page("prompt2prompt: edit", [Section("Edit", "", shown)], settings))
+        title = "prompt2prompt: edit of a real image" if inversion is not None else "prompt2prompt: edit"
+        (tmp / "index.html").write_text(page(title, [*sections, Section("Edit", "", shown)], page_settings))
         files["html"] = "index.html"
     return {k: Path(out) / v for k, v in files.items()}
 
@@ -119,14 +170,28 @@ def swap_figures(result: SwapAnalysis) -> dict[str, Image.Image]:
     for k in range(2):
         words = word_index_map(maps, k).numpy()
         names = {i: w.text for i, w in enumerate(maps.prompts[k].words)}
-        pictures[f"argmax_step0_{k}"] = plot.argmax_image(words, names)
+        picture = plot.argmax_image(words, names)
+        pictures[f"argmax_step0_{k}"] = plot.titled(picture, f"step 0, “{result.prompts[k]}”: most-attended word")
     pictures["drift"] = plot.line_plot(
         {"vanilla": result.drift_vanilla, "p2p controlled": result.drift_controlled}, "denoising step",
         "|x_edit - x_source| / |x_source|", title="how far the edited latents drift from the source's")
     prompts = result.prompts
-    pictures["images"] = plot.grid(list(result.vanilla.images) + list(result.controlled.images), prompts * 2,
-                                   columns=2, cell=160, row_labels=["vanilla", "p2p"])
+    pictures["images"] = plot.grid(list(result.vanilla.images) + list(result.controlled.images),
+                                   changed_words(prompts) * 2, columns=2, cell=160, row_labels=["vanilla", "p2p"])
     return pictures
+
+
+def layout_verdict(vanilla: float, controlled: float) -> str:
+    """One sentence that says what the final drifts show (and no more)."""
+    if controlled < 0.8 * vanilla:
+        return (f"With attention control the edited latents end {controlled / max(vanilla, 1e-12):.0%} as far from "
+                f"the source's as without it ({controlled:.3f} vs {vanilla:.3f}): control keeps more of the "
+                "source's layout.")
+    if controlled > 1.25 * vanilla:
+        return (f"Here control did not keep the layout closer: the controlled drift ({controlled:.3f}) is larger "
+                f"than the vanilla one ({vanilla:.3f}).")
+    return (f"Here the two drifts are alike ({controlled:.3f} controlled vs {vanilla:.3f} vanilla): these numbers do "
+            "not show control keeping the layout (a model without learned attention, or an edit that moves little).")
 
 
 def write_swap(result: SwapAnalysis, out, model: str = "") -> dict:
@@ -147,14 +212,16 @@ def write_swap(result: SwapAnalysis, out, model: str = "") -> dict:
             ("final latent drift, vanilla", f"{result.drift_vanilla[-1]:.3f}", "relative L2 distance to the source"),
             ("final latent drift, controlled", f"{result.drift_controlled[-1]:.3f}", "the same with p2p control"),
         ]
+        verdict = layout_verdict(result.drift_vanilla[-1], result.drift_controlled[-1])
         sections = [
-            Section("One word, whole image", "From one seed, the swapped prompt without control diverges early and "
-                    "ends in another layout; with attention control it keeps the source's layout.",
-                    [("vanilla and controlled images", pictures["images"])], table),
+            Section("One word, whole image", "From one seed, the source and the swapped prompt, without and with "
+                    f"attention control. {verdict}", [("vanilla and controlled images", pictures["images"])], table),
             Section("First step", "Most-attended word per pixel at the first denoising step, for each prompt.",
                     [(f"“{p}”", pictures[f"argmax_step0_{k}"]) for k, p in enumerate(result.prompts)]),
-            Section("Drift over the steps", "", [("latent drift per step", pictures["drift"])]),
+            Section("Drift over the steps", "The full per-step series are in swap_analysis.json.",
+                    [("latent drift per step", pictures["drift"])]),
         ]
-        (tmp / "index.html").write_text(page("prompt2prompt: swap analysis", sections, numbers))
+        summary = {k: v for k, v in numbers.items() if k not in ("drift_vanilla", "drift_controlled")}
+        (tmp / "index.html").write_text(page("prompt2prompt: swap analysis", sections, summary))
         files["html"] = "index.html"
     return {k: Path(out) / v for k, v in files.items()}

@@ -51,6 +51,11 @@ def native_size(pipe) -> tuple[int, int]:
     return (side, side) if isinstance(side, int) else tuple(side)
 
 
+def size_multiple(pipe) -> int:
+    """Image sides must be multiples of this: the autoencoder's factor, and 8 (diffusers' SD pipelines check it)."""
+    return math.lcm(8, int(pipe.vae_scale_factor))
+
+
 def initial_latent(pipe, options: GenerationOptions, generator: torch.Generator | None = None) -> torch.Tensor:
     """(1, channels, h, w) standard normal noise drawn on the CPU, so a seed means the same image on every device.
 
@@ -58,8 +63,9 @@ def initial_latent(pipe, options: GenerationOptions, generator: torch.Generator 
     """
     height, width = options.height or native_size(pipe)[0], options.width or native_size(pipe)[1]
     factor = pipe.vae_scale_factor
-    if height % factor or width % factor:
-        raise InputError(f"height and width must be multiples of {factor} for this model, got {height}x{width}")
+    multiple = size_multiple(pipe)
+    if height % multiple or width % multiple:
+        raise InputError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
     shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
     generator = generator or torch.Generator("cpu").manual_seed(options.seed)
     return torch.randn(shape, generator=generator, dtype=torch.float32)

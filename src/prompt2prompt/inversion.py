@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .attention import exclusive
 from .errors import InputError, ModelError, PromptError
-from .generation import native_size
+from .generation import native_size, size_multiple
 from .metrics import psnr  # noqa: F401  (re-exported: inversion.psnr is public)
 
 METHODS = ("null-text", "ddim", "negative-prompt")
@@ -215,20 +215,23 @@ def ddim_scheduler(pipe):
 
 
 def check_inversion(pipe, inversion: Inversion, source: str | None = None) -> None:
-    """An inversion fits this pipeline (latent channels, text length and width) and, if given, this source caption."""
+    """An inversion fits this source caption (if given) and this pipeline (latent channels, text length and width;
+    pipe None: the caption only, before any model is loaded)."""
+    if source is not None and inversion.prompt.strip() != source.strip():
+        raise PromptError(f"the inversion was made with the caption {inversion.prompt!r}; pass that caption as "
+                          f"the source prompt (got {source!r})")
+    if pipe is None:
+        return
     recorded = inversion.settings.get("model") or "the model it was made with"
-    channels = pipe.unet.config.in_channels
-    tokens, width = pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise ModelError("editing from an inversion supports SD 1.x and 2.x pipelines; SDXL is not supported yet")
+    channels = pipe.unet.config.in_channels
+    tokens, width = pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size
     if inversion.latent.shape[1] != channels or tuple(inversion.uncond.shape[1:]) != (tokens, width):
         raise InputError(
             f"the inversion was made with the model {recorded!r} (latent channels {inversion.latent.shape[1]}, text "
             f"{tuple(inversion.uncond.shape[1:])}); this pipeline has {channels} channels and text ({tokens}, "
             f"{width}): pass --model {recorded}")
-    if source is not None and inversion.prompt.strip() != source.strip():
-        raise PromptError(f"the inversion was made with the caption {inversion.prompt!r}; pass that caption as "
-                          f"the source prompt (got {source!r})")
 
 
 class _DDIM:
@@ -285,9 +288,9 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
         raise PromptError("expected a caption of the image, got an empty one")
     native = native_size(pipe)
     size = (options.height or native[0], options.width or native[1])
-    factor = pipe.vae_scale_factor
-    if size[0] % factor or size[1] % factor:
-        raise InputError(f"height and width must be multiples of {factor} for this model, got {size[0]}x{size[1]}")
+    multiple = size_multiple(pipe)
+    if size[0] % multiple or size[1] % multiple:
+        raise InputError(f"height and width must be multiples of {multiple} for this model, got {size[0]}x{size[1]}")
     notes: list[str] = []
     prepared = prepare_image(image, size, options.offsets, notes)
     start = time.perf_counter()

@@ -57,17 +57,50 @@ def resolve(name_or_path: str | Path) -> Path:
         ) from e
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """A torch device that exists on this machine: the name checked before anything is loaded onto it."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ModelError(f"unknown device {name!r}: expected cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelError(f"device {name!r} was asked, but this machine has no CUDA GPU "
+                             f"(torch {torch.__version__}); expected cpu")
+        if device.index is not None and device.index >= count:
+            raise ModelError(f"device {name!r} was asked, but this machine has {count} CUDA GPU(s): "
+                             f"cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelError(f"device {name!r} was asked, but MPS (Apple GPUs) is not available here; expected cpu")
+    elif device.type != "cpu":
+        raise ModelError(f"device {name!r} is not supported: expected cpu, cuda, cuda:N or mps")
+    return device
+
+
 def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32):
     """A Stable Diffusion 1.x / 2.x / XL pipeline, offline: bundled name, local folder, or cached hub id."""
     from diffusers import DiffusionPipeline
 
     folder = resolve(name_or_path)
-    index = json.loads((folder / "model_index.json").read_text())
-    cls = index.get("_class_name", "?")
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{folder / 'model_index.json'} is not valid JSON ({e}); expected the file that "
+                         "pipeline.save_pretrained writes") from None
+    cls = index.get("_class_name", "?") if isinstance(index, dict) else "?"
     if cls not in _SD_CLASSES or "unet" not in index:
         raise ModelError(f"{folder} holds a {cls}: expected a Stable Diffusion 1.x, 2.x or XL text-to-image pipeline "
                          f"({' or '.join(_SD_CLASSES)})")
+    components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+    missing = [k for k in components if not (folder / k).is_dir()]
+    if missing:
+        raise ModelError(f"{folder} lacks the component folder(s) {', '.join(m + '/' for m in missing)} that its "
+                         f"model_index.json lists ({', '.join(components)})")
     extra = {"safety_checker": None, "requires_safety_checker": False} if cls == "StableDiffusionPipeline" else {}
     try:
         pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra)

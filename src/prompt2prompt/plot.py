@@ -57,33 +57,76 @@ def upscale(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size * image.height // image.width), Image.NEAREST)
 
 
+Label = str | Sequence[tuple[str, bool]]  # plain text, or runs of (text, highlighted)
+HIGHLIGHT = (200, 30, 30)  # highlighted words (the words an edit changed) are drawn in this colour, underlined
+
+
+def _runs(label: Label) -> list[tuple[str, bool]]:
+    """A label as a list of (word, highlighted)."""
+    if isinstance(label, str):
+        return [(w, False) for w in label.split()]
+    return [(w, hl) for text, hl in label for w in text.split()]
+
+
+def _wrap(draw: ImageDraw.ImageDraw, label: Label, f, width: int, max_lines: int = 4) -> list[list[tuple[str, bool]]]:
+    """Word-wrap a label into lines that fit width; a word too long for a line is cut with an ellipsis."""
+    lines: list[list[tuple[str, bool]]] = [[]]
+    for word, hl in _runs(label):
+        word = _fit(draw, word, f, width)
+        trial = " ".join(w for w, _ in lines[-1] + [(word, hl)])
+        if lines[-1] and draw.textlength(trial, font=f) > width:
+            lines.append([])
+        lines[-1].append((word, hl))
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        last = lines[-1]
+        lines[-1] = last[:-1] + [(_fit(draw, last[-1][0] + " …", f, width), last[-1][1])] if last else [("…", False)]
+    return lines
+
+
+def _draw_lines(draw: ImageDraw.ImageDraw, lines, f, x: int, y: int, width: int, line_h: int) -> None:
+    for k, line in enumerate(lines):
+        total = draw.textlength(" ".join(w for w, _ in line), font=f)
+        cx = x + (width - total) / 2
+        for word, hl in line:
+            colour = HIGHLIGHT if hl else (0, 0, 0)
+            draw.text((cx, y + k * line_h), word, fill=colour, font=f)
+            w = draw.textlength(word, font=f)
+            if hl:
+                draw.line([(cx, y + k * line_h + line_h - 2), (cx + w, y + k * line_h + line_h - 2)], fill=colour)
+            cx += w + draw.textlength(" ", font=f)
+
+
 def grid(
-    images: Sequence[Image.Image], labels: Sequence[str] | None = None, columns: int | None = None,
-    cell: int = 128, title: str | None = None, row_labels: Sequence[str] | None = None,
+    images: Sequence[Image.Image], labels: Sequence[Label] | None = None, columns: int | None = None,
+    cell: int = 128, title: str | None = None, row_labels: Sequence[str] | None = None, max_columns: int = 8,
 ) -> Image.Image:
-    """Images in a grid, each resized to cell x cell with its label written under it."""
-    columns = columns or len(images)
+    """Images in a grid (at most max_columns wide unless columns is given), each resized to cell x cell with its label
+    word-wrapped under it; highlighted words of a label are drawn in red and underlined."""
+    columns = columns or min(len(images), max_columns) or 1
     rows = -(-len(images) // columns)
     f, tf = font(max(10, cell // 10)), font(max(12, cell // 8))
-    label_h = (cell // 10 + 8) if labels else 0
-    title_h = (cell // 8 + 10) if title else 0
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = max(10, cell // 10) + 3
+    wrapped = [_wrap(measure, label, f, cell) for label in labels] if labels else []
+    label_h = (max(len(w) for w in wrapped) * line_h + 6) if wrapped else 0
+    title_lines = _wrap(measure, title, tf, columns * (cell + 4), max_lines=3) if title else []
+    title_h = len(title_lines) * (max(12, cell // 8) + 4) + 8 if title else 0
     left = max((int(measure.textlength(r, font=f)) + 12 for r in row_labels or []), default=0)
     pad = 4
-    canvas = Image.new("RGB", (left + columns * (cell + pad) + pad, title_h + rows * (cell + label_h + pad) + pad),
-                       "white")
+    width = left + columns * (cell + pad) + pad
+    canvas = Image.new("RGB", (width, title_h + rows * (cell + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((pad, 4), title, fill="black", font=tf)
+    if title_lines:
+        for k, line in enumerate(title_lines):
+            draw.text((pad, 4 + k * (max(12, cell // 8) + 4)), " ".join(w for w, _ in line), fill="black", font=tf)
     for i, im in enumerate(images):
         r, c = divmod(i, columns)
         x, y = left + pad + c * (cell + pad), title_h + pad + r * (cell + label_h + pad)
         resample = Image.NEAREST if im.width < cell else Image.BILINEAR
         canvas.paste(im.convert("RGB").resize((cell, cell), resample), (x, y))
-        if labels:
-            text = _fit(draw, labels[i], f, cell)
-            w = draw.textlength(text, font=f)
-            draw.text((x + (cell - w) / 2, y + cell + 3), text, fill="black", font=f)
+        if wrapped:
+            _draw_lines(draw, wrapped[i], f, x, y + cell + 3, cell, line_h)
     for r, text in enumerate(row_labels or []):
         y = title_h + pad + r * (cell + label_h + pad) + cell // 2 - 6
         draw.text((4, y), text, fill="black", font=f)
@@ -96,24 +139,45 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, f, width: int) -> str:
     return text
 
 
+def distinct_colours(n: int) -> list[tuple[int, int, int]]:
+    """n distinguishable colours: the palette, then hues spaced by the golden angle (never a colour twice)."""
+    import colorsys
+
+    out = list(PALETTE[:n])
+    k = 0
+    while len(out) < n:
+        hue = (k * 0.618033988749895) % 1.0
+        light = (0.45, 0.65, 0.8)[(k // 7) % 3]
+        out.append(tuple(int(round(255 * c)) for c in colorsys.hls_to_rgb(hue, light, 0.75)))
+        k += 1
+    return out
+
+
 def argmax_image(indices: np.ndarray, labels: dict[int, str], size: int = 256) -> Image.Image:
-    """The most-attended token per pixel, one colour per token, with a legend on the right."""
+    """The most-attended token per pixel, one colour per token present, with a legend (in columns) on the right."""
     present = sorted(int(i) for i in np.unique(indices))
-    colours = {tok: PALETTE[k % len(PALETTE)] for k, tok in enumerate(sorted(labels))}
+    rows = [tok for tok in sorted(labels) if tok in present]
+    colours = dict(zip(rows, distinct_colours(len(rows))))
     rgb = np.zeros((*indices.shape, 3), dtype=np.uint8)
     for tok in present:
         rgb[indices == tok] = colours.get(tok, (0, 0, 0))
     picture = Image.fromarray(rgb).resize((size, size * indices.shape[0] // indices.shape[1]), Image.NEAREST)
     f = font(13)
-    rows = [tok for tok in sorted(labels) if tok in present]
-    legend_w = 20 + max((int(ImageDraw.Draw(picture).textlength(labels[t], font=f)) for t in rows), default=40) + 30
-    canvas = Image.new("RGB", (picture.width + legend_w, max(picture.height, 20 * len(rows) + 10)), "white")
+    per_column = max(1, (max(picture.height, 200) - 10) // 20)
+    columns = [rows[k : k + per_column] for k in range(0, len(rows), per_column)] or [[]]
+    measure = ImageDraw.Draw(picture)
+    widths = [28 + max((int(measure.textlength(labels[t], font=f)) for t in col), default=40) + 12 for col in columns]
+    canvas = Image.new("RGB", (picture.width + 8 + sum(widths), max(picture.height, 20 * min(len(rows), per_column)
+                                                                    + 10)), "white")
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for k, tok in enumerate(rows):
-        y = 6 + 20 * k
-        draw.rectangle([picture.width + 8, y, picture.width + 22, y + 14], fill=colours[tok], outline="black")
-        draw.text((picture.width + 28, y), labels[tok], fill="black", font=f)
+    x = picture.width + 8
+    for col, w in zip(columns, widths):
+        for k, tok in enumerate(col):
+            y = 6 + 20 * k
+            draw.rectangle([x, y, x + 14, y + 14], fill=colours[tok], outline="black")
+            draw.text((x + 20, y), labels[tok], fill="black", font=f)
+        x += w
     return canvas
 
 
@@ -130,12 +194,14 @@ def signed_colorize(values: np.ndarray) -> Image.Image:
 
 def line_plot(series: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str = "",
               size: tuple[int, int] = (520, 320)) -> Image.Image:
-    """A small line chart (one line per series, with a legend)."""
-    w, h = size
-    left, right, top, bottom = 56, 16, 30 if title else 12, 40
-    canvas = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(canvas)
+    """A small line chart (one line per series), its legend beside the plot so it hides no curve."""
     f = font(12)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend_w = 40 + max((int(measure.textlength(name, font=f)) for name in series), default=0)
+    w, h = size[0] + legend_w, size[1]
+    left, right, top, bottom = 56, 16 + legend_w, 30 if title else 12, 40
+    canvas = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(canvas)
     values = [v for s in series.values() for v in s]
     longest = max((len(s) for s in series.values()), default=1)
     hi = max(values, default=1.0) or 1.0
@@ -159,7 +225,34 @@ def line_plot(series: dict[str, Sequence[float]], xlabel: str, ylabel: str, titl
         pts = [(x0 + (x1 - x0) * i / max(1, longest - 1), y0 - (y0 - y1) * v / hi) for i, v in enumerate(s)]
         if len(pts) > 1:
             draw.line(pts, fill=colour, width=2)
-        ly = y1 + 18 + 16 * n
-        draw.line([(x1 - 150, ly + 7), (x1 - 130, ly + 7)], fill=colour, width=3)
-        draw.text((x1 - 125, ly), name, fill="black", font=f)
+        ly = y1 + 4 + 18 * n
+        draw.line([(x1 + 12, ly + 7), (x1 + 32, ly + 7)], fill=colour, width=3)
+        draw.text((x1 + 36, ly), name, fill="black", font=f)
     return canvas
+
+
+def titled(image: Image.Image, title: str, size: int = 13) -> Image.Image:
+    """The image with a title line above it (word-wrapped to its width)."""
+    f = font(size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = _wrap(measure, title, f, max(image.width - 8, 40), max_lines=3)
+    top = len(lines) * (size + 4) + 8
+    canvas = Image.new("RGB", (image.width, image.height + top), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(lines):
+        draw.text((4, 4 + k * (size + 4)), " ".join(w for w, _ in line), fill="black", font=f)
+    canvas.paste(image.convert("RGB"), (0, top))
+    return canvas
+
+
+def mask_overlay(image: Image.Image, mask: np.ndarray, size: int = 160) -> Image.Image:
+    """A (h, w) boolean mask drawn over the image: outside dimmed to grey, inside kept, its edge outlined in red."""
+    base = image.convert("RGB").resize((size, size * image.height // image.width), Image.BILINEAR)
+    inside = Image.fromarray((mask * 255).astype(np.uint8)).resize(base.size, Image.NEAREST)
+    grey = Image.blend(base, Image.new("RGB", base.size, (128, 128, 128)), 0.7)
+    out = Image.composite(base, grey, inside)
+    m = np.asarray(inside) > 0
+    edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+    arr = np.asarray(out).copy()
+    arr[edge] = HIGHLIGHT
+    return Image.fromarray(arr)

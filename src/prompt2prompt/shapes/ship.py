@@ -106,7 +106,7 @@ def ship(run: Path, evaluation: dict, name: str = "shapes") -> Path:
     if size > MAX_BYTES:
         raise InputError(f"not shipped: the pipeline is {size / 2**20:.1f} MB, over the 25 MB limit")
     target = BUNDLED[name]
-    with staged(target) as tmp:
+    with staged(target, owned=True) as tmp:
         for path in _files(pipeline):
             dest = tmp / path.relative_to(pipeline)
             dest.parent.mkdir(parents=True, exist_ok=True)

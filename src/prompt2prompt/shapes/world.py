@@ -87,9 +87,10 @@ def _separated(a: tuple[float, float, float], b: tuple[float, float, float], mar
     return abs(a[0] - b[0]) > a[2] + b[2] + margin or abs(a[1] - b[1]) > a[2] + b[2] + margin
 
 
-def sample_scene(rng: random.Random, size: int = IMAGE_SIZE) -> Scene:
-    """One random scene: one object (40%) or two of different shapes and colours (60%)."""
-    count = 1 if rng.random() < 0.4 else 2
+def sample_scene(rng: random.Random, size: int = IMAGE_SIZE, two_objects: float = 0.6, margin: float = 2.0) -> Scene:
+    """One random scene: one object or, with probability two_objects, two of different shapes and colours whose
+    bounding boxes are at least margin pixels apart."""
+    count = 2 if rng.random() >= 1 - two_objects else 1
     shapes = rng.sample(SHAPES, count)
     colours = rng.sample(sorted(COLOURS), count)
     # radii as fractions of the side: objects span 5-8 latent cells alone, 4-7 in pairs, so the 4x autoencoder and
@@ -100,7 +101,7 @@ def sample_scene(rng: random.Random, size: int = IMAGE_SIZE) -> Scene:
         for _ in range(count):
             r = rng.uniform(lo, hi) * size
             boxes.append((rng.uniform(r + 1, size - r - 1), rng.uniform(r + 1, size - r - 1), r))
-        if count == 1 or _separated(boxes[0], boxes[1], margin=2.0):
+        if count == 1 or _separated(boxes[0], boxes[1], margin=margin):
             break
     objects = tuple(WorldObject(s, c, (x, y), r) for s, c, (x, y, r) in zip(shapes, colours, boxes))
     u = rng.random()  # how many colours the caption names
@@ -148,9 +149,10 @@ def vocabulary() -> list[str]:
     return ["a", "an", "and", *SHAPES, *COLOURS]
 
 
-def batch(seed: int, count: int, size: int = IMAGE_SIZE) -> tuple[list[Scene], np.ndarray]:
+def batch(seed: int, count: int, size: int = IMAGE_SIZE, two_objects: float = 0.6, margin: float = 2.0
+          ) -> tuple[list[Scene], np.ndarray]:
     """count scenes from one seed, and their images as (count, 3, size, size) float32 in [-1, 1]."""
     rng = random.Random(seed)
-    scenes = [sample_scene(rng, size) for _ in range(count)]
+    scenes = [sample_scene(rng, size, two_objects, margin) for _ in range(count)]
     images = np.stack([s.render() for s in scenes]).transpose(0, 3, 1, 2) * 2 - 1
     return scenes, images.astype(np.float32)
