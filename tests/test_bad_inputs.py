@@ -1,5 +1,5 @@
-"""Every bad input through the command line: exit status 2 (130 for Ctrl-C), one sentence that says what was expected
-and what was given, no traceback, nothing written, and the model not even loaded where the input can be checked first."""
+"""Every bad input through the command line: exit status 2 (130 for Ctrl-C), one sentence that says what was
+expected and what was given, no traceback, nothing written, and no model loaded where the input can be checked first."""
 
 import json
 import shutil
