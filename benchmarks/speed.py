@@ -1,18 +1,20 @@
 """Attention control at the cost of plain generation: seconds per denoising step and peak memory, side by side.
 
-    python benchmarks/speed.py                        # SD 1.5 architecture, random weights, 32x32 and 64x64 latents
-    python benchmarks/speed.py --device cuda --fp16   # on a GPU
-    python benchmarks/speed.py --model tiny --sizes 16 --steps 3   # a quick look
+    python benchmarks/speed.py                         # SD 1.5 architecture (random weights) at 32x32 and 64x64
+    python benchmarks/speed.py --model shapes --sizes 16 --steps 10 --repeats 7   # the bundled model
+    python benchmarks/speed.py --device cuda --fp16    # on a GPU
 
-Builds the Stable Diffusion 1.5 UNet, VAE and text encoder from their published configs with random weights (nothing is
-downloaded) and measures, each configuration in a fresh process (so peak memory is its own):
+Configurations:
   stock-1 / stock-2   the unmodified pipeline with 1 and 2 prompts
   attend              1 prompt, recording cross-attention everywhere and self-attention at small maps (AttentionStore)
-  edit+blend          2 prompts, replace edit with local blend (the p2p default schedule)
+  edit+blend          2 prompts, replace edit with local blend (the default schedule)
   edit+blend explicit the same edit with every attention layer explicit (what the reference implementation does)
-Per configuration: the median seconds per denoising step (from the pipeline's step callback, first step dropped, over
-all repeats) and the peak memory (RSS on CPU, torch.cuda.max_memory_allocated on GPU), printed as ratios to the stock
-pipeline with the same batch.
+
+Time: one process per latent size builds the pipeline once and runs the configurations interleaved, repeat after
+repeat (A B C D E, then E D C B A, ...), so a machine that slows down mid-run biases none of them. Each repeat gives a
+paired ratio (its configuration's median seconds per step over its stock pipeline's in the same repeat); the table
+shows the median of those ratios and their range. Memory: each configuration once more in a fresh process of its own
+(peak RSS on the CPU, which includes the weights; torch.cuda.max_memory_allocated on a GPU), as a ratio to its stock.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ CONFIGS = {  # name: (prompts, baseline)
     "edit+blend": (2, "stock-2"),
     "edit+blend explicit": (2, "stock-2"),
 }
+PROMPTS = ["a red circle and a blue square", "a red circle and a blue cross"]
 
 
 def build_sd15(size: int, dtype, device):
@@ -71,6 +74,10 @@ def build_sd15(size: int, dtype, device):
 def build(model: str, size: int, dtype, device):
     if model == "sd15":
         return build_sd15(size, dtype, device)
+    if model == "shapes":
+        from prompt2prompt.loading import load_pipeline
+
+        return load_pipeline("shapes", device=device, dtype=dtype)
     import tempfile
 
     from prompt2prompt.testing import tiny_pipeline
@@ -90,61 +97,64 @@ def peak_memory(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(args) -> None:
-    import torch
+class Runner:
+    """One pipeline, each configuration run on demand; returns the per-step seconds of one run."""
 
-    from prompt2prompt.attention import AttentionController, Controllers, control
-    from prompt2prompt.edits import EditOptions, edit_controllers
-    from prompt2prompt.generation import GenerationOptions, initial_latent
-    from prompt2prompt.store import AttentionStore
+    def __init__(self, args):
+        import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = torch.float16 if args.fp16 else torch.float32
-    pipe = build(args.model, args.size, dtype, args.device)
-    pipe.set_progress_bar_config(disable=True)
-    prompts_n, _ = CONFIGS[args.config]
-    prompts = ["a red circle and a blue square", "a red circle and a blue cross"][:prompts_n]
-    options = GenerationOptions(steps=args.steps, seed=0, height=args.size * pipe.vae_scale_factor,
-                                width=args.size * pipe.vae_scale_factor)
+        from prompt2prompt.generation import GenerationOptions
 
-    class Everything(AttentionController):  # every layer explicit, nothing changed
-        def wants(self, site):
-            return True
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.args = args
+        self.dtype = torch.float16 if args.fp16 else torch.float32
+        self.pipe = build(args.model, args.size, self.dtype, args.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        factor = self.pipe.vae_scale_factor
+        self.options = GenerationOptions(steps=args.steps, seed=0, height=args.size * factor,
+                                         width=args.size * factor)
 
-    def controller():
-        if args.config == "attend":
+    def controller(self, config: str, prompts: list[str]):
+        from prompt2prompt.attention import AttentionController, Controllers
+        from prompt2prompt.edits import EditOptions, edit_controller, edit_controllers
+        from prompt2prompt.store import AttentionStore
+
+        class Everything(AttentionController):  # every layer explicit, nothing changed
+            def wants(self, site):
+                return True
+
+        if config == "attend":
             return AttentionStore()
-        if args.config.startswith("edit"):
-            _, p2p, blend = edit_controllers(pipe, prompts, EditOptions(blend=("square", "cross")), args.steps)
-            return Controllers(blend, p2p, Everything() if "explicit" in args.config else None)
+        if config.startswith("edit"):
+            _, p2p, blend = edit_controllers(self.pipe, prompts, EditOptions(blend=("square", "cross")))
+            edit = edit_controller(p2p, blend)
+            return Controllers(*edit.controllers, Everything()) if "explicit" in config else edit
         return None
 
-    stamps: list[float] = []
+    def run(self, config: str) -> list[float]:
+        import torch
 
-    def tick(pipe_, step, timestep, kwargs):
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-        return {}
+        from prompt2prompt.attention import control
+        from prompt2prompt.generation import initial_latent
 
-    per_step = []
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.repeats):
-        stamps.clear()
-        stamps.append(time.perf_counter())
-        ctl = controller()
-        latents = initial_latent(pipe, options).expand(len(prompts), -1, -1, -1).to(args.device, dtype)
+        args, pipe = self.args, self.pipe
+        prompts = PROMPTS[: CONFIGS[config][0]]
+        stamps = [time.perf_counter()]
 
-        def run(callback, latents=latents):
-            pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=options.guidance,
-                 latents=latents.clone(), output_type="latent", callback_on_step_end=callback,
-                 callback_on_step_end_tensor_inputs=["latents"])
+        def tick(pipe_, step, timestep, kwargs):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            return {}
 
+        ctl = self.controller(config, prompts)
+        latents = initial_latent(pipe, self.options).expand(len(prompts), -1, -1, -1).to(args.device, self.dtype)
+        kwargs = dict(prompt=prompts, num_inference_steps=args.steps, guidance_scale=self.options.guidance,
+                      latents=latents.clone(), output_type="latent", callback_on_step_end_tensor_inputs=["latents"])
         with torch.inference_mode():
             if ctl is None:
-                run(tick)
+                pipe(**kwargs, callback_on_step_end=tick)
             else:
                 with control(pipe, ctl) as router:
 
@@ -153,60 +163,97 @@ def worker(args) -> None:
                         tick(p, s, t, kw)
                         return out
 
-                    run(both)
-        per_step += [b - a for a, b in zip(stamps[1:], stamps[2:])]  # first step dropped (warm-up)
-    print(json.dumps({"step_s": statistics.median(per_step), "peak_bytes": peak_memory(args.device)}))
+                    pipe(**kwargs, callback_on_step_end=both)
+        return [b - a for a, b in zip(stamps[1:], stamps[2:])]  # the first step dropped (warm-up)
+
+
+def timing_worker(args) -> None:
+    """All configurations interleaved in one process: per repeat, each one's median seconds per step."""
+    runner = Runner(args)
+    names = list(CONFIGS)
+    runner.run("stock-2")  # warm-up, not counted
+    rows = []
+    for r in range(args.repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        rows.append({name: statistics.median(runner.run(name)) for name in order})
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items()),
+              file=sys.stderr, flush=True)
+    print(json.dumps(rows))
+
+
+def memory_worker(args) -> None:
+    runner = Runner(args)
+    runner.run(args.config)
+    print(json.dumps({"peak_bytes": peak_memory(args.device)}))
+
+
+def _call(args, extra: list[str]) -> str:
+    cmd = [sys.executable, __file__, "--size", str(args.size), "--model", args.model, "--steps", str(args.steps),
+           "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads), *extra]
+    cmd += ["--fp16"] if args.fp16 else []
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if out.returncode:
+        sys.exit(f"{' '.join(extra)} at {args.size} failed")
+    return out.stdout.strip().splitlines()[-1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="sd15", choices=["sd15", "tiny"], help="architecture (default: sd15)")
+    parser.add_argument("--model", default="sd15", choices=["sd15", "shapes", "tiny"],
+                        help="sd15: SD 1.5's architecture with random weights; shapes: the bundled model; tiny: a "
+                        "toy pipeline (default: sd15)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="latent sides (default: 32 64)")
     parser.add_argument("--steps", type=int, default=3, help="denoising steps per run (default: 3)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (default: 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every configuration (default 3)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--fp16", action="store_true", help="half precision (GPU)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (default: torch's choice)")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        args.config = args.worker
-        worker(args)
+    if args.timing:
+        timing_worker(args)
         return
-    rows = []
+    if args.memory:
+        args.config = args.memory
+        memory_worker(args)
+        return
+    table = []
     for size in args.sizes:
-        results = {}
+        args.size = size
+        print(f"[{size}x{size}] timing, interleaved ...", file=sys.stderr, flush=True)
+        rounds = json.loads(_call(args, ["--timing"]))
+        memory = {}
         for name in CONFIGS:
-            cmd = [sys.executable, __file__, "--worker", name, "--size", str(size), "--model", args.model,
-                   "--steps", str(args.steps), "--repeats", str(args.repeats), "--device", args.device,
-                   "--threads", str(args.threads)] + (["--fp16"] if args.fp16 else [])
-            print(f"[{size}x{size}] {name} ...", file=sys.stderr, flush=True)
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if out.returncode:
-                sys.exit(f"{name} at {size} failed:\n{out.stderr[-3000:]}")
-            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"[{size}x{size}] memory of {name} ...", file=sys.stderr, flush=True)
+            memory[name] = json.loads(_call(args, ["--memory", name]))["peak_bytes"]
         for name, (_, base) in CONFIGS.items():
-            r = results[name]
-            ref = results[base] if base else r
-            rows.append({"latent": size, "config": name, "step_s": r["step_s"], "peak_gib": r["peak_bytes"] / 2**30,
-                         "time_ratio": r["step_s"] / ref["step_s"], "memory_ratio": r["peak_bytes"] / ref["peak_bytes"],
-                         "baseline": base or name})
+            base = base or name
+            ratios = [r[name] / r[base] for r in rounds]
+            table.append({"latent": size, "config": name, "baseline": base,
+                          "step_s": statistics.median(r[name] for r in rounds),
+                          "time_ratio": statistics.median(ratios), "time_ratio_min": min(ratios),
+                          "time_ratio_max": max(ratios), "peak_gib": memory[name] / 2**30,
+                          "memory_ratio": memory[name] / memory[base]})
     device = args.device
     if device == "cuda":
         import torch
 
         device = torch.cuda.get_device_name()
-    print(f"\n{args.model}, {device}, {'fp16' if args.fp16 else 'fp32'}, {args.steps} steps x {args.repeats} repeats "
-          "(median s/step, first step of each run dropped)")
-    print(f"{'latent':>6}  {'configuration':<20}{'s/step':>8}{'peak GiB':>10}{'time/stock':>12}{'mem/stock':>11}")
-    for r in rows:
-        print(f"{r['latent']:>6}  {r['config']:<20}{r['step_s']:>8.3f}{r['peak_gib']:>10.2f}{r['time_ratio']:>12.3f}"
-              f"{r['memory_ratio']:>11.3f}")
+    print(f"\n{args.model}, {device}, {'fp16' if args.fp16 else 'fp32'}, {args.steps} steps, {args.repeats} "
+          "interleaved repeats (median s/step; time ratio: median of the paired per-repeat ratios, and their range)")
+    print(f"{'latent':>6}  {'configuration':<20}{'s/step':>8}{'time/stock':>12}{'range':>15}{'peak GiB':>10}"
+          f"{'mem/stock':>11}")
+    for r in table:
+        spread = f"{r['time_ratio_min']:.3f}-{r['time_ratio_max']:.3f}"
+        print(f"{r['latent']:>6}  {r['config']:<20}{r['step_s']:>8.4f}{r['time_ratio']:>12.3f}{spread:>15}"
+              f"{r['peak_gib']:>10.2f}{r['memory_ratio']:>11.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(table, f, indent=2)
 
 
 if __name__ == "__main__":

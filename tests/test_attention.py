@@ -23,7 +23,7 @@ def test_recording_leaves_images_equal_to_stock(pipes, kind):
     prompts = ["a red circle and a blue square", "a green cross"]
     stock = stock_images(pipe, prompts)
     plain = generate(pipe, prompts, None, OPTS, progress=False)
-    store = AttentionStore(RecordOptions(self_max_side=16))
+    store = AttentionStore(RecordOptions(self_res=(16, 8)))
     recorded = generate(pipe, prompts, store, OPTS, progress=False)
     for i in range(2):
         ref = np.clip(stock[i], 0, 1) * 255
@@ -36,7 +36,7 @@ def test_recording_leaves_images_equal_to_stock(pipes, kind):
 def test_explicit_path_matches_sdpa_on_latents(sd1):
     prompts = ["a red circle"]
     plain = generate(sd1, prompts, None, OPTS, progress=False)
-    everything = AttentionStore(RecordOptions(self_max_side=10_000))
+    everything = AttentionStore(RecordOptions(self_res=(16, 8, 4)))
     recorded = generate(sd1, prompts, everything, OPTS, progress=False)
     torch.testing.assert_close(recorded.latents, plain.latents, atol=1e-4, rtol=1e-4)
 

@@ -134,9 +134,21 @@ def test_sdxl_is_refused_clearly(pipes, scene_image):
 
 
 def test_sd2_v_prediction_inverts(pipes, scene_image):
+    """On a v-prediction model null-text lowers every step's loss and sampling from it retraces the optimised path,
+    closer to the image's latent than plain DDIM inversion."""
     caption, image = scene_image
-    inv = invert(pipes["sd2"], image, caption, InversionOptions(steps=STEPS, inner_steps=3), progress=False)
-    assert torch.isfinite(inv.latent).all() and inv.uncond.shape == (STEPS, 77, 64)
+    pipe = pipes["sd2"]
+    inv = invert(pipe, image, caption, InversionOptions(steps=STEPS, inner_steps=3), progress=False)
+    assert inv.uncond.shape == (STEPS, 77, 64)
+    assert all(final <= first * (1 + 1e-3) + 1e-9 for first, final in inv.settings["losses"])
+    target = encode(pipe, inv.image)
+    opts = GenerationOptions(steps=STEPS)
+    rec = generate(pipe, caption, None, opts, latent=inv.latent, uncond=inv.uncond, progress=False)
+    error = torch.nn.functional.mse_loss(rec.latents.float(), target).item()
+    assert error == pytest.approx(inv.settings["losses"][-1][1], rel=1e-5, abs=1e-9)
+    ddim = invert(pipe, image, caption, InversionOptions(method="ddim", steps=STEPS), progress=False)
+    plain = generate(pipe, caption, None, opts, latent=ddim.latent, uncond=ddim.uncond, progress=False)
+    assert error < torch.nn.functional.mse_loss(plain.latents.float(), target).item()
 
 
 def test_cli_invert_then_edit(sd1_folder, scene_image, tmp_path, capsys):

@@ -17,6 +17,7 @@ generations from several threads wait for each other instead of installing and r
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 import weakref
@@ -234,7 +235,7 @@ class RoutedProcessor:
         def call(*args, **kwargs):
             return self._call(*args, **kwargs)
 
-        call.__wrapped__ = original.__call__  # what inspect.signature reports
+        call.__signature__ = inspect.signature(original.__call__)  # what inspect.signature reports, computed once
         self.__call__ = call
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):

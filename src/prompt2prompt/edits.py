@@ -1,8 +1,9 @@
 """Prompt-to-Prompt edits: word swap (replace), added words (refine), re-weighting, local blending, step schedules.
 
 One source prompt and several edited prompts run in one batch from one initial latent; the edits touch only the
-conditional half (the router hands controllers nothing else). Defaults are the p2p notebook's: cross-attention
-replaced for 80% of the steps, self-attention for 40%, local-blend threshold 0.3 from 20% of the steps on.
+conditional half (the router hands controllers nothing else). Defaults take the p2p notebooks' values (cross-attention
+from the source for 80% of the loop, self-attention for 40%, local-blend threshold 0.3 from 20% on) with the
+differences the README lists; `EditOptions.reference()` reproduces the original code exactly.
 """
 
 from __future__ import annotations

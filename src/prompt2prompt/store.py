@@ -21,8 +21,8 @@ class RecordOptions:
     cross: bool = True  # record cross-attention
     cross_res: tuple[int, ...] | None = None  # map sides (longer side) to record cross-attention at; None: all
     self_attention: bool = True  # record self-attention (head mean) ...
-    self_max_side: int | None = None  # ... at maps whose longer side is at most this; None: the model's map side
-    # (RunInfo.map_side: 16 at SD's 64x64 latents and on shapes, 32 at SDXL's 128x128)
+    self_res: tuple[int, ...] | None = None  # ... at these map sides (longer side); None: the model's map side only
+    # (RunInfo.map_side: 16 at SD's 64x64 latents and on shapes, 32 at SDXL's 128x128), where its components are drawn
     steps: tuple[int, int] | None = None  # [start, end) denoising steps to sum over; None: all
     places: tuple[str, ...] = ("down", "mid", "up")  # UNet places to record
 
@@ -37,11 +37,11 @@ class AttentionStore(AttentionController):
         self.res: dict[str, tuple[int, int]] = {}
         self.series: dict[str, list[torch.Tensor]] = {}  # per-step head means, for layers series() picks
         self.run: RunInfo | None = None
-        self._self_side = 0
+        self._self_sides: tuple[int, ...] = ()
 
     def begin(self, run: RunInfo) -> None:
         self.run = run
-        self._self_side = self.options.self_max_side or run.map_side
+        self._self_sides = self.options.self_res or (run.map_side,)
 
     def wants(self, site: Site) -> bool:
         o = self.options
@@ -53,7 +53,7 @@ class AttentionStore(AttentionController):
         if site.layer.is_cross:
             recorded = o.cross and (o.cross_res is None or side in o.cross_res)
         else:
-            recorded = o.self_attention and side <= self._self_side
+            recorded = o.self_attention and side in self._self_sides
         return recorded or bool(self.series_filter and self.series_filter(site))
 
     def attention(self, probs: torch.Tensor, site: Site) -> None:
@@ -61,7 +61,7 @@ class AttentionStore(AttentionController):
         name = site.layer.name
         o = self.options
         in_steps = o.steps is None or o.steps[0] <= site.step < o.steps[1]
-        if in_steps and (site.layer.is_cross or max(site.res) <= self._self_side):
+        if in_steps and (site.layer.is_cross or max(site.res) in self._self_sides):
             value = probs.detach() if site.layer.is_cross else probs.detach().mean(dim=1)
             value = value.float()
             if name in self.sums:

@@ -271,6 +271,17 @@ def save_pipeline(folder: Path, vae, unet, text_encoder, tokenizer, scaling_fact
     return folder
 
 
+def model_fields() -> dict:
+    """The architecture's settings a run may change (the vocabulary and text length come from the tokenizer)."""
+    return {k: v for k, v in asdict(ShapesModelConfig()).items() if k not in ("vocab_size", "max_length")}
+
+
+def _flag(text: str) -> bool:
+    if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true/false (or 1/0), got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/shapes", help="run folder: checkpoint, loss log, final pipeline")
@@ -280,8 +291,15 @@ def main(argv: list[str] | None = None) -> None:
     for field, default in asdict(TrainConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default,
                             help=f"TrainConfig.{field} (default {default})")
+    for field, default in model_fields().items():
+        many = isinstance(default, tuple)
+        kind = type(default[0]) if many else type(default)
+        shown = " ".join(map(str, default)) if many else default
+        parser.add_argument(f"--{field.replace('_', '-')}", type=_flag if kind is bool else kind, default=default,
+                            nargs="+" if many else None, help=f"ShapesModelConfig.{field} (default {shown})")
     args = parser.parse_args(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+    architecture = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in model_fields()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -292,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(train_tokenizer(out / "tokenizer"), model_max_length=77)
-    model_cfg = replace(ShapesModelConfig(), vocab_size=len(tokenizer), max_length=tokenizer.model_max_length)
+    model_cfg = replace(ShapesModelConfig(), **architecture, vocab_size=len(tokenizer),
+                        max_length=tokenizer.model_max_length)
     vae, unet, text_encoder = build_vae(model_cfg), build_unet(model_cfg), build_text_encoder(model_cfg)
     ckpt = out / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=False) if ckpt.exists() else {"config": asdict(cfg)}
@@ -320,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         save_pipeline(Path(args.export), vae, unet, text_encoder, tokenizer, data["scaling_factor"])
         print(f"exported step {state['step']} to {args.export}")
         return
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))  # what the model card quotes
+    (out / "config.json").write_text(json.dumps({**asdict(cfg), **architecture}, indent=2))  # the model card quotes it
     train_diffusion(unet, text_encoder, data, tokenizer, cfg, out, state)
     folder = save_pipeline(out / "pipeline", vae, unet, text_encoder, tokenizer, data["scaling_factor"])
     print(f"saved {folder} after {(time.time() - t0) / 60:.1f} min this run")
