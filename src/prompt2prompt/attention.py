@@ -202,17 +202,16 @@ class Router:
             self._res[pixels] = res
         return res
 
-    def route(self, probs: torch.Tensor, site: Site, heads: int) -> torch.Tensor:
-        """probs: (batch*heads, queries, keys). Hands the conditional half to the controller."""
-        batch = probs.shape[0] // heads
+    def route(self, probs: torch.Tensor, site: Site) -> torch.Tensor:
+        """probs: (batch, heads, queries, keys). Hands the conditional rows to the controller."""
+        batch = probs.shape[0]
         prompts = self.run.prompts if self.run else batch
-        view = probs.view(batch, heads, *probs.shape[1:])  # (batch, heads, queries, keys)
-        new = self.controller.attention(view[batch - prompts :], site)
+        new = self.controller.attention(probs[batch - prompts :], site)
         if new is None:
             return probs
         if probs.requires_grad:  # softmax's backward needs its output unchanged
-            return torch.cat([view[: batch - prompts], new.to(probs.dtype)]).view_as(probs)
-        view[batch - prompts :] = new.to(probs.dtype)  # in place: probs is this call's own fresh tensor
+            return torch.cat([probs[: batch - prompts], new.to(probs.dtype)])
+        probs[batch - prompts :] = new.to(probs.dtype)  # in place: probs is this call's own fresh tensor
         return probs
 
 
@@ -253,7 +252,8 @@ class RoutedProcessor:
         return self.explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, site)
 
     def explicit(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, site: Site):
-        # diffusers' AttnProcessor, with the probabilities passed through the router.
+        # AttnProcessor2_0's arithmetic with the probabilities materialised (diffusers' get_attention_scores: scale,
+        # optional upcast, softmax) and passed through the router; heads stay a dimension, so nothing is copied.
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -262,7 +262,9 @@ class RoutedProcessor:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
         batch, keys, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
@@ -272,16 +274,26 @@ class RoutedProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-        query = attn.head_to_batch_dim(query)  # (batch*heads, queries, head_dim)
-        key = attn.head_to_batch_dim(key)  # (batch*heads, keys, head_dim)
-        value = attn.head_to_batch_dim(value)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, queries, head_dim)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, keys, head_dim)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        probs = attn.get_attention_scores(query, key, attention_mask)  # (batch*heads, queries, keys)
-        probs = self.router.route(probs, site, attn.heads)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))  # (batch, queries, heads*head_dim)
+        dtype = query.dtype
+        if attn.upcast_attention:
+            query, key = query.float(), key.float()
+        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale  # (batch, heads, queries, keys)
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        if attn.upcast_softmax:
+            scores = scores.float()
+        probs = scores.softmax(dim=-1).to(dtype)
+        probs = self.router.route(probs, site)
+        hidden_states = torch.matmul(probs, value)  # (batch, heads, queries, head_dim)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear, dropout
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
