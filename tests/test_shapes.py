@@ -89,3 +89,34 @@ def test_tokenizer_files_are_reproducible(tmp_path):
     a, b = train_tokenizer(tmp_path / "a"), train_tokenizer(tmp_path / "b")
     for name in ("vocab.json", "merges.txt"):
         assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def test_count_is_exact_on_the_worlds_renders_including_touching_objects():
+    from prompt2prompt.shapes.evaluate import count_objects, count_summary
+
+    rng = random.Random(21)
+    rows = []
+    for k in range(300):
+        scene = world.sample_scene(rng, two_objects=0.5 + 0.5 * (k % 2), margin=0.0 if k % 3 else 6.0)
+        rows.append(score_image(scene.render(), scene.caption))
+    summary = count_summary(rows)
+    assert summary["exact_count"] == summary["exact_count_one"] == summary["exact_count_two"] == 1.0
+    assert summary["duplicates"] == summary["misses"] == 0.0
+    # two objects of different colours whose boxes touch: still two
+    touching = world.Scene((world.WorldObject("square", "red", (20.0, 32.0), 10.0),
+                            world.WorldObject("square", "blue", (37.0, 32.0), 10.0)), 0.2, "a red square and a blue "
+                           "square")
+    masks = touching.masks()
+    grown = np.zeros_like(masks[0])
+    grown[:, 1:] |= masks[0][:, :-1]
+    assert (grown & masks[1]).any()  # they share an edge
+    assert count_objects(segment(touching.render())) == 2
+    # one colour in two places is two objects (a duplicate); one object alone is a miss
+    twice = world.Scene((world.WorldObject("circle", "red", (15.0, 15.0), 8.0),
+                         world.WorldObject("circle", "red", (45.0, 45.0), 8.0)), 0.8, "a red circle")
+    row = score_image(twice.render(), "a red circle")
+    assert (row["named"], row["objects"]) == (1, 2)
+    alone = score_image(twice.render()[:32, :32], "a red circle and a blue square")
+    assert (alone["named"], alone["objects"]) == (2, 1)
+    assert count_summary([row, alone]) == {"exact_count": 0.0, "exact_count_one": 0.0, "exact_count_two": 0.0,
+                                           "duplicates": 0.5, "misses": 0.5}

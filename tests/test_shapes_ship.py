@@ -9,7 +9,8 @@ from prompt2prompt.errors import InputError
 from prompt2prompt.shapes import ship as ship_module
 from prompt2prompt.shapes.ship import BARS, ship
 
-PASSING = {"colour_accuracy": 0.95, "shape_accuracy": 0.85, "both_present": 0.9, "attention_iou": 0.6, "count": 200,
+PASSING = {"colour_accuracy": 0.995, "shape_accuracy": 0.95, "exact_count": 0.96, "exact_count_two": 0.93,
+           "both_present": 0.9, "attention_iou": 0.65, "autoencoder_psnr": 33.0, "count": 200,
            "settings": {"steps": 50, "guidance": 7.5}, "per_caption": [{"caption": "a red circle"}]}
 
 
@@ -29,15 +30,16 @@ def test_ship_copies_the_pipeline_and_writes_the_card(run, tmp_path):
 
     StableDiffusionPipeline.from_pretrained(target, local_files_only=True)  # a complete pipeline folder
     card = (target / "README.md").read_text()
-    assert "| shape accuracy | 0.850 | 0.80 |" in card and "--steps 12000" in card
+    assert "| shape accuracy | 0.950 | 0.93 |" in card and "--steps 12000" in card
+    assert "| two colour regions (two-object captions) | 0.900 | |" in card  # reported, no bar
     saved = json.loads((target / "eval.json").read_text())
-    assert saved["attention_iou"] == 0.6 and "per_caption" not in saved
+    assert saved["attention_iou"] == 0.65 and "per_caption" not in saved
 
 
-@pytest.mark.parametrize("measure", sorted(BARS))
+@pytest.mark.parametrize("measure", sorted(BARS["shapes"]))
 def test_ship_refuses_a_model_below_any_bar(run, tmp_path, measure):
     with pytest.raises(InputError, match=measure):
-        ship(run, {**PASSING, measure: BARS[measure] - 0.01})
+        ship(run, {**PASSING, measure: BARS["shapes"][measure] - 0.01})
     assert not (tmp_path / "package").exists()  # nothing written, not even a scratch folder
 
 

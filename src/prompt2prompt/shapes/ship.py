@@ -17,8 +17,8 @@ from pathlib import Path
 from ..errors import InputError
 from ..loading import BUNDLED
 from ..report import staged
+from .evaluate import BARS, MEASURES
 
-BARS = {"colour_accuracy": 0.90, "shape_accuracy": 0.80, "both_present": 0.80, "attention_iou": 0.50}  # issue #4
 MAX_BYTES = 25 * 2**20
 WEIGHTS = ("*.safetensors", "*.json", "*.txt")
 
@@ -39,10 +39,9 @@ def _params(folder: Path, component: str) -> int:
 
 def model_card(run: Path, evaluation: dict, pipeline: Path) -> str:
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
-    rows = [("colour accuracy", "colour_accuracy"), ("shape accuracy", "shape_accuracy"),
-            ("both objects present (two-object captions)", "both_present"),
-            ("attention-mask IoU (nouns)", "attention_iou")]
-    table = "\n".join(f"| {name} | {evaluation[key]:.3f} | {BARS[key]:.2f} |" for name, key in rows)
+    bars = BARS["shapes"]
+    table = "\n".join(f"| {name} | {evaluation[key]:.3f} | {bars[key]:.2f} |" if key in bars else
+                      f"| {name} | {evaluation[key]:.3f} | |" for key, name in MEASURES.items() if key in evaluation)
     params = {c: _params(pipeline, c) for c in ("unet", "text_encoder", "vae")}
     size = sum(p.stat().st_size for p in _files(pipeline))
     settings = evaluation.get("settings", {})
@@ -99,7 +98,10 @@ def ship(run: Path, evaluation: dict, name: str = "shapes") -> Path:
     pipeline = run / "pipeline"
     if not (pipeline / "model_index.json").exists():
         raise InputError(f"{pipeline} is not a pipeline folder: expected the model_index.json that training writes")
-    failed = [f"{k} {evaluation[k]:.3f} < {bar}" for k, bar in BARS.items() if evaluation[k] < bar]
+    missing = [k for k in BARS[name] if k not in evaluation]
+    if missing:
+        raise InputError(f"not shipped: the evaluation lacks {', '.join(missing)} (run prompt2prompt.shapes.evaluate)")
+    failed = [f"{k} {evaluation[k]:.3f} < {bar}" for k, bar in BARS[name].items() if evaluation[k] < bar]
     if failed:
         raise InputError(f"not shipped: the evaluation misses its bars ({'; '.join(failed)})")
     size = sum(p.stat().st_size for p in _files(pipeline))
