@@ -73,7 +73,7 @@ def main() -> None:
     items = scenes(args.images, args.seed)
     for n, scene in enumerate(items):
         # the input as the model sees it (the world draws 64x64; another model may want another size)
-        image = prepare_image(Image.fromarray((scene.render() * 255).round().astype(np.uint8)), native_size(pipe))
+        image = prepare_image(scene.image(), native_size(pipe))
         ae = autoencoder_reconstruction(pipe, image)
         ae_psnr.append(psnr(ae, image))
         for method in METHODS:

@@ -22,7 +22,6 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from prompt2prompt.generation import GenerationOptions, initial_latent
@@ -48,9 +47,9 @@ def run_pair(pipe, pair, gen: GenerationOptions, switches: list[int]) -> dict[st
                 changed[rows + 2 + j] = embeds[rows + target_row]
         return {"prompt_embeds": changed}
 
-    out = pipe(prompt=prompts, num_inference_steps=gen.steps, guidance_scale=gen.guidance, latents=latents,
-               output_type="np", callback_on_step_end=switch, callback_on_step_end_tensor_inputs=["prompt_embeds"])
-    images = [Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)) for im in out.images]
+    images = pipe(prompt=prompts, num_inference_steps=gen.steps, guidance_scale=gen.guidance, latents=latents,
+                  output_type="pil", callback_on_step_end=switch,
+                  callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
     source = images[0]
     result = {"vanilla": score_edit(pair, source, images[1]).keep_iou}
     for j, k in enumerate(switches):

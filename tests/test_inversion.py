@@ -18,7 +18,7 @@ STEPS = 5
 @pytest.fixture(scope="module")
 def scene_image():
     scene = world.scene_from_caption("a red circle and a blue square", random.Random(2))
-    return scene.caption, Image.fromarray((scene.render() * 255).astype(np.uint8))
+    return scene.caption, scene.image()
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 import numpy as np
-from PIL import Image
 
 from prompt2prompt.measure import EditPair, grow, sample_pairs, score_edit, summarize
 from prompt2prompt.shapes import world
@@ -7,7 +6,7 @@ from prompt2prompt.shapes import world
 
 def render(objects, background=0.5):
     scene = world.Scene(tuple(objects), background, world.caption_for(tuple(objects), (True,) * len(objects)))
-    return Image.fromarray((scene.render() * 255).astype(np.uint8))
+    return scene.image()
 
 
 def obj(shape, colour, x, y, r=9.0):

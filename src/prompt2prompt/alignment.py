@@ -21,8 +21,28 @@ def _same(a: str, b: str) -> bool:
     return a.lower() == b.lower()
 
 
+def _joint_mapper(mapper, source: PromptTokens, target: PromptTokens) -> torch.Tensor:
+    """A joint sequence's mapper: each part's own, on the diagonal (an MM-DiT's encoders never mix positions)."""
+    out = torch.zeros(source.length, target.length)
+    for (_, offset, s), (_, _, t) in zip(source.parts, target.parts):
+        # a part without tokens (SD3's T5 part when the pipeline has no T5: zeros) maps position to position
+        out[offset : offset + s.length, offset : offset + t.length] = mapper(s, t) if s.tokens else torch.eye(s.length)
+    return out
+
+
+def _joint_alignment(align, source: PromptTokens, target: PromptTokens) -> Alignment:
+    index, weight = torch.zeros(target.length, dtype=torch.long), torch.zeros(target.length)
+    for (_, offset, s), (_, _, t) in zip(source.parts, target.parts):
+        part = align(s, t) if s.tokens else Alignment(torch.arange(t.length), torch.ones(t.length))
+        index[offset : offset + t.length] = part.index + offset
+        weight[offset : offset + t.length] = part.weight
+    return Alignment(index, weight)
+
+
 def replace_mapper(source: PromptTokens, target: PromptTokens) -> torch.Tensor:
     """(length, length) float matrix mapping source token positions to target token positions."""
+    if source.parts:
+        return _joint_mapper(replace_mapper, source, target)
     if len(source.words) != len(target.words):
         src, tgt = source.word_list(), target.word_list()
         kept = align_sequences(src, tgt)
@@ -92,6 +112,8 @@ def align_sequences(a: list[str], b: list[str], match: int = 1, mismatch: int = 
 
 
 def refine_alignment(source: PromptTokens, target: PromptTokens) -> Alignment:
+    if source.parts:
+        return _joint_alignment(refine_alignment, source, target)
     n = target.length
     index = torch.zeros(n, dtype=torch.long)
     weight = torch.zeros(n)
@@ -116,6 +138,8 @@ def reference_replace_mapper(source: PromptTokens, target: PromptTokens) -> torc
     differ; the tokens before and between them one to one in order; after the last swapped word every target position
     j takes source position j, so the end token and padding are not re-aligned when a swap changed the length.
     """
+    if source.parts:
+        return _joint_mapper(reference_replace_mapper, source, target)
     if len(source.words) != len(target.words):
         replace_mapper(source, target)  # raises the word-count error
     n = source.length
@@ -145,6 +169,8 @@ def reference_refine_alignment(source: PromptTokens, target: PromptTokens) -> Al
     tokens included (gap 0, match 1, mismatch -1), whose traceback prefers a new target token, then a dropped source
     token, then the diagonal. Every target token on the diagonal takes its source token's attention, equal or not;
     positions after the target's end token take the same position of the source."""
+    if source.parts:
+        return _joint_alignment(reference_refine_alignment, source, target)
     x, y = list(source.ids), list(target.ids)
     if not x or not y:
         raise PromptError("reference refine needs the prompts' token ids (tokenise them with PromptTokens)")

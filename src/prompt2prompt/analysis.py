@@ -18,7 +18,7 @@ from .edits import EditOptions, LatentTrace, edit_controller, edit_controllers
 from .generation import Generation, GenerationOptions, generate
 from .maps import CrossAttentionMaps, cross_maps
 from .store import AttentionStore, RecordOptions
-from .tokens import PromptTokens
+from .tokens import prompt_tokens
 
 
 @dataclass
@@ -58,11 +58,11 @@ def _drift(trace: LatentTrace) -> list[float]:
 def swap_analysis(pipe, source: str, target: str, generation: GenerationOptions = GenerationOptions(),
                   options: EditOptions = EditOptions(), progress: bool = True) -> SwapAnalysis:
     prompts = [source, target]
-    tokens = [PromptTokens.from_tokenizer(pipe.tokenizer, p) for p in prompts]
+    tokens = [prompt_tokens(pipe, p, generation.max_sequence_length) for p in prompts]
     first = AttentionStore(RecordOptions(self_attention=False, steps=(0, 1)))
     trace_v = LatentTrace()
     vanilla = generate(pipe, prompts, Controllers(first, trace_v), generation, progress=progress)
-    _, p2p, blend = edit_controllers(pipe, prompts, options, generation.steps)
+    _, p2p, blend = edit_controllers(pipe, prompts, options, generation.steps, generation.max_sequence_length)
     trace_c = LatentTrace()
     controlled = generate(pipe, prompts, edit_controller(p2p, blend, trace_c), generation, progress=progress)
     maps = cross_maps(first, tokens, settings={"prompts": prompts, **generation.to_dict(), "steps_recorded": [0, 1]})

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .generation import Generation, GenerationOptions, generate
-from .loading import family
+from .loading import default_part, family
 from .maps import CrossAttentionMaps, SelfAttentionMaps, cross_maps, self_maps
 from .store import AttentionStore, RecordOptions
-from .tokens import PromptTokens
+from .tokens import PromptTokens, prompt_tokens
 
 
 @dataclass
@@ -41,17 +41,18 @@ def attend(
 ) -> AttendResult:
     """Generate one image per prompt (shared initial latent) and record cross- and self-attention on the way."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    tokens = [PromptTokens.from_tokenizer(pipe.tokenizer, p) for p in prompts]
+    tokens = [prompt_tokens(pipe, p, options.max_sequence_length) for p in prompts]
     store = AttentionStore(record)
     gen = generate(pipe, prompts, store, options, progress=progress)
-    h, w = gen.latents.shape[2:]
+    width, height = gen.images[0].size
     settings = {
         "prompts": prompts,
         "model": str(model),
         "family": family(pipe),
+        "text_part": default_part(pipe),
         **options.to_dict(),
-        "height": h * pipe.vae_scale_factor,
-        "width": w * pipe.vae_scale_factor,
+        "height": height,
+        "width": width,
         "record": {k: v for k, v in vars(record).items()},
     }
     return AttendResult(gen, store, tokens, settings)

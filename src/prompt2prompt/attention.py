@@ -115,6 +115,8 @@ class RunInfo:
     dtype: torch.dtype
     steps: int = 0  # iterations of the pipeline's denoising loop (= step callbacks); 0 when unknown (a bare UNet)
     sides: tuple[int, ...] = ()  # longer sides of the model's cross-attention maps at this latent size, largest first
+    grid: tuple[int, int] | None = None  # MM-DiT: (rows, columns) of the image tokens every layer attends over
+    packed: bool = False  # the pipeline's latents are a sequence of grid tokens (Flux), not an image
 
     @property
     def self_side(self) -> int:
@@ -154,6 +156,7 @@ class Router:
         self.levels = levels  # resolution levels of the cross-attention layers
         self.step = 0
         self.run: RunInfo | None = None
+        self.text_tokens = 0  # MM-DiT: text tokens in the joint sequence (Flux's single blocks get them concatenated)
         self._res: dict[int, tuple[int, int]] = {}
 
     # -- hooks ----------------------------------------------------------------------------------------------------
@@ -174,6 +177,26 @@ class Router:
             sides = tuple(sorted({-(-max(h, w) // 2**level) for level in self.levels}, reverse=True))
             self.run = RunInfo((h, w), prompts, batch, sample.device, sample.dtype, self._loop_length(), sides)
             self._res.clear()
+            self.controller.begin(self.run)
+
+    def _on_transformer_call(self, module, args, kwargs):
+        """An MM-DiT's forward: its image-token grid (SD3: latents / patch; Flux: from its image ids), text length."""
+        sample = args[0] if args else kwargs["hidden_states"]
+        text = kwargs.get("encoder_hidden_states")
+        self.text_tokens = 0 if text is None else text.shape[1]
+        batch = sample.shape[0]
+        if sample.ndim == 4:  # SD3: (batch, channels, h, w) latents, patchified inside
+            patch = module.config.patch_size
+            latent = tuple(sample.shape[2:])
+            grid, packed = (latent[0] // patch, latent[1] // patch), False
+        else:  # Flux: (batch, tokens, channels) packed latents; img_ids hold each token's (0, row, column)
+            ids = kwargs["img_ids"]
+            grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+            latent, packed = grid, True
+        if self.run is None or self.run.grid != grid or self.run.batch != batch:
+            prompts = self.prompts or (batch // 2 if batch % 2 == 0 else batch)
+            self.run = RunInfo(latent, prompts, batch, sample.device, sample.dtype, self._loop_length(),
+                               (max(grid),), grid, packed)
             self.controller.begin(self.run)
 
     def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
@@ -312,6 +335,15 @@ def layer_info(unet, name: str) -> LayerInfo:
     return LayerInfo(name, place, block, bool(module.is_cross_attention), int(module.heads), level)
 
 
+def denoiser(pipe):
+    """The pipeline's denoising network: its UNet, or its transformer (MM-DiT); a bare network is itself."""
+    for name in ("unet", "transformer"):
+        net = getattr(pipe, name, None)
+        if net is not None:
+            return net
+    return pipe
+
+
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
@@ -319,7 +351,7 @@ _LOCKS_GUARD = threading.Lock()
 @contextmanager
 def exclusive(pipe) -> Iterator[None]:
     """Hold the pipeline's lock: one generation (or inversion) at a time per UNet; re-entrant within a thread."""
-    unet = pipe.unet if hasattr(pipe, "unet") else pipe
+    unet = denoiser(pipe)
     with _LOCKS_GUARD:
         lock = _LOCKS.setdefault(unet, threading.RLock())
     with lock:
@@ -328,21 +360,30 @@ def exclusive(pipe) -> Iterator[None]:
 
 @contextmanager
 def control(pipe, controller: AttentionController, prompts: int | None = None) -> Iterator[Router]:
-    """Route every attention layer of pipe.unet through controller; always restore the original processors.
+    """Route every attention layer of the pipeline's UNet or MM-DiT through controller; always restore the originals.
 
     Use `router.callback` as the pipeline's `callback_on_step_end`. `prompts` is the number of conditional images per
     UNet call (default: half the batch when it is even, i.e. classifier-free guidance). `pipe` may be a bare UNet
     (training), whose step schedules then have no loop length.
     """
-    unet = pipe.unet if hasattr(pipe, "unet") else pipe
+    unet = denoiser(pipe)
     with exclusive(unet):
         originals = dict(unet.attn_processors)
-        layers = {name: layer_info(unet, name) for name in originals}
-        levels = tuple(sorted({i.level for i in layers.values() if i.is_cross and i.level is not None}))
-        router = Router(controller, prompts, pipe if unet is not pipe else None, levels)
-        routed = {name: RoutedProcessor(router, layers[name], proc) for name, proc in originals.items()}
+        if hasattr(unet, "transformer_blocks"):  # an MM-DiT (SD3, Flux): joint attention
+            from .joint import JointRoutedProcessor
+
+            router = Router(controller, prompts, pipe if unet is not pipe else None)
+            routed = {name: JointRoutedProcessor(router, name, unet.get_submodule(name.removesuffix(".processor")),
+                                                 proc) for name, proc in originals.items()}
+            on_call = router._on_transformer_call
+        else:
+            layers = {name: layer_info(unet, name) for name in originals}
+            levels = tuple(sorted({i.level for i in layers.values() if i.is_cross and i.level is not None}))
+            router = Router(controller, prompts, pipe if unet is not pipe else None, levels)
+            routed = {name: RoutedProcessor(router, layers[name], proc) for name, proc in originals.items()}
+            on_call = router._on_unet_call
         unet.set_attn_processor(dict(routed))  # set_attn_processor empties the dict it is given
-        hook = unet.register_forward_pre_hook(router._on_unet_call, with_kwargs=True)
+        hook = unet.register_forward_pre_hook(on_call, with_kwargs=True)
         try:
             yield router
         finally:

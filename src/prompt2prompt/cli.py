@@ -104,10 +104,10 @@ def _prompts(*prompts: str) -> None:
 
 def _warn_truncated(pipe, prompts, quiet: bool) -> None:
     """Say where a prompt longer than the text encoder's limit is cut (the model never sees the rest)."""
-    from .tokens import PromptTokens
+    from .tokens import prompt_tokens
 
     for prompt in prompts:
-        cut = PromptTokens.from_tokenizer(pipe.tokenizer, prompt).truncated
+        cut = prompt_tokens(pipe, prompt).truncated
         if cut:
             print(f"p2p: warning: the prompt is longer than the model's {pipe.tokenizer.model_max_length} tokens; "
                   f"it is cut before {cut[:60]!r}{'...' if len(cut) > 60 else ''}", file=sys.stderr)

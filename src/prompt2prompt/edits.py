@@ -19,8 +19,9 @@ from .alignment import reference_refine_alignment, reference_replace_mapper, ref
 from .attention import AttentionController, Controllers, RunInfo, Site
 from .errors import PromptError
 from .generation import Generation, GenerationOptions, generate
+from .joint import JOINT_PLACES
 from .schedule import Span, check_span, resolve_cross, step_range
-from .tokens import PromptTokens
+from .tokens import PromptTokens, prompt_tokens
 
 MODES = ("auto", "replace", "refine", "reweight")
 NOTEBOOKS = {  # the p2p code's notebooks that reference mode reproduces: (self-attention pixel limit, blend start)
@@ -28,6 +29,7 @@ NOTEBOOKS = {  # the p2p code's notebooks that reference mode reproduces: (self-
     "null-text": (32 * 32, 0.2),  # null_text_w_ptp.ipynb: `<= 32 ** 2`, LocalBlend(start_blend=0.2)
 }
 POOLED = ("own", "source")
+JOINT = ("renormalize", "raw")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class EditOptions:
     blend_start: float = 0.2  # local blend: fraction of the loop before blending starts
     blend_res: int | None = None  # local blend: map side to use; None: the model's map side (16 at SD's 64 latents)
     pooled: str = "own"  # SDXL: each prompt's own pooled text embedding, or the source's for every prompt ("source")
+    joint: str = "renormalize"  # MM-DiT: a replaced image-to-text block keeps the target's own text mass, or "raw"
     exact: str | None = None  # reproduce a notebook of the p2p code exactly: "stable" or "null-text" (see reference())
 
     def __post_init__(self):
@@ -66,6 +69,8 @@ class EditOptions:
                 raise PromptError(f"{name} must be a positive number of pixels per side or None, got {value!r}")
         if self.pooled not in POOLED:
             raise PromptError(f"pooled must be one of {', '.join(POOLED)}, got {self.pooled!r}")
+        if self.joint not in JOINT:
+            raise PromptError(f"joint must be one of {', '.join(JOINT)}, got {self.joint!r}")
         if self.exact is not None and self.exact not in NOTEBOOKS:
             raise PromptError(f"reference mode reproduces the notebooks {', '.join(NOTEBOOKS)}, got {self.exact!r}")
         if self.subtract and not self.blend:
@@ -185,7 +190,9 @@ class LocalBlend(AttentionController):
             keep_out = self._mask(self.acc_sub, pool=False)
             mask = mask & ~(keep_out[:1] | keep_out)
         self.mask = mask
-        m = mask[1:].to(latents.dtype)
+        m = mask[1:].to(latents.dtype)  # (targets, 1, h, w)
+        if latents.ndim == 3:  # packed latents (Flux): (prompts, tokens, channels), tokens in grid order
+            m = m.flatten(2).transpose(1, 2)  # (targets, tokens, 1)
         source = latents[:1]
         return torch.cat([source, source + m * (latents[1:] - source)])
 
@@ -228,6 +235,7 @@ class PromptToPrompt(AttentionController):
                 eq = torch.where(positions > 0, torch.full_like(eq, float(factor)), eq)
             self.equalizer = eq
         self.self_pixels = NOTEBOOKS[options.exact][0] if self.reference else None
+        self.joint_renormalize = options.joint == "renormalize"
         self.self_side = 0
         self.alpha = None
         self.cross_active: list[bool] = []
@@ -269,6 +277,11 @@ class PromptToPrompt(AttentionController):
             mapped = base[0][:, :, self.index].permute(2, 0, 1, 3)  # (targets, heads, queries, tokens)
             w = self.weight[:, None, None, :]
             mapped = mapped * w + edited * (1 - w)  # new tokens keep their own attention
+        if self.joint_renormalize and site.layer.place in JOINT_PLACES:
+            # a block of a joint softmax: its rows sum to the query's attention on the text, not to 1. Scale the
+            # source's block to the edited prompt's own text mass, so the image-to-image part stays consistent
+            own = edited.sum(-1, keepdim=True)  # (targets, heads, queries, 1)
+            mapped = mapped * (own / mapped.sum(-1, keepdim=True).clamp_min(1e-12))
         if self.equalizer is not None:
             mapped = mapped * self.equalizer[:, None, None, :]
         alpha = self.alpha[site.step][:, None, None, :]  # (targets, 1, 1, tokens)
@@ -295,11 +308,12 @@ class EditResult:
     mask: torch.Tensor | None = None  # (prompts, 1, h, w) the last local-blend mask
 
 
-def edit_controllers(pipe, prompts: list[str], options: EditOptions, steps: int = 0
+def edit_controllers(pipe, prompts: list[str], options: EditOptions, steps: int = 0,
+                     max_sequence_length: int | None = None
                      ) -> tuple[list[PromptTokens], PromptToPrompt, LocalBlend | None]:
     """The edit's controllers, every option and word checked before any work. steps: the loop length to assume when
     the pipeline cannot tell it (the pipelines' own loop length is used otherwise)."""
-    tokens = [PromptTokens.from_tokenizer(pipe.tokenizer, p) for p in prompts]
+    tokens = [prompt_tokens(pipe, p, max_sequence_length) for p in prompts]
     p2p = PromptToPrompt(tokens, options, steps)
     blend = None
     if options.blend:
@@ -352,7 +366,7 @@ def edit(pipe, source: str, targets: list[str] | str, options: EditOptions = Edi
         scheduler = ddim_scheduler(pipe)
         generation = replace(generation, steps=inversion.options.steps, guidance=inversion.options.guidance)
         pipe_kwargs.update(latent=inversion.latent, uncond=inversion.uncond)
-    tokens, p2p, blend = edit_controllers(pipe, prompts, options, generation.steps)
+    tokens, p2p, blend = edit_controllers(pipe, prompts, options, generation.steps, generation.max_sequence_length)
     controlled_kwargs = dict(pipe_kwargs)
     if options.pooled == "source" and getattr(pipe, "text_encoder_2", None) is not None:
         if inversion is not None:

@@ -35,9 +35,9 @@ def attention_figures(result: AttendResult, maps: CrossAttentionMaps, prompt: in
                                      title=f"cross-attention per token: {tokens.prompt}"),
         "overlays": plot.grid([m.overlay(image) for m in heat], labels, cell=cell, title="overlaid on the image"),
         "argmax": plot.argmax_image(maps.argmax(prompt).numpy(), {i: f"{i}: {tokens.tokens[i]}"
-                                                                  for i in range(1, tokens.end)}),
+                                                                  for i in tokens.word_positions()}),
     }
-    if tokens.end <= 1:  # a prompt without tokens has no argmax map to show
+    if not tokens.words:  # a prompt without words has no argmax map to show
         figures.pop("argmax")
     if components and result.store.resolutions(cross=False):
         selfmaps = result.self_maps()

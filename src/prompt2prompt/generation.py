@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 
-from .attention import AttentionController, control, exclusive
+from .attention import AttentionController, control, denoiser, exclusive
 from .errors import InputError
 
 
@@ -21,6 +21,7 @@ class GenerationOptions:
     height: int | None = None  # pixels; None: the model's native size
     width: int | None = None
     negative_prompt: str | None = None
+    max_sequence_length: int | None = None  # MM-DiT: the T5 tokens the text is padded to; None: the pipeline's default
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -29,10 +30,10 @@ class GenerationOptions:
             raise InputError(f"guidance must be a finite number >= 0 (1 or less turns it off), got {self.guidance!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise InputError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
-        for name in ("height", "width"):
+        for name in ("height", "width", "max_sequence_length"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise InputError(f"{name} must be a positive number of pixels, got {value!r}")
+                raise InputError(f"{name} must be a positive whole number, got {value!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,23 +42,36 @@ class GenerationOptions:
 @dataclass
 class Generation:
     images: list[Image.Image]  # one per prompt
-    latents: torch.Tensor  # (prompts, channels, h, w) final latents
+    latents: torch.Tensor  # (prompts, channels, h, w) final latents ((prompts, tokens, channels) when packed)
     initial: torch.Tensor  # (1, channels, h, w) the shared initial noise (before the scheduler's sigma)
     options: GenerationOptions
 
 
 def native_size(pipe) -> tuple[int, int]:
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return (side, side) if isinstance(side, int) else tuple(side)
+    """(height, width) in pixels the model was made for."""
+    sample = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
+    side = sample * pipe.vae_scale_factor if isinstance(sample, int) else None
+    return (side, side) if side else tuple(s * pipe.vae_scale_factor for s in sample)
+
+
+def packed(pipe) -> bool:
+    """Whether the pipeline keeps its latents as a sequence of 2x2 patches (Flux) rather than an image."""
+    return hasattr(pipe, "_pack_latents")
 
 
 def size_multiple(pipe) -> int:
-    """Image sides must be multiples of this: the autoencoder's factor, and 8 (diffusers' SD pipelines check it)."""
-    return math.lcm(8, int(pipe.vae_scale_factor))
+    """Image sides must be multiples of this: the autoencoder's factor times the patch (MM-DiT), or with 8 (diffusers'
+    UNet pipelines check it)."""
+    factor = int(pipe.vae_scale_factor)
+    if packed(pipe):
+        return factor * 2
+    patch = getattr(denoiser(pipe).config, "patch_size", None)
+    return factor * patch if patch else math.lcm(8, factor)
 
 
 def initial_latent(pipe, options: GenerationOptions, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(1, channels, h, w) standard normal noise drawn on the CPU, so a seed means the same image on every device.
+    """(1, channels, h, w) standard normal noise drawn on the CPU, so a seed means the same image on every device;
+    for a pipeline with packed latents (Flux), that noise packed into its (1, tokens, 4 * channels) sequence.
 
     generator: draw from it (it advances); default: a fresh CPU generator seeded with options.seed.
     """
@@ -66,9 +80,18 @@ def initial_latent(pipe, options: GenerationOptions, generator: torch.Generator 
     multiple = size_multiple(pipe)
     if height % multiple or width % multiple:
         raise InputError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
-    shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
+    channels = denoiser(pipe).config.in_channels // (4 if packed(pipe) else 1)
+    shape = (1, channels, height // factor, width // factor)
     generator = generator or torch.Generator("cpu").manual_seed(options.seed)
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    return pipe._pack_latents(noise, *shape) if packed(pipe) else noise
+
+
+def image_size(pipe, latents: torch.Tensor, options: GenerationOptions) -> tuple[int, int]:
+    """(height, width) in pixels of latents as the pipeline holds them."""
+    if packed(pipe):
+        return options.height or native_size(pipe)[0], options.width or native_size(pipe)[1]
+    return latents.shape[2] * pipe.vae_scale_factor, latents.shape[3] * pipe.vae_scale_factor
 
 
 def _copy(generator: torch.Generator) -> torch.Generator:
@@ -119,7 +142,7 @@ def generate(
         raise InputError("expected at least one prompt, got none")
     generator = torch.Generator("cpu").manual_seed(options.seed)
     latent = initial_latent(pipe, options, generator) if latent is None else latent
-    device, dtype = pipe.unet.device, pipe.unet.dtype
+    device, dtype = denoiser(pipe).device, denoiser(pipe).dtype
     if latent.shape[0] not in (1, len(prompts)):
         raise InputError(f"expected one initial latent or one per prompt ({len(prompts)}), got {latent.shape[0]}")
     latents = latent.expand(len(prompts), *latent.shape[1:]).to(device, dtype).clone()
@@ -146,6 +169,8 @@ def generate(
         return changed
 
     embedded = "prompt_embeds" in pipe_kwargs
+    if options.max_sequence_length is not None:
+        pipe_kwargs["max_sequence_length"] = options.max_sequence_length
     args = dict(
         prompt=None if embedded else prompts,
         negative_prompt=[options.negative_prompt] * len(prompts) if options.negative_prompt and not embedded else None,
@@ -153,8 +178,8 @@ def generate(
         guidance_scale=options.guidance,
         latents=latents,
         generator=[_copy(generator) for _ in prompts],  # the same noise for every prompt at every step
-        height=latents.shape[2] * pipe.vae_scale_factor,
-        width=latents.shape[3] * pipe.vae_scale_factor,
+        height=image_size(pipe, latents, options)[0],
+        width=image_size(pipe, latents, options)[1],
         output_type="pil",
         callback_on_step_end_tensor_inputs=inputs,
         **pipe_kwargs,

@@ -11,15 +11,26 @@ from .errors import ModelError
 
 BUNDLED = {"shapes": Path(__file__).parent / "models" / "shapes"}  # models shipped inside the package
 DEFAULT_MODEL = "shapes"
-_SD_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+_SD_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+_NAMES = "Stable Diffusion 1.x, 2.x, XL or 3 / 3.5, or Flux.1"
 
 
 def family(pipe) -> str:
-    """'sd1', 'sd2' or 'sdxl', from the pipeline's components."""
+    """'sd1', 'sd2', 'sdxl', 'sd3' or 'flux', from the pipeline's components."""
+    if hasattr(pipe, "text_encoder_3"):
+        return "sd3"
+    if getattr(pipe, "transformer", None) is not None:
+        return "flux"
     if getattr(pipe, "text_encoder_2", None) is not None:
         return "sdxl"
     v_pred = pipe.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
     return "sd2" if v_pred or pipe.text_encoder.config.hidden_size >= 1024 else "sd1"
+
+
+def default_part(pipe) -> str | None:
+    """Which encoder's part of a joint text sequence a word's map is read from by default: SD3's CLIP part (its T5
+    part is zeros when the pipeline has no T5, as the bundled flow model); None for one-encoder sequences."""
+    return "clip" if family(pipe) == "sd3" else None
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -83,7 +94,8 @@ def resolve_device(name: str | None) -> torch.device:
 
 def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32):
-    """A Stable Diffusion 1.x / 2.x / XL pipeline, offline: bundled name, local folder, or cached hub id."""
+    """A Stable Diffusion 1.x / 2.x / XL / 3 / 3.5 or Flux.1 pipeline, offline: bundled name, local folder, or cached
+    hub id."""
     from diffusers import DiffusionPipeline
 
     folder = resolve(name_or_path)
@@ -93,9 +105,9 @@ def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.
         raise ModelError(f"{folder / 'model_index.json'} is not valid JSON ({e}); expected the file that "
                          "pipeline.save_pretrained writes") from None
     cls = index.get("_class_name", "?") if isinstance(index, dict) else "?"
-    if cls not in _SD_CLASSES or "unet" not in index:
-        raise ModelError(f"{folder} holds a {cls}: expected a Stable Diffusion 1.x, 2.x or XL text-to-image pipeline "
-                         f"({' or '.join(_SD_CLASSES)})")
+    if cls not in _SD_CLASSES or not ("unet" in index or "transformer" in index):
+        raise ModelError(f"{folder} holds a {cls}: expected a {_NAMES} text-to-image pipeline "
+                         f"({', '.join(_SD_CLASSES)})")
     components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
     missing = [k for k in components if not (folder / k).is_dir()]
     if missing:

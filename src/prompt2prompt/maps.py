@@ -68,10 +68,16 @@ class CrossAttentionMaps:
             raise P2PError(f"prompt index {prompt} is outside 0..{len(self.prompts) - 1}")
         return self.prompts[prompt]
 
-    def word(self, word: str | int, prompt: int = 0, occurrence: int | None = None) -> HeatMap:
-        """The map of a word (its tokens summed; every occurrence unless one is chosen) or of a token index."""
+    def word(self, word: str | int, prompt: int = 0, occurrence: int | None = None, part: str | None = "default"
+             ) -> HeatMap:
+        """The map of a word (its tokens summed; every occurrence unless one is chosen) or of a token index.
+
+        part: in a joint text sequence (SD3: CLIP then T5) the encoder part to read the word in; "default": the
+        model's default part (settings["text_part"]), None: every part.
+        """
         tokens = self._tokens(prompt)
-        positions = list(tokens.positions(word, occurrence))
+        part = self.settings.get("text_part") if part == "default" else part
+        positions = list(tokens.positions(word, occurrence, part if tokens.parts else None))
         label = word if isinstance(word, str) else tokens.label(word)
         return HeatMap(self.values[prompt, :, :, positions].sum(-1), str(label))
 
@@ -80,19 +86,30 @@ class CrossAttentionMaps:
         label = self._tokens(prompt).label(index)
         return HeatMap(self.values[prompt, :, :, index], label)
 
+    def _part(self, prompt: int) -> tuple[int, PromptTokens]:
+        """(offset, tokens) of the part of a prompt's text the maps show: the default part of a joint sequence."""
+        tokens = self._tokens(prompt)
+        return tokens.part_of(self.settings.get("text_part") if tokens.parts else None)
+
     def tokens(self, prompt: int = 0, start: bool = False) -> list[HeatMap]:
-        """One map per real token of the prompt (without the start token unless asked), end token included."""
-        n = len(self._tokens(prompt).tokens)
-        return [self.token(i, prompt) for i in range(0 if start else 1, n)]
+        """One map per real token of the prompt (without the start token unless asked), end token included; in a
+        joint sequence, those of the default part."""
+        offset, part = self._part(prompt)
+        return [self.token(offset + i, prompt) for i in part.real_positions(start)]
 
     def argmax(self, prompt: int = 0, ignore_start: bool = True, ignore_padding: bool = True) -> torch.Tensor:
-        """(h, w) position of the most attended token per pixel. Padding is the end token and everything after it."""
+        """(h, w) position of the most attended token per pixel. By default among the tokens of the prompt's words
+        (start token, end token and padding left out); in a joint sequence, those of the default part."""
         values = self.values[prompt].clone()  # (h, w, tokens)
-        end = self._tokens(prompt).end
-        if ignore_start:
-            values[..., 0] = -1
+        offset, part = self._part(prompt)
         if ignore_padding:
-            values[..., end:] = -1
+            keep = torch.zeros(values.shape[-1], dtype=torch.bool)
+            keep[[offset + i for i in part.word_positions()]] = True
+            if not ignore_start:
+                keep[[offset + i for i in part.real_positions(start=True) if part.tokens[i] == "<start>"]] = True
+            values[..., ~keep] = -1
+        elif ignore_start:
+            values[..., [offset + i for i in part.real_positions(start=True) if part.tokens[i] == "<start>"]] = -1
         return values.argmax(-1)
 
     # -- files ---------------------------------------------------------------------------------------------------------

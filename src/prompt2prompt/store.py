@@ -24,7 +24,7 @@ class RecordOptions:
     self_res: tuple[int, ...] | None = None  # ... at these map sides (longer side); None: the model's map side only
     # (RunInfo.map_side: 16 at SD's 64x64 latents and on shapes, 32 at SDXL's 128x128), where its components are drawn
     steps: tuple[int, int] | None = None  # [start, end) denoising steps to sum over; None: all
-    places: tuple[str, ...] = ("down", "mid", "up")  # UNet places to record
+    places: tuple[str, ...] | None = None  # places to record (UNet: down, mid, up; MM-DiT: joint, single, image)
 
 
 class AttentionStore(AttentionController):
@@ -45,7 +45,7 @@ class AttentionStore(AttentionController):
 
     def wants(self, site: Site) -> bool:
         o = self.options
-        if site.layer.place not in o.places:
+        if o.places is not None and site.layer.place not in o.places:
             return False
         if o.steps is not None and not o.steps[0] <= site.step < o.steps[1]:
             return bool(self.series_filter and self.series_filter(site))

@@ -1,8 +1,12 @@
-"""Tiny random Stable Diffusion 1.x, 2.x and XL pipelines, built offline in code (as diffusers' own tests do).
+"""Tiny random pipelines, built offline in code (as diffusers' own tests do): SD 1.x, 2.x, XL, 3 and Flux.
 
 They have the real architectures at toy widths: SD 1.x (epsilon, 32-wide text), SD 2.x (v-prediction, linear
-projections, a wider text encoder, "!" padding), SDXL (two text encoders, added time/text conditioning). Used by the
-tests and the benchmarks; weights are random, seeded.
+projections, a wider text encoder, "!" padding), SDXL (two text encoders, added time/text conditioning), SD3 (an
+MM-DiT with two CLIP encoders and a T5 encoder, image tokens then text in each joint attention, a context-only last
+block, qk-norm and a dual-attention block as SD3.5), Flux (an MM-DiT with a CLIP and a T5 encoder, text then image in
+its double-stream blocks, single-stream blocks, rotary embeddings, packed latents). The T5 tokenizer is a small
+SentencePiece-style unigram model made with the `tokenizers` library and wrapped in transformers' fast T5 class.
+Used by the tests and the benchmarks; weights are random, seeded.
 """
 
 from __future__ import annotations
@@ -15,6 +19,37 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .shapes.model import SD_SCHEDULE
 from .shapes.tokenizer import train_tokenizer
+
+T5_WORDS = ("the of on in with photo painting watercolor cat dog squirrel lion burger eating big small red orange "
+            "yellow green blue purple circle square triangle cross a an and").split()
+
+
+def tiny_t5_tokenizer(folder: str | Path, max_length: int = 32):
+    """A T5-style tokenizer (SentencePiece unigram pieces with the "▁" word marker, </s> appended, <pad> = 0), saved
+    to folder: every word of T5_WORDS is one piece, anything else falls back to single characters."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = sorted(set("".join(T5_WORDS)) | set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in dict.fromkeys(T5_WORDS)]
+    vocab += [("▁", -2.0)] + [(c, -5.0) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                         model_max_length=max_length)
+    t5.save_pretrained(str(folder))
+    return T5TokenizerFast.from_pretrained(str(folder))
+
+
+def _t5(tokenizer, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0))
 
 
 def tiny_tokenizer(folder: str | Path, pad_token: str | None = None) -> CLIPTokenizer:
@@ -31,15 +66,26 @@ def _text_config(tokenizer, width: int, projection: int | None = None) -> CLIPTe
     )
 
 
-def _vae() -> AutoencoderKL:
+def _vae(shift_factor: float | None = None) -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+        shift_factor=shift_factor,
     )
 
 
 def tiny_pipeline(kind: str, folder: str | Path, seed: int = 0):
-    """kind: 'sd1', 'sd2' or 'sdxl'. folder receives the tokenizer files. Latents are 16x16 (images 32x32)."""
+    """kind: 'sd1', 'sd2', 'sdxl', 'sd3' or 'flux'. folder receives the tokenizer files. Images are 32x32: UNet
+    latents 16x16; SD3 16x16 latents in 8x8 tokens (patch 2); Flux 16x16 latents packed into 8x8 tokens. Every
+    component is in eval mode (as from_pretrained leaves them: T5's dropout would otherwise make runs differ)."""
+    pipe = _build(kind, folder, seed)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
+def _build(kind: str, folder: str | Path, seed: int):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
@@ -79,7 +125,36 @@ def tiny_pipeline(kind: str, folder: str | Path, seed: int = 0):
             tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
             scheduler=DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
         )
-    raise ValueError(f"unknown pipeline kind {kind!r}: expected sd1, sd2 or sdxl")
+    if kind == "sd3":
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        tokenizer, tokenizer_2 = tiny_tokenizer(folder / "tokenizer"), tiny_tokenizer(folder / "tokenizer_2")
+        tokenizer_3 = tiny_t5_tokenizer(folder / "tokenizer_3")
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+            pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,),
+        )
+        return StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(0.05),
+            text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, 32)), tokenizer=tokenizer,
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, 32)), tokenizer_2=tokenizer_2,
+            text_encoder_3=_t5(tokenizer_3, 64), tokenizer_3=tokenizer_3,
+        )
+    if kind == "flux":
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+        tokenizer, tokenizer_2 = tiny_tokenizer(folder / "tokenizer"), tiny_t5_tokenizer(folder / "tokenizer_2")
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        )
+        return FluxPipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=_vae(0.05),
+            text_encoder=CLIPTextModel(_text_config(tokenizer, 32)), tokenizer=tokenizer,
+            text_encoder_2=_t5(tokenizer_2, 32), tokenizer_2=tokenizer_2,
+        )
+    raise ValueError(f"unknown pipeline kind {kind!r}: expected sd1, sd2, sdxl, sd3 or flux")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="Save a tiny random Stable Diffusion pipeline (for trying the "
                                      "tool and for tests; its pictures are noise).")
-    parser.add_argument("kind", choices=["sd1", "sd2", "sdxl"], help="architecture family")
+    parser.add_argument("kind", choices=["sd1", "sd2", "sdxl", "sd3", "flux"], help="architecture family")
     parser.add_argument("folder", help="where to save the pipeline")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

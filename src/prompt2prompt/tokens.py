@@ -23,6 +23,7 @@ class Word:
     start: int  # character span in the prompt
     end: int
     tokens: tuple[int, ...]  # token positions in the padded sequence (0 is the start token)
+    part: str = ""  # which encoder's part of a joint text sequence ("clip", "t5"); "" for a single encoder
 
 
 @dataclass(frozen=True)
@@ -35,18 +36,21 @@ class PromptTokens:
     length: int  # the padded length the text encoder sees (tokenizer.model_max_length)
     ids: tuple[int, ...] = ()  # the token ids of the real tokens (start and end included)
     truncated: str = ""  # the end of the prompt that did not fit in `length` tokens (the model never sees it)
+    parts: tuple[tuple[str, int, PromptTokens], ...] = ()  # a joint sequence: (name, offset, that encoder's tokens)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, prompt: str) -> PromptTokens:
+    def from_tokenizer(cls, tokenizer, prompt: str, length: int | None = None) -> PromptTokens:
+        """One encoder's view: length is the padded sequence length (default: the tokenizer's model_max_length)."""
         if not getattr(tokenizer, "is_fast", True):
             raise PromptError(f"{type(tokenizer).__name__} is a slow tokenizer, which cannot give the character "
                               "offsets that find words; load the pipeline with a fast tokenizer (transformers >= 5 "
                               "does)")
-        enc = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length, return_offsets_mapping=True)
+        length = int(length or tokenizer.model_max_length)
+        enc = tokenizer(prompt, truncation=True, max_length=length, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         covered = max((e for s, e in offsets if e > s), default=0)
         rest = prompt[covered:].strip()
-        truncated = rest if len(ids) >= tokenizer.model_max_length and rest else ""
+        truncated = rest if len(ids) >= length and rest else ""
         pieces = tokenizer.convert_ids_to_tokens(ids)
         readable = tuple(_readable(tokenizer, p, i) for i, p in zip(ids, pieces))
         words = []
@@ -56,14 +60,49 @@ class PromptTokens:
             )
             if positions:  # a word cut off by truncation has no tokens
                 words.append(Word(m.group(), m.start(), m.end(), positions))
-        return cls(prompt, readable, tuple(words), int(tokenizer.model_max_length), tuple(int(i) for i in ids),
-                   truncated)
+        return cls(prompt, readable, tuple(words), length, tuple(int(i) for i in ids), truncated)
+
+    @classmethod
+    def joint(cls, prompt: str, parts: list[tuple[str, PromptTokens]]) -> PromptTokens:
+        """The text sequence of an MM-DiT whose encoders' outputs are concatenated along the sequence (SD3: CLIP then
+        T5): every part keeps its positions, shifted by the parts before it; a word appears once per part."""
+        offset, words, labels, placed = 0, [], [], []
+        for name, p in parts:
+            words += [Word(w.text, w.start, w.end, tuple(t + offset for t in w.tokens), name) for w in p.words]
+            labels += list(p.tokens) + ["<pad>"] * (p.length - len(p.tokens))
+            placed.append((name, offset, p))
+            offset += p.length
+        # cut only if no part saw all of it (SD3's T5 part sees far more than its CLIP part)
+        cuts = [p.truncated for _, p in parts if p.tokens]
+        truncated = min(cuts, key=len) if cuts and all(cuts) else ""
+        return cls(prompt, tuple(labels), tuple(words), offset, (), truncated, tuple(placed))
 
     # --- lookup -----------------------------------------------------------------------------------------------
     @property
     def end(self) -> int:
-        """Position of the end token; positions after it are padding."""
+        """Position of the end token; positions after it are padding (a single encoder's sequence)."""
+        if self.parts:
+            raise PromptError("a joint text sequence has one end token per part: use real_positions()")
         return len(self.tokens) - 1
+
+    def real_positions(self, start: bool = False) -> list[int]:
+        """Positions of the prompt's own tokens (words and the end token; a start token if asked), not padding."""
+        if self.parts:
+            return [offset + i for _, offset, p in self.parts for i in p.real_positions(start)]
+        return [i for i, t in enumerate(self.tokens) if start or t != "<start>"]
+
+    def word_positions(self) -> list[int]:
+        """Positions of the tokens that belong to the prompt's words (no start, end or padding token)."""
+        return sorted({t for w in self.words for t in w.tokens})
+
+    def part_of(self, name: str | None) -> tuple[int, PromptTokens]:
+        """(offset, tokens) of one part of a joint sequence (the whole sequence when name is None or single)."""
+        if name is None or not self.parts:
+            return 0, self
+        for part, offset, p in self.parts:
+            if part == name:
+                return offset, p
+        raise PromptError(f"this model's text has no part {name!r}: it has {', '.join(n for n, _, _ in self.parts)}")
 
     def word_list(self) -> list[str]:
         return [w.text for w in self.words]
@@ -87,14 +126,19 @@ class PromptTokens:
 
     def check_index(self, index: int) -> None:
         if not isinstance(index, int) or not 0 <= index < self.length:
+            real = self.real_positions(start=True)
             raise PromptError(f"token index {index!r} is outside 0..{self.length - 1} (the prompt {self.prompt!r} "
-                              f"has {len(self.tokens)} real tokens, positions 0..{self.end}; the rest is padding)")
+                              f"has {len(real)} real tokens; the rest is padding)")
 
-    def positions(self, query: str | int, occurrence: int | None = None) -> tuple[int, ...]:
-        """Token positions of a word (all occurrences unless one is chosen), or of a token given by its index."""
+    def positions(self, query: str | int, occurrence: int | None = None, part: str | None = None) -> tuple[int, ...]:
+        """Token positions of a word (all occurrences unless one is chosen; in one part of a joint sequence if named),
+        or of a token given by its index."""
         if isinstance(query, int):
             self.check_index(query)
             return (query,)
+        if part is not None and self.parts:
+            offset, p = self.part_of(part)
+            return tuple(t + offset for t in p.positions(query, occurrence))
         found = self.find(query)
         if not found:
             raise PromptError(
@@ -112,20 +156,49 @@ class PromptTokens:
         return {
             "prompt": self.prompt,
             "tokens": list(self.tokens),
-            "words": [[w.text, w.start, w.end, list(w.tokens)] for w in self.words],
+            "words": [[w.text, w.start, w.end, list(w.tokens), w.part] for w in self.words],
             "length": self.length,
             "ids": list(self.ids),
             "truncated": self.truncated,
+            "parts": [[name, offset, p.to_dict()] for name, offset, p in self.parts],
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> PromptTokens:
-        words = tuple(Word(t, s, e, tuple(p)) for t, s, e, p in d["words"])
+        words = tuple(Word(w[0], w[1], w[2], tuple(w[3]), w[4] if len(w) > 4 else "") for w in d["words"])
+        parts = tuple((name, int(offset), cls.from_dict(p)) for name, offset, p in d.get("parts", ()))
         return cls(d["prompt"], tuple(d["tokens"]), words, int(d["length"]), tuple(d.get("ids", ())),
-                   d.get("truncated", ""))
+                   d.get("truncated", ""), parts)
 
 
 def _readable(tokenizer, piece: str, token_id: int) -> str:
     if token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         return "<start>" if token_id == tokenizer.bos_token_id else "<end>"
     return tokenizer.decode([token_id]).strip() or piece
+
+
+def sequence_length(pipe, max_sequence_length: int | None = None) -> int | None:
+    """The T5 sequence length an MM-DiT pipeline pads to: the given one, else the pipeline's own default."""
+    import inspect
+
+    if max_sequence_length:
+        return int(max_sequence_length)
+    param = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
+    return int(param.default) if param is not None else None
+
+
+def prompt_tokens(pipe, prompt: str, max_sequence_length: int | None = None) -> PromptTokens:
+    """A prompt as the pipeline's denoiser sees its text: one CLIP sequence (SD 1.x/2.x/XL: their encoders share
+    positions), CLIP then T5 (SD3: the CLIP part is 77 positions, the T5 part max_sequence_length; zeros when the
+    pipeline has no T5), or T5 alone (Flux)."""
+    if hasattr(pipe, "text_encoder_3"):  # SD3
+        length = sequence_length(pipe, max_sequence_length)
+        clip = PromptTokens.from_tokenizer(pipe.tokenizer, prompt)
+        if getattr(pipe, "text_encoder_3", None) is not None and getattr(pipe, "tokenizer_3", None) is not None:
+            t5 = PromptTokens.from_tokenizer(pipe.tokenizer_3, prompt, length)
+        else:
+            t5 = PromptTokens(prompt, (), (), length)  # the pipeline feeds zeros there
+        return PromptTokens.joint(prompt, [("clip", clip), ("t5", t5)])
+    if getattr(pipe, "transformer", None) is not None and getattr(pipe, "tokenizer_2", None) is not None:  # Flux
+        return PromptTokens.from_tokenizer(pipe.tokenizer_2, prompt, sequence_length(pipe, max_sequence_length))
+    return PromptTokens.from_tokenizer(pipe.tokenizer, prompt)

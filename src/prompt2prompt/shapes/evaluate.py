@@ -26,14 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..attention import Controllers
 from ..generation import GenerationOptions, generate, initial_latent
 from ..maps import cross_maps
 from ..metrics import iou
 from ..store import AttentionStore, RecordOptions
-from ..tokens import PromptTokens
+from ..tokens import prompt_tokens
 from . import world
 
 CHROMA = 0.3  # object pixels are coloured, backgrounds are grey. (Relative saturation, (max-min)/max, was used first:
@@ -198,7 +197,7 @@ def evaluate(pipe, count: int = 200, seed: int = 1234, options: GenerationOption
 
     for start in tqdm(range(0, count, batch), desc="evaluating", disable=not progress):
         chunk = captions[start : start + batch]
-        tokens = [PromptTokens.from_tokenizer(pipe.tokenizer, c) for c in chunk]
+        tokens = [prompt_tokens(pipe, c, options.max_sequence_length) for c in chunk]
         latents = torch.cat([initial_latent(pipe, replace(options, seed=seed + start + k)) for k in range(len(chunk))])
         store = AttentionStore(RecordOptions(self_attention=False))
         gen = generate(pipe, chunk, Controllers(store), options, latent=latents, progress=False)
@@ -227,7 +226,7 @@ def autoencoder_psnr(pipe, count: int = 200, seed: int = 1234) -> float:
     scenes, _ = world.batch(seed=seed, count=count)
     values = []
     for scene in scenes:
-        image = Image.fromarray((scene.render() * 255).round().astype(np.uint8))
+        image = scene.image()
         values.append(psnr(autoencoder_reconstruction(pipe, image), image))
     return float(np.mean(values))
 

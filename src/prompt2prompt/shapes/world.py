@@ -52,6 +52,12 @@ class Scene:
             image[mask] = COLOURS[obj.colour]
         return image
 
+    def image(self):
+        """The render as an 8-bit PIL image (what a user would hand to `p2p invert`)."""
+        from PIL import Image
+
+        return Image.fromarray((self.render() * 255).round().astype(np.uint8))
+
 
 def shape_mask(shape: str, centre: tuple[float, float], radius: float, size: int = IMAGE_SIZE) -> np.ndarray:
     """(size, size) boolean mask of one shape, sampled at pixel centres."""

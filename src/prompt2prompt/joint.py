@@ -1,0 +1,196 @@
+"""MM-DiT joint attention (SD3 / SD3.5, Flux.1) routed through the same controllers as the UNet's layers.
+
+In an MM-DiT, image and text tokens attend jointly: one softmax over the image and the text keys (SD3: image tokens
+then text; Flux: text then image, in its double-stream blocks; its single-stream blocks get text and image already
+concatenated). Each attention module is seen as two sites: its image-to-text block (`is_cross`, what a word's map and
+a Prompt-to-Prompt replacement act on) and its image-to-image block (self-attention). `JointRoutedProcessor` is
+installed in diffusers' processor slot of every attention module (by `attention.control`) and:
+
+- calls the original processor unchanged (its fused kernel / attention dispatcher) where the controller wants neither;
+- where only the image-to-text block is wanted, runs one fused attention whose values carry an extra channel that is 1
+  on text keys, which gives each query's total attention on the text; with a softmax over the text keys alone (queries
+  x text keys: no (tokens x tokens) matrix is ever formed) that is the image-to-text block of the joint softmax,
+  exactly. A replacement C' of that block changes the image queries' output by (C' - C) @ V_text;
+- where the image-to-image block is wanted too, computes the joint attention explicitly (small maps only).
+
+The text queries' rows are never changed: an edit acts on what the image attends to, as in the UNet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .attention import LayerInfo, Router, Site
+from .errors import P2PError
+
+SD3_PROCESSORS = ("JointAttnProcessor2_0",)
+FLUX_PROCESSORS = ("FluxAttnProcessor", "FluxAttnProcessor2_0")
+JOINT_PLACES = ("joint", "single")  # places whose cross site is a block of a joint softmax
+
+
+def joint_layers(name: str, module) -> tuple[LayerInfo, LayerInfo]:
+    """(text site, image site) of one attention module of an MM-DiT."""
+    parts = name.split(".")
+    block = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    if parts[0].startswith("single"):
+        place = "single"  # Flux single-stream: text and image concatenated before attention
+    elif parts[2:3] == ["attn2"]:
+        place = "image"  # SD3.5's second (image-only) attention of a dual-attention block
+    else:
+        place = "joint"
+    heads = int(module.heads)
+    return (LayerInfo(f"{name}:text", place, block, True, heads, 0), LayerInfo(f"{name}:image", place, block, False,
+                                                                               heads, 0))
+
+
+class JointRoutedProcessor:
+    """Calls the original joint-attention processor, or computes the joint attention with the controller in it."""
+
+    def __init__(self, router: Router, name: str, module, original):
+        self.router = router
+        self.text, self.image = joint_layers(name, module)
+        self.original = original
+        self.kind = "sd3" if type(original).__name__ in SD3_PROCESSORS else \
+            "flux" if type(original).__name__ in FLUX_PROCESSORS else None
+        self.text_first = self.kind == "flux"
+
+        def call(*args, **kwargs):
+            return self._call(*args, **kwargs)
+
+        import inspect
+
+        call.__signature__ = inspect.signature(original.__call__)  # keyword arguments the original takes pass through
+        self.__call__ = call
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kw):
+        return self._call(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kw)
+
+    def _call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kw):
+        if args and self.kind == "flux":  # FluxAttention.forward passes the rotary embedding positionally
+            kw["image_rotary_emb"], args = args[0], args[1:]
+        router, controller = self.router, self.router.controller
+        run = router.run
+        grid = run.grid if run else (1, hidden_states.shape[1])
+        has_text = encoder_hidden_states is not None or (self.text.place == "single" and router.text_tokens > 0)
+        text_site = Site(self.text, grid, router.step) if has_text else None
+        image_site = Site(self.image, grid, router.step)
+        want_text = text_site is not None and controller.wants(text_site)
+        want_image = controller.wants(image_site)
+        if not (want_text or want_image):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kw)
+        if args:
+            raise P2PError(f"{type(self.original).__name__} was given arguments attention control does not know")
+        if self.kind is None:
+            raise P2PError(f"the layer {self.image.name.rsplit(':', 1)[0]} uses {type(self.original).__name__}; "
+                           f"attention control supports diffusers' {', '.join(SD3_PROCESSORS + FLUX_PROCESSORS)}")
+        if attention_mask is not None:
+            raise P2PError("joint attention with an attention mask cannot be controlled")
+        query, key, value, text, image = self._project(attn, hidden_states, encoder_hidden_states, kw)
+        if want_image:
+            out = self._explicit(query, key, value, text, image, text_site if want_text else None, image_site)
+        else:
+            out = self._text_only(query, key, value, text, image, text_site)
+        return self._finish(attn, out.to(query.dtype), hidden_states, encoder_hidden_states, text, image)
+
+    # -- the original processors' projections --------------------------------------------------------------------
+    def _project(self, attn, hidden_states, encoder_hidden_states, kw):
+        """query, key, value as (batch, heads, tokens, head_dim) and the text and image slices of the sequence."""
+        batch = hidden_states.shape[0]
+        if self.kind == "sd3":
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            head_dim = key.shape[-1] // attn.heads
+            query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            n = query.shape[2]
+            if encoder_hidden_states is None:  # SD3.5's image-only attention
+                return query, key, value, slice(n, n), slice(0, n)
+            eq, ek, ev = (proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+                          for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            t = eq.shape[2]
+            return (torch.cat([query, eq], 2), torch.cat([key, ek], 2), torch.cat([value, ev], 2), slice(n, n + t),
+                    slice(0, n))
+        # Flux: diffusers' own projection helper (it knows fused projections), sequence dimension 1
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
+            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
+            t = eq.shape[1]
+        else:
+            t = self.router.text_tokens if self.text.place == "single" else 0
+        rotary = kw.get("image_rotary_emb")
+        if rotary is not None:
+            query = apply_rotary_emb(query, rotary, sequence_dim=1)
+            key = apply_rotary_emb(key, rotary, sequence_dim=1)
+        length = query.shape[1]
+        query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # (batch, heads, tokens, head_dim)
+        return query, key, value, slice(0, t), slice(t, length)
+
+    def _finish(self, attn, out, hidden_states, encoder_hidden_states, text: slice, image: slice):
+        """The original processors' output projections and return values."""
+        batch, heads, length, head_dim = out.shape
+        out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)  # (batch, tokens, heads * head_dim)
+        if self.kind == "sd3":
+            if encoder_hidden_states is None:
+                return attn.to_out[1](attn.to_out[0](out))
+            image_out, text_out = out[:, image], out[:, text]
+            if not attn.context_pre_only:
+                text_out = attn.to_add_out(text_out)
+            return attn.to_out[1](attn.to_out[0](image_out)), text_out
+        if encoder_hidden_states is None:  # Flux single-stream: the block projects it itself
+            return out
+        image_out = attn.to_out[1](attn.to_out[0](out[:, image].contiguous()))
+        return image_out, attn.to_add_out(out[:, text].contiguous())
+
+    # -- attention with the controller in it ---------------------------------------------------------------------
+    def _conditional(self, batch: int) -> slice:
+        prompts = self.router.run.prompts if self.router.run else batch
+        return slice(batch - prompts, batch)
+
+    def _text_only(self, query, key, value, text: slice, image: slice, site: Site):
+        """Fused attention plus the image-to-text block: its values carry a channel that is 1 on text keys."""
+        batch, heads, length, head_dim = value.shape
+        marker = torch.zeros(batch, heads, length, 1, dtype=value.dtype, device=value.device)
+        marker[:, :, text] = 1
+        fused = F.scaled_dot_product_attention(query, key, torch.cat([value, marker], -1))
+        out, mass = fused[..., :head_dim], fused[..., head_dim]  # mass: (batch, heads, tokens) attention on text
+        rows = self._conditional(batch)
+        scores = torch.matmul(query[rows, :, image], key[rows, :, text].transpose(-1, -2)) / math.sqrt(head_dim)
+        block = scores.float().softmax(-1) * mass[rows, :, image, None].float()  # (prompts, heads, image, text)
+        block = block.to(query.dtype)
+        new = self.router.controller.attention(block, site)
+        if new is not None:
+            out = out.clone()
+            out[rows, :, image] += torch.matmul((new.to(block.dtype) - block), value[rows, :, text])
+        return out
+
+    def _explicit(self, query, key, value, text: slice, image: slice, text_site: Site | None, image_site: Site):
+        """The joint attention with its probabilities materialised (batch, heads, tokens, tokens)."""
+        head_dim = query.shape[-1]
+        probs = (torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head_dim)).float().softmax(-1)
+        probs = probs.to(query.dtype)
+        rows = self._conditional(query.shape[0])
+        controller = self.router.controller
+        for site, columns in ((text_site, text), (image_site, image)):
+            if site is None:
+                continue
+            block = probs[rows, :, image, columns]
+            new = controller.attention(block, site)
+            if new is not None:
+                probs[rows, :, image, columns] = new.to(probs.dtype)
+        return torch.matmul(probs, value)

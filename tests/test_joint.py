@@ -1,0 +1,165 @@
+"""MM-DiT models (SD3 with its T5 part and an SD3.5 dual-attention block, Flux with double- and single-stream blocks):
+loading, joint-attention routing equal to the stock processors, maps that are exact blocks of the joint softmax,
+edits, and the command line on saved folders."""
+
+import json
+
+import pytest
+import torch
+
+from prompt2prompt.attention import AttentionController, Controllers
+from prompt2prompt.cli import main
+from prompt2prompt.edits import EditOptions, edit, edit_controller, edit_controllers
+from prompt2prompt.generation import GenerationOptions, generate
+from prompt2prompt.loading import family, load_pipeline
+from prompt2prompt.store import AttentionStore
+from prompt2prompt.testing import tiny_pipeline
+from prompt2prompt.tokens import prompt_tokens
+
+OPTS = GenerationOptions(steps=3, seed=1, height=32, width=32, max_sequence_length=24)
+KINDS = ["sd3", "flux"]
+
+
+@pytest.fixture(scope="module")
+def joint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("joint")
+    built = {}
+    for kind in KINDS:
+        pipe = tiny_pipeline(kind, root / kind)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.save_pretrained(root / f"{kind}-saved")
+        built[kind] = (pipe, root / f"{kind}-saved")
+    return built
+
+
+class Everything(AttentionController):
+    def wants(self, site):
+        return True
+
+
+class Probe(AttentionController):
+    def __init__(self, cross: bool | None = None):
+        self.cross, self.seen = cross, []
+
+    def wants(self, site):
+        return self.cross is None or site.layer.is_cross == self.cross
+
+    def attention(self, probs, site):
+        self.seen.append((site, probs.clone()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_folders_load_and_generate_as_stock(joint, kind):
+    pipe, folder = joint[kind]
+    loaded = load_pipeline(folder)
+    assert family(loaded) == kind and type(loaded).__name__ == type(pipe).__name__
+    prompts = ["a red circle and a blue square", "a green cross"]
+    stock = generate(loaded, prompts, None, OPTS, progress=False)
+    recorded = generate(loaded, prompts, AttentionStore(), OPTS, progress=False)
+    explicit = generate(loaded, prompts, Everything(), OPTS, progress=False)
+    torch.testing.assert_close(recorded.latents, stock.latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit.latents, stock.latents, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_attention_module_is_routed_and_restored(joint, kind):
+    pipe, _ = joint[kind]
+    originals = dict(pipe.transformer.attn_processors)
+    probe = Probe()
+    generate(pipe, ["a red circle"], probe, OPTS, progress=False)
+    names = {site.layer.name.rsplit(":", 1)[0] for site, _ in probe.seen}
+    assert names == set(originals)
+    places = {site.layer.place for site, _ in probe.seen}
+    assert places == ({"joint", "image"} if kind == "sd3" else {"joint", "single"})
+    assert dict(pipe.transformer.attn_processors) == originals
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_text_block_is_the_joint_softmax_block(joint, kind):
+    """The image-to-text block computed without the full matrix equals the block of the explicit joint softmax, and
+    each image query's text mass plus its image mass is 1: a word's map summed with the other tokens' is the query's
+    total attention on the text."""
+    pipe, _ = joint[kind]
+    fast, full = Probe(cross=True), Probe()
+    prompts = ["a red circle and a blue square"]
+    generate(pipe, prompts, fast, OPTS, progress=False)
+    generate(pipe, prompts, full, OPTS, progress=False)
+    texts = [(s, p) for s, p in full.seen if s.layer.is_cross]
+    images = {(s.layer.name.rsplit(":", 1)[0], s.step): p for s, p in full.seen if not s.layer.is_cross}
+    assert len(texts) == len(fast.seen) > 0
+    for (site, block), (_, exact) in zip(fast.seen, texts):
+        torch.testing.assert_close(block, exact, atol=1e-5, rtol=1e-4)
+        image_block = images[(site.layer.name.rsplit(":", 1)[0], site.step)]
+        total = block.sum(-1) + image_block.sum(-1)  # (prompts, heads, image queries)
+        torch.testing.assert_close(total, torch.ones_like(total), atol=1e-5, rtol=0)
+        assert (block.sum(-1) < 1 - 1e-3).all()  # a real part of the attention stays on the image
+
+
+def test_words_are_found_in_each_encoders_part(joint):
+    pipe, _ = joint["sd3"]
+    tokens = prompt_tokens(pipe, "a red circle and a blue square", 24)
+    assert [name for name, _, _ in tokens.parts] == ["clip", "t5"] and tokens.length == 77 + 24
+    clip, t5 = tokens.positions("circle", part="clip"), tokens.positions("circle", part="t5")
+    assert clip == (3,) and t5 == (77 + 2,)  # CLIP: <start> a red circle; T5: ▁a ▁red ▁circle (no start token)
+    assert tokens.positions("circle") == clip + t5
+    assert tokens.parts[1][2].tokens[:3] == ("a", "red", "circle")
+    flux, _ = joint["flux"]
+    assert prompt_tokens(flux, "a red circle", 24).positions("circle") == (2,)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_identical_prompts_with_full_replacement_reproduce_the_source(joint, kind):
+    pipe, _ = joint[kind]
+    full = EditOptions(cross_steps=1.0, self_steps=1.0, self_max_side=64)
+    r = edit(pipe, "a red circle", "a red circle", full, OPTS, vanilla=False, progress=False)
+    torch.testing.assert_close(r.controlled.latents[1], r.controlled.latents[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_replacement_keeps_the_target_text_mass_and_the_source_row(joint, kind):
+    """Renormalised replacement: each edited image query keeps its own total attention on the text, distributed as
+    the source's (mapped); the source row never changes; "raw" takes the source's block as it is."""
+    pipe, _ = joint[kind]
+    prompts = ["a red circle", "a red square"]
+    for mode in ("renormalize", "raw"):
+        _, p2p, _ = edit_controllers(pipe, prompts, EditOptions(cross_steps=1.0, joint=mode), OPTS.steps,
+                                     OPTS.max_sequence_length)
+        before, after = Probe(cross=True), Probe(cross=True)
+        generate(pipe, prompts, Controllers(before, p2p, after), OPTS, progress=False)
+        for (_, pre), (_, post) in zip(before.seen, after.seen):
+            torch.testing.assert_close(post[0], pre[0], atol=0, rtol=0)
+            if mode == "renormalize":
+                torch.testing.assert_close(post[1].sum(-1), pre[1].sum(-1), atol=1e-5, rtol=1e-5)
+                shape = post[1] / post[1].sum(-1, keepdim=True)
+                torch.testing.assert_close(shape, pre[0] / pre[0].sum(-1, keepdim=True), atol=1e-5, rtol=1e-4)
+            else:
+                torch.testing.assert_close(post[1], pre[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_local_blend_keeps_the_source_outside_the_mask(joint, kind):
+    pipe, _ = joint[kind]
+    prompts = ["a red circle and a blue cross", "a red square and a blue cross"]
+    _, p2p, blend = edit_controllers(pipe, prompts, EditOptions(blend=("circle", "square"), threshold=0.9,
+                                                                blend_start=0.0), OPTS.steps, OPTS.max_sequence_length)
+    out = generate(pipe, prompts, edit_controller(p2p, blend), OPTS, progress=False)
+    outside = ~blend.mask[1, 0]  # (h, w) at the latents' size (Flux: its token grid)
+    assert 0 < outside.sum() < outside.numel()
+    latents = out.latents
+    if latents.ndim == 3:  # packed: (prompts, tokens, channels) in grid order
+        outside = outside.flatten()
+        torch.testing.assert_close(latents[1][outside], latents[0][outside], atol=0, rtol=0)
+    else:
+        torch.testing.assert_close(latents[1][:, outside], latents[0][:, outside], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cli_attend_and_edit_on_saved_folders(joint, kind, tmp_path):
+    _, folder = joint[kind]
+    common = ["--model", str(folder), "--steps", "2", "--height", "32", "--width", "32", "--quiet"]
+    assert main(["attend", "a red circle and a blue square", "--out", str(tmp_path / "attend"), *common]) == 0
+    settings = json.loads((tmp_path / "attend" / "settings.json").read_text())
+    assert settings["family"] == kind and settings["text_part"] == ("clip" if kind == "sd3" else None)
+    assert main(["edit", "a red circle and a blue square", "a red circle and a blue cross", "--blend", "square",
+                 "cross", "--out", str(tmp_path / "edit"), *common]) == 0
+    assert (tmp_path / "edit" / "blend_mask.png").exists()
