@@ -2,6 +2,8 @@
 
     python benchmarks/speed.py                         # SD 1.5 architecture (random weights) at 32x32 and 64x64
     python benchmarks/speed.py --model shapes --sizes 16 --steps 10 --repeats 7   # the bundled model
+    python benchmarks/speed.py --model sd3 --sizes 32  # SD3 medium's blocks (4 of 24), random weights, 256 px
+    python benchmarks/speed.py --model flux --sizes 32 # Flux.1-dev's blocks (1 double, 4 single), random weights
     python benchmarks/speed.py --device cuda --fp16    # on a GPU
 
 Configurations:
@@ -71,9 +73,63 @@ def build_sd15(size: int, dtype, device):
     return pipe.to(device, dtype)
 
 
-def build(model: str, size: int, dtype, device):
+def build_mmdit(model: str, size: int, dtype, device, layers: int):
+    """SD3 medium's or Flux.1-dev's transformer (their published configs) cut to a few blocks, random weights; text
+    encoders with the real output widths but one layer (the denoising loop never runs them); SD3 without T5."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from prompt2prompt.testing import _t5, tiny_t5_tokenizer, tiny_tokenizer
+
+    torch.manual_seed(0)
+    folder = tempfile.mkdtemp()
+    tokenizer = tiny_tokenizer(f"{folder}/tokenizer")
+
+    def clip(width, projection=None):
+        config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width,
+                                num_hidden_layers=1, num_attention_heads=8, max_position_embeddings=77,
+                                projection_dim=projection or width)
+        return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+    vae = AutoencoderKL(block_out_channels=(64, 64, 64, 64), layers_per_block=1, latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=size * 8, shift_factor=0.0609, scaling_factor=1.5035)
+    if model == "sd3":
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        transformer = SD3Transformer2DModel(  # stabilityai/stable-diffusion-3-medium-diffusers, num_layers cut
+            sample_size=size, patch_size=2, in_channels=16, out_channels=16, num_layers=layers, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, pos_embed_max_size=192)
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+            text_encoder=clip(768, 768), tokenizer=tokenizer, text_encoder_2=clip(1280, 1280), tokenizer_2=tokenizer,
+            text_encoder_3=None, tokenizer_3=None)
+    else:
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        t5_tokenizer = tiny_t5_tokenizer(f"{folder}/t5")
+        transformer = FluxTransformer2DModel(  # black-forest-labs/FLUX.1-dev, double and single blocks cut
+            patch_size=1, in_channels=64, num_layers=max(1, layers // 3), num_single_layers=layers,
+            attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+        pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                            text_encoder=clip(768), tokenizer=tokenizer, text_encoder_2=_t5(t5_tokenizer, 4096),
+                            tokenizer_2=t5_tokenizer)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe.to(device, dtype)
+
+
+def build(model: str, size: int, dtype, device, layers: int = 4):
     if model == "sd15":
         return build_sd15(size, dtype, device)
+    if model in ("sd3", "flux"):
+        return build_mmdit(model, size, dtype, device, layers)
     if model == "shapes":
         from prompt2prompt.loading import load_pipeline
 
@@ -109,11 +165,11 @@ class Runner:
             torch.set_num_threads(args.threads)
         self.args = args
         self.dtype = torch.float16 if args.fp16 else torch.float32
-        self.pipe = build(args.model, args.size, self.dtype, args.device)
+        self.pipe = build(args.model, args.size, self.dtype, args.device, args.layers)
         self.pipe.set_progress_bar_config(disable=True)
         factor = self.pipe.vae_scale_factor
         self.options = GenerationOptions(steps=args.steps, seed=0, height=args.size * factor,
-                                         width=args.size * factor)
+                                         width=args.size * factor, max_sequence_length=args.text_tokens)
 
     def controller(self, config: str, prompts: list[str]):
         from prompt2prompt.attention import AttentionController, Controllers
@@ -127,7 +183,8 @@ class Runner:
         if config == "attend":
             return AttentionStore()
         if config.startswith("edit"):
-            _, p2p, blend = edit_controllers(self.pipe, prompts, EditOptions(blend=("square", "cross")))
+            _, p2p, blend = edit_controllers(self.pipe, prompts, EditOptions(blend=("square", "cross")),
+                                             max_sequence_length=self.options.max_sequence_length)
             edit = edit_controller(p2p, blend)
             return Controllers(*edit.controllers, Everything()) if "explicit" in config else edit
         return None
@@ -149,9 +206,13 @@ class Runner:
             return {}
 
         ctl = self.controller(config, prompts)
-        latents = initial_latent(pipe, self.options).expand(len(prompts), -1, -1, -1).to(args.device, self.dtype)
+        latent = initial_latent(pipe, self.options)
+        latents = latent.expand(len(prompts), *latent.shape[1:]).to(args.device, self.dtype)
         kwargs = dict(prompt=prompts, num_inference_steps=args.steps, guidance_scale=self.options.guidance,
-                      latents=latents.clone(), output_type="latent", callback_on_step_end_tensor_inputs=["latents"])
+                      latents=latents.clone(), output_type="latent", callback_on_step_end_tensor_inputs=["latents"],
+                      height=self.options.height, width=self.options.width)
+        if args.model in ("sd3", "flux"):
+            kwargs["max_sequence_length"] = args.text_tokens
         with torch.inference_mode():
             if ctl is None:
                 pipe(**kwargs, callback_on_step_end=tick)
@@ -189,7 +250,8 @@ def memory_worker(args) -> None:
 
 def _call(args, extra: list[str]) -> str:
     cmd = [sys.executable, __file__, "--size", str(args.size), "--model", args.model, "--steps", str(args.steps),
-           "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads), *extra]
+           "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads),
+           "--layers", str(args.layers), "--text-tokens", str(args.text_tokens), *extra]
     cmd += ["--fp16"] if args.fp16 else []
     out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -200,9 +262,14 @@ def _call(args, extra: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="sd15", choices=["sd15", "shapes", "tiny"],
-                        help="sd15: SD 1.5's architecture with random weights; shapes: the bundled model; tiny: a "
+    parser.add_argument("--model", default="sd15", choices=["sd15", "sd3", "flux", "shapes", "tiny"],
+                        help="sd15: SD 1.5's architecture with random weights; sd3 / flux: SD3 medium's / Flux.1-dev's "
+                        "transformer blocks with random weights, cut to --layers; shapes: the bundled model; tiny: a "
                         "toy pipeline (default: sd15)")
+    parser.add_argument("--layers", type=int, default=4,
+                        help="sd3: transformer blocks; flux: single-stream blocks (and a third as many double-stream "
+                        "ones) (default: 4)")
+    parser.add_argument("--text-tokens", type=int, default=128, help="sd3 / flux: T5 sequence length (default: 128)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="latent sides (default: 32 64)")
     parser.add_argument("--steps", type=int, default=3, help="denoising steps per run (default: 3)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every configuration (default 3)")

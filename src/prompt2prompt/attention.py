@@ -128,6 +128,13 @@ class RunInfo:
         """Maps are read (local blend, recorded self-attention) at this side by default."""
         return small_map_sides(self.latent_size, self.sides)[1]
 
+    @property
+    def self_map_side(self) -> int:
+        """Self-attention is recorded by default at the map side when that is small (<= max(16, latent side / 4)),
+        else not at all (0): an MM-DiT at 1024 px has only 64x64 maps, whose self-attention is 4096 x 4096."""
+        side = self.map_side
+        return side if side <= max(16, max(self.latent_size) // 4) else 0
+
 
 def small_map_sides(latent_size: tuple[int, int], sides: tuple[int, ...]) -> tuple[int, int]:
     """The one rule for "small" attention maps, from the p2p code at SD's 64x64 latents, where both are 16.

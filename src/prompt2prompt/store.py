@@ -22,7 +22,7 @@ class RecordOptions:
     cross_res: tuple[int, ...] | None = None  # map sides (longer side) to record cross-attention at; None: all
     self_attention: bool = True  # record self-attention (head mean) ...
     self_res: tuple[int, ...] | None = None  # ... at these map sides (longer side); None: the model's map side only
-    # (RunInfo.map_side: 16 at SD's 64x64 latents and on shapes, 32 at SDXL's 128x128), where its components are drawn
+    # when it is small (RunInfo.self_map_side: 16 at SD's 64x64 latents and on shapes; none for a large MM-DiT grid)
     steps: tuple[int, int] | None = None  # [start, end) denoising steps to sum over; None: all
     places: tuple[str, ...] | None = None  # places to record (UNet: down, mid, up; MM-DiT: joint, single, image)
 
@@ -41,7 +41,7 @@ class AttentionStore(AttentionController):
 
     def begin(self, run: RunInfo) -> None:
         self.run = run
-        self._self_sides = self.options.self_res or (run.map_side,)
+        self._self_sides = self.options.self_res or ((run.self_map_side,) if run.self_map_side else ())
 
     def wants(self, site: Site) -> bool:
         o = self.options

@@ -80,9 +80,11 @@ SD_SCHEDULE = dict(
 )
 
 
-def build_train_scheduler() -> DDPMScheduler:
-    return DDPMScheduler(**SD_SCHEDULE, clip_sample=False)
+def build_train_scheduler(prediction: str = "epsilon") -> DDPMScheduler:
+    return DDPMScheduler(**{**SD_SCHEDULE, "prediction_type": prediction}, clip_sample=False)
 
 
-def build_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+def build_scheduler(prediction: str = "epsilon") -> DDIMScheduler:
+    """Sampling: DDIM with the training schedule (epsilon prediction as SD 1.x, or v-prediction as SD 2.x)."""
+    return DDIMScheduler(**{**SD_SCHEDULE, "prediction_type": prediction}, clip_sample=False, set_alpha_to_one=False,
+                         steps_offset=1)

@@ -36,6 +36,7 @@ class TrainConfig:
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_object_weight: float = 4.0  # extra loss weight on (saturated) object pixels, so colours come out exact
+    vae_edge_weight: float = 0.0  # extra loss weight on pixels next to a colour boundary (both sides of an edge)
     kl_weight: float = 1e-6  # SD's autoencoders use a tiny KL term too
     dataset_size: int = 40_000  # scenes encoded once to latents for the diffusion stage
     two_objects: float = 0.6  # share of two-object scenes in the training data
@@ -47,6 +48,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     uncond_prob: float = 0.1  # captions dropped to "" so classifier-free guidance works
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023), speeds up convergence
+    prediction: str = "epsilon"  # what the UNet predicts: epsilon (SD 1.x) or v_prediction (SD 2.x)
+    timestep_bias: float = 0.0  # t = 1000 * (1 - u ** (1 + bias)), u uniform: > 0 trains the noisy steps (layout) more
     grounding_weight: float = 0.05  # weight of the token-grounding loss on cross-attention (0 turns it off)
     coverage_weight: float = 0.1  # weight of the pixel-grounding loss (spreads each word's attention over its object)
     coverage_from: int = 8_000  # step from which the pixel-grounding loss applies (a last phase, as shipped)
@@ -85,6 +88,9 @@ def train_vae(vae, cfg: TrainConfig, out: Path, state: dict) -> None:
             x = x[:, :, i : i + half, j : j + half]
         saturated = (x.max(1, keepdim=True).values - x.min(1, keepdim=True).values) > 0.3  # object pixels
         weight = 1 + cfg.vae_object_weight * saturated.float()
+        if cfg.vae_edge_weight:  # pixels whose 3x3 neighbourhood holds another colour: both sides of every edge
+            spread = torch.nn.functional.max_pool2d(x, 3, 1, 1) + torch.nn.functional.max_pool2d(-x, 3, 1, 1)
+            weight = weight + cfg.vae_edge_weight * (spread.amax(1, keepdim=True) > 0.05).float()
         posterior = vae.encode(x).latent_dist
         noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # per step, so a resumed run is the same
         diff = vae.decode(posterior.sample(generator=noise)).sample - x
@@ -202,7 +208,7 @@ def train_diffusion(unet, text_encoder, data: dict, tokenizer, cfg: TrainConfig,
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
         ema.load_state_dict(state["ema"])
-    noise_scheduler = build_train_scheduler()
+    noise_scheduler = build_train_scheduler(cfg.prediction)
     empty = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     n = data["mean"].shape[0]
     start = state.get("step", 0)
@@ -226,13 +232,23 @@ def train_diffusion(unet, text_encoder, data: dict, tokenizer, cfg: TrainConfig,
             drop = torch.rand(cfg.batch, generator=g) < cfg.uncond_prob
             ids[drop] = empty
             noise = torch.randn(latents.shape, generator=g)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch,), generator=g)
+            total = noise_scheduler.config.num_train_timesteps
+            if cfg.timestep_bias:
+                u = torch.rand(cfg.batch, generator=g)
+                t = ((1 - u ** (1 + cfg.timestep_bias)) * total).long().clamp(0, total - 1)
+            else:
+                t = torch.randint(0, total, (cfg.batch,), generator=g)
             noisy = noise_scheduler.add_noise(latents, noise, t)
             states = text_encoder(ids)[0]
             pred = unet(noisy, t, states).sample
             snr = compute_snr(noise_scheduler, t)
-            weights = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # Min-SNR-gamma for epsilon prediction
-            loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+            if cfg.prediction == "v_prediction":  # Min-SNR-gamma (Hang et al. 2023) for each target
+                target = noise_scheduler.get_velocity(latents, noise, t)
+                weights = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
+            else:
+                target = noise
+                weights = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+            loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
             loss = diffusion = (loss * weights).mean()
             if grounded:
                 owner = data["owner"][idx].clone()
@@ -257,12 +273,13 @@ def train_diffusion(unet, text_encoder, data: dict, tokenizer, cfg: TrainConfig,
     ema.copy_to(params)  # the EMA weights are the model we ship
 
 
-def save_pipeline(folder: Path, vae, unet, text_encoder, tokenizer, scaling_factor: float) -> Path:
+def save_pipeline(folder: Path, vae, unet, text_encoder, tokenizer, scaling_factor: float,
+                  prediction: str = "epsilon") -> Path:
     from diffusers import StableDiffusionPipeline
 
     vae.register_to_config(scaling_factor=scaling_factor)
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler(),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler(prediction),
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -336,12 +353,13 @@ def main(argv: list[str] | None = None) -> None:
         ema = EMAModel(params, decay=cfg.ema_decay)
         ema.load_state_dict(state["ema"])
         ema.copy_to(params)
-        save_pipeline(Path(args.export), vae, unet, text_encoder, tokenizer, data["scaling_factor"])
+        save_pipeline(Path(args.export), vae, unet, text_encoder, tokenizer, data["scaling_factor"], cfg.prediction)
         print(f"exported step {state['step']} to {args.export}")
         return
     (out / "config.json").write_text(json.dumps({**asdict(cfg), **architecture}, indent=2))  # the model card quotes it
     train_diffusion(unet, text_encoder, data, tokenizer, cfg, out, state)
-    folder = save_pipeline(out / "pipeline", vae, unet, text_encoder, tokenizer, data["scaling_factor"])
+    folder = save_pipeline(out / "pipeline", vae, unet, text_encoder, tokenizer, data["scaling_factor"],
+                           cfg.prediction)
     print(f"saved {folder} after {(time.time() - t0) / 60:.1f} min this run")
 
 
