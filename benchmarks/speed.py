@@ -288,8 +288,18 @@ def main() -> None:
         args.config = args.memory
         memory_worker(args)
         return
+    device = args.device
+    if device == "cuda":
+        import torch
+
+        device = torch.cuda.get_device_name()
+    print(f"\n{args.model}, {device}, {'fp16' if args.fp16 else 'fp32'}, {args.steps} steps, {args.repeats} "
+          "interleaved repeats (median s/step; time ratio: median of the paired per-repeat ratios, and their range)",
+          flush=True)
+    print(f"{'latent':>6}  {'configuration':<20}{'s/step':>8}{'time/stock':>12}{'range':>15}{'peak GiB':>10}"
+          f"{'mem/stock':>11}", flush=True)
     table = []
-    for size in args.sizes:
+    for size in args.sizes:  # each size's rows printed (and the JSON written) as soon as they are measured
         args.size = size
         print(f"[{size}x{size}] timing, interleaved ...", file=sys.stderr, flush=True)
         rounds = json.loads(_call(args, ["--timing"]))
@@ -300,27 +310,19 @@ def main() -> None:
         for name, (_, base) in CONFIGS.items():
             base = base or name
             ratios = [r[name] / r[base] for r in rounds]
-            table.append({"latent": size, "config": name, "baseline": base,
-                          "step_s": statistics.median(r[name] for r in rounds),
-                          "time_ratio": statistics.median(ratios), "time_ratio_min": min(ratios),
-                          "time_ratio_max": max(ratios), "peak_gib": memory[name] / 2**30,
-                          "memory_ratio": memory[name] / memory[base]})
-    device = args.device
-    if device == "cuda":
-        import torch
-
-        device = torch.cuda.get_device_name()
-    print(f"\n{args.model}, {device}, {'fp16' if args.fp16 else 'fp32'}, {args.steps} steps, {args.repeats} "
-          "interleaved repeats (median s/step; time ratio: median of the paired per-repeat ratios, and their range)")
-    print(f"{'latent':>6}  {'configuration':<20}{'s/step':>8}{'time/stock':>12}{'range':>15}{'peak GiB':>10}"
-          f"{'mem/stock':>11}")
-    for r in table:
-        spread = f"{r['time_ratio_min']:.3f}-{r['time_ratio_max']:.3f}"
-        print(f"{r['latent']:>6}  {r['config']:<20}{r['step_s']:>8.4f}{r['time_ratio']:>12.3f}{spread:>15}"
-              f"{r['peak_gib']:>10.2f}{r['memory_ratio']:>11.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(table, f, indent=2)
+            row = {"latent": size, "config": name, "baseline": base,
+                   "step_s": statistics.median(r[name] for r in rounds),
+                   "time_ratio": statistics.median(ratios), "time_ratio_min": min(ratios),
+                   "time_ratio_max": max(ratios), "peak_gib": memory[name] / 2**30,
+                   "memory_ratio": memory[name] / memory[base]}
+            table.append(row)
+            spread = f"{row['time_ratio_min']:.3f}-{row['time_ratio_max']:.3f}"
+            print(f"{size:>6}  {name:<20}{row['step_s']:>8.4f}{row['time_ratio']:>12.3f}{spread:>15}"
+                  f"{row['peak_gib']:>10.2f}{row['memory_ratio']:>11.3f}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"model": args.model, "device": device, "steps": args.steps, "repeats": args.repeats,
+                           "rows": table}, f, indent=2)
 
 
 if __name__ == "__main__":

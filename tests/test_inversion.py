@@ -129,7 +129,7 @@ def test_edit_from_an_inversion(sd1, null_text, scene_image):
 
 def test_sdxl_is_refused_clearly(pipes, scene_image):
     caption, image = scene_image
-    with pytest.raises(ModelError, match="SD 1.x and 2.x"):
+    with pytest.raises(ModelError, match="SD 1.x, 2.x and SD3 pipelines; sdxl is not supported"):
         invert(pipes["sdxl"], image, caption, InversionOptions(steps=2), progress=False)
 
 
@@ -210,13 +210,21 @@ def test_null_text_over_a_hundred_steps(sd1, scene_image):
 
 
 def test_inversion_options_are_checked_before_any_work():
-    for bad, match in [({"steps": 0}, "at least 1"), ({"guidance": 1.0}, "guidance > 1"),
+    for bad, match in [({"steps": 0}, "at least 1"), ({"method": "null-text", "guidance": 1.0}, "guidance > 1"),
                        ({"guidance": float("inf")}, "finite"), ({"method": "edict"}, "unknown inversion method"),
                        ({"inner_steps": 0}, "at least 1"), ({"lr": -1.0}, "lr"),
                        ({"offsets": (0, 0, -1, 0)}, "offsets"), ({"height": 0}, "height")]:
         with pytest.raises(InputError, match=match):
             InversionOptions(**bad)
     InversionOptions(method="ddim", guidance=1.0)  # plain DDIM needs no guidance
+
+
+def test_auto_method_is_null_text_on_a_unet_model_and_checked_as_such(sd1, scene_image):
+    caption, image = scene_image
+    with pytest.raises(InputError, match="guidance > 1"):  # auto became null-text, which needs guidance
+        invert(sd1, image, caption, InversionOptions(guidance=1.0, steps=2), progress=False)
+    inv = invert(sd1, image, caption, InversionOptions(steps=2, inner_steps=1), progress=False)
+    assert inv.options.method == "null-text" and inv.uncond.shape[0] == 2
 
 
 def test_edit_from_an_inversion_gives_the_pipeline_back(sd1, null_text, scene_image):

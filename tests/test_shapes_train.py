@@ -106,3 +106,31 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
         a = load_file(tmp_path / "whole" / "pipeline" / part / name)
         b = load_file(tmp_path / "cut" / "pipeline" / part / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_flow_model_trains_resumes_and_loads_with_plain_diffusers(tmp_path):
+    """--family sd3: the bundled autoencoder reused, an MM-DiT trained by flow matching with the grounding losses on
+    its joint attention, saved as a StableDiffusion3Pipeline without T5 that plain diffusers loads and samples."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from prompt2prompt.loading import family, load_pipeline
+
+    args = ["--out", str(tmp_path), "--family", "sd3", "--vae-from", "shapes", "--text-length", "16",
+            "--dataset-size", "16", "--batch", "4", "--checkpoint-every", "1", "--transformer-layers", "2",
+            "--zero-tokens", "8", "--coverage-weight", "0.1", "--coverage-from", "0"]
+    main([*args, "--steps", "1"])
+    main([*args, "--steps", "2"])  # carries on from step 1
+    rows = [json.loads(line) for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in rows} == {"diffusion"}  # no autoencoder stage: it was reused
+    assert np.isfinite([r[k] for r in rows for k in ("loss", "grounding", "coverage")]).all()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+    # SD3 without T5 loads as diffusers documents it: the absent encoder named as None
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "pipeline", text_encoder_3=None, tokenizer_3=None,
+                                                    local_files_only=True)
+    assert family(pipe) == "sd3" and pipe.text_encoder_3 is None and pipe.tokenizer.model_max_length == 16
+    assert pipe.vae.config.shift_factor is not None and pipe.vae.config.scaling_factor > 0
+    assert pipe.transformer.config.joint_attention_dim == 2 * pipe.text_encoder.config.hidden_size
+    out = pipe("a red circle", num_inference_steps=2, max_sequence_length=4, output_type="np").images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+    mine = load_pipeline(tmp_path / "pipeline")  # the library's loader knows it too
+    assert mine.text_encoder_3 is None and type(mine.transformer) is type(pipe.transformer)

@@ -244,11 +244,24 @@ def cmd_edit(args) -> None:
 
 def cmd_invert(args) -> None:
     from .generation import GenerationOptions, generate
-    from .inversion import InversionOptions, autoencoder_reconstruction, invert, psnr, read_image
+    from .inversion import (
+        InversionOptions,
+        autoencoder_reconstruction,
+        invert,
+        psnr,
+        read_image,
+        sampler,
+        sampling_kwargs,
+    )
     from .report import check_output_file
 
+    from .loading import samples_by_flow
+
     _prompts(args.caption)
-    options = InversionOptions(method=args.method, steps=args.steps, guidance=args.guidance,
+    method = args.method
+    if method == "auto":  # decided from the model's index before loading it, so options are checked at once
+        method = "fireflow" if samples_by_flow(args.model) else "null-text"
+    options = InversionOptions(method=method, steps=args.steps, guidance=args.guidance,
                                inner_steps=args.inner_steps, offsets=tuple(args.offsets), height=args.height,
                                width=args.width)
     device = _device(args)
@@ -260,8 +273,10 @@ def cmd_invert(args) -> None:
     inv = invert(pipe, image, args.caption, options, progress=not args.quiet, model=args.model)
     for note in inv.settings["conversions"]:
         print(f"p2p invert: {note}", file=sys.stderr)
-    rec = generate(pipe, [args.caption], None, GenerationOptions(steps=args.steps, guidance=args.guidance),
-                   latent=inv.latent, uncond=inv.uncond, progress=not args.quiet).images[0]
+    with sampler(pipe, inv):
+        again = GenerationOptions(steps=inv.options.steps, guidance=inv.options.guidance,
+                                  max_sequence_length=inv.options.max_sequence_length)
+        rec = generate(pipe, [args.caption], None, again, progress=not args.quiet, **sampling_kwargs(inv)).images[0]
     ae = autoencoder_reconstruction(pipe, inv.image)
     inv.settings.update(psnr_vs_input=psnr(rec, inv.image), psnr_vs_autoencoder=psnr(rec, ae))
     rec_path = path.with_name(path.stem + "_reconstruction.png")
@@ -272,7 +287,7 @@ def cmd_invert(args) -> None:
         partial.replace(rec_path)
     finally:
         partial.unlink(missing_ok=True)
-    print(f"{args.method} inversion in {inv.settings['seconds']:.1f} s: reconstruction PSNR "
+    print(f"{inv.options.method} inversion in {inv.settings['seconds']:.1f} s: reconstruction PSNR "
           f"{inv.settings['psnr_vs_input']:.2f} dB against the input, {inv.settings['psnr_vs_autoencoder']:.2f} dB "
           f"against the autoencoder's own reconstruction")
     print(f"wrote {path} and {rec_path}; edit with: p2p edit --from {path} \"{args.caption}\" \"EDITED CAPTION\"")
@@ -350,17 +365,21 @@ def build_parser() -> argparse.ArgumentParser:
     _machine(p, "p2p-out/demo")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("invert", help="invert a real image (DDIM / null-text / negative-prompt) for editing",
-                       description="Invert an image under its caption so that sampling regenerates it, on SD 1.x and "
-                       "2.x pipelines (SDXL is not supported yet). The result (starting latent, per-step "
-                       "unconditional embeddings, settings) goes to one safetensors file for `p2p edit --from`; the "
-                       "reconstruction is written beside it and its PSNR printed. Inversion is deterministic: it "
-                       "takes no seed.")
+    p = sub.add_parser("invert", help="invert a real image (null-text, DDIM, negative-prompt; FireFlow or Euler on "
+                       "flow models) for editing",
+                       description="Invert an image under its caption so that sampling regenerates it, on SD 1.x, "
+                       "2.x and SD3 pipelines (SDXL and Flux are not supported yet). The result (starting latent, "
+                       "per-step unconditional embeddings, settings) goes to one safetensors file for `p2p edit "
+                       "--from`; the reconstruction is written beside it and its PSNR printed. Inversion is "
+                       "deterministic: it takes no seed.")
     p.add_argument("image", help="image file, any size and mode (centre-cropped and resized to the inversion size; "
                    "enlarging more than 4 times is refused)")
     p.add_argument("caption", help="a caption of the image (becomes the source prompt of edits)")
-    p.add_argument("--method", default="null-text", choices=["null-text", "ddim", "negative-prompt"],
-                   help="null-text (Mokady et al. 2022, default), plain ddim, or negative-prompt (no optimisation)")
+    p.add_argument("--method", default="auto", choices=["auto", "null-text", "ddim", "negative-prompt", "fireflow",
+                                                        "euler"],
+                   help="DDPM-type models (SD 1.x / 2.x, shapes): null-text (Mokady et al. 2022), plain ddim, or "
+                   "negative-prompt (no optimisation); flow models (SD3, shapes-flow): fireflow (second order, one "
+                   "model call a step) or euler; auto (default): null-text or fireflow")
     p.add_argument("--inner-steps", type=whole(1), default=10, help="null-text: Adam steps per timestep (default: 10)")
     p.add_argument("--offsets", type=whole(0), nargs=4, default=[0, 0, 0, 0],
                    metavar=("LEFT", "RIGHT", "TOP", "BOTTOM"),

@@ -360,12 +360,13 @@ def edit(pipe, source: str, targets: list[str] | str, options: EditOptions = Edi
     prompts = [source, *targets]
     scheduler = nullcontext()
     if inversion is not None:
-        from .inversion import check_inversion, ddim_scheduler
+        from .inversion import check_inversion, sampler, sampling_kwargs
 
         check_inversion(pipe, inversion, source)
-        scheduler = ddim_scheduler(pipe)
-        generation = replace(generation, steps=inversion.options.steps, guidance=inversion.options.guidance)
-        pipe_kwargs.update(latent=inversion.latent, uncond=inversion.uncond)
+        scheduler = sampler(pipe, inversion)
+        generation = replace(generation, steps=inversion.options.steps, guidance=inversion.options.guidance,
+                             max_sequence_length=inversion.options.max_sequence_length)
+        pipe_kwargs.update(sampling_kwargs(inversion))
     tokens, p2p, blend = edit_controllers(pipe, prompts, options, generation.steps, generation.max_sequence_length)
     controlled_kwargs = dict(pipe_kwargs)
     if options.pooled == "source" and getattr(pipe, "text_encoder_2", None) is not None:

@@ -1,6 +1,7 @@
-"""Real images: DDIM inversion and null-text inversion (Mokady et al. 2022), saved to one file and edited from.
+"""Real images: DDIM inversion and null-text inversion (Mokady et al. 2022), rectified-flow inversion (`flow.py`),
+saved to one file and edited from.
 
-Methods:
+Methods for DDPM-type models (SD 1.x, 2.x, the bundled `shapes`):
 - `ddim`: deterministic DDIM inversion under the caption; sampling back uses the plain unconditional embedding.
 - `null-text` (default): after DDIM inversion, optimise the unconditional embedding step by step so that guided
   sampling retraces the inversion trajectory. Defaults from the authors' notebook (null_text_w_ptp.ipynb): 50 DDIM
@@ -10,6 +11,9 @@ Methods:
 - `negative-prompt` (Miyake et al. 2023): no optimisation; the caption's embedding stands in for the null one, so guided
   sampling reduces to the conditional prediction that DDIM inversion used.
 
+Methods for flow-matching models (SD3 / SD3.5, the bundled `shapes-flow`): `fireflow` (default), `euler`; see
+`flow.py`. `auto` picks null-text or fireflow by the model.
+
 Sampling from an inversion needs the same DDIM schedule and guidance; `generate(..., uncond=inversion.uncond)` swaps
 the per-step unconditional embeddings in through the pipeline's step callback.
 """
@@ -18,8 +22,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +35,19 @@ from tqdm import tqdm
 
 from .attention import exclusive
 from .errors import InputError, ModelError, PromptError
+from .flow import FLOW_METHODS, is_flow
 from .generation import native_size, size_multiple
 from .metrics import psnr  # noqa: F401  (re-exported: inversion.psnr is public)
 
-METHODS = ("null-text", "ddim", "negative-prompt")
+DDIM_METHODS = ("null-text", "ddim", "negative-prompt")
+METHODS = ("auto", *DDIM_METHODS, *FLOW_METHODS)
 
 
 @dataclass(frozen=True)
 class InversionOptions:
-    method: str = "null-text"  # null-text, ddim or negative-prompt
-    steps: int = 50  # DDIM steps
+    method: str = "auto"  # null-text, ddim, negative-prompt (DDPM-type models); fireflow, euler (flow models);
+    # auto: null-text or fireflow, by the model
+    steps: int = 50  # DDIM or flow steps
     guidance: float = 7.5  # guidance scale sampling will use
     inner_steps: int = 10  # null-text: Adam steps per timestep at most
     lr: float = 1e-2  # null-text: learning rate at the first timestep, times (1 - i/100) at the i-th
@@ -47,6 +55,7 @@ class InversionOptions:
     offsets: tuple[int, int, int, int] = (0, 0, 0, 0)  # pixels cut from the left, right, top, bottom before the crop
     height: int | None = None  # pixels to invert at; None: the model's native size
     width: int | None = None
+    max_sequence_length: int | None = None  # MM-DiT: T5 tokens of the caption; None: the pipeline's default
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -68,7 +77,7 @@ class InversionOptions:
                 raise InputError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
         if len(self.offsets) != 4 or any(not isinstance(v, int) or v < 0 for v in self.offsets):
             raise InputError(f"offsets must be four whole numbers >= 0 (left, right, top, bottom), got {self.offsets}")
-        for name in ("height", "width"):
+        for name in ("height", "width", "max_sequence_length"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InputError(f"{name} must be a positive number of pixels, got {value!r}")
@@ -183,15 +192,20 @@ def tensor_to_image(pipe, x: torch.Tensor) -> Image.Image:
     return pipe.image_processor.postprocess(x.float().cpu(), output_type="pil")[0]
 
 
+def _shift(pipe) -> float:
+    return pipe.vae.config.get("shift_factor") or 0.0  # SD3's autoencoders centre their latents; SD 1.x's do not
+
+
 @torch.no_grad()
 def encode(pipe, image: Image.Image) -> torch.Tensor:
+    """The image's latent as the pipeline's denoiser sees it: (mean - shift_factor) * scaling_factor."""
     x = image_to_tensor(pipe, image).to(pipe.vae.device, pipe.vae.dtype)
-    return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    return (pipe.vae.encode(x).latent_dist.mean - _shift(pipe)) * pipe.vae.config.scaling_factor
 
 
 @torch.no_grad()
 def decode(pipe, latent: torch.Tensor) -> Image.Image:
-    return tensor_to_image(pipe, pipe.vae.decode(latent / pipe.vae.config.scaling_factor).sample)
+    return tensor_to_image(pipe, pipe.vae.decode(latent / pipe.vae.config.scaling_factor + _shift(pipe)).sample)
 
 
 def autoencoder_reconstruction(pipe, image: Image.Image) -> Image.Image:
@@ -223,15 +237,45 @@ def check_inversion(pipe, inversion: Inversion, source: str | None = None) -> No
     if pipe is None:
         return
     recorded = inversion.settings.get("model") or "the model it was made with"
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ModelError("editing from an inversion supports SD 1.x and 2.x pipelines; SDXL is not supported yet")
-    channels = pipe.unet.config.in_channels
+    flow = inversion.options.method in FLOW_METHODS
+    if flow != is_flow(pipe):
+        kind = "a flow-matching model (SD3, shapes-flow)" if flow else "a DDPM-type model (SD 1.x / 2.x, shapes)"
+        raise InputError(f"the inversion ({inversion.options.method}) was made with {kind}, {recorded!r}; "
+                         f"this pipeline is not one: pass --model {recorded}")
+    from .loading import family
+
+    if family(pipe) in ("sdxl", "flux"):
+        raise ModelError(f"editing from an inversion supports SD 1.x, 2.x and SD3 pipelines; {family(pipe)} is not "
+                         f"supported yet")
+    net = pipe.transformer if flow else pipe.unet
+    channels = net.config.in_channels
+    if flow:
+        if inversion.latent.shape[1] != channels:
+            raise InputError(f"the inversion was made with the model {recorded!r} (latent channels "
+                             f"{inversion.latent.shape[1]}); this pipeline has {channels}: pass --model {recorded}")
+        return
     tokens, width = pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size
     if inversion.latent.shape[1] != channels or tuple(inversion.uncond.shape[1:]) != (tokens, width):
         raise InputError(
             f"the inversion was made with the model {recorded!r} (latent channels {inversion.latent.shape[1]}, text "
             f"{tuple(inversion.uncond.shape[1:])}); this pipeline has {channels} channels and text ({tokens}, "
             f"{width}): pass --model {recorded}")
+
+
+def sampler(pipe, inversion: Inversion):
+    """A context manager in which the pipeline samples as the inversion needs: DDIM, or the flow method's solver."""
+    if inversion.options.method in FLOW_METHODS:
+        from .flow import flow_scheduler
+
+        return flow_scheduler(pipe, inversion.options.method)
+    return ddim_scheduler(pipe)
+
+
+def sampling_kwargs(inversion: Inversion) -> dict:
+    """What `generate` needs to sample from the inversion: its latent, and per-step unconditional embeddings (DDIM
+    methods; flow inversions use the plain empty caption, as their inversion did)."""
+    uncond = None if inversion.options.method in FLOW_METHODS else inversion.uncond
+    return {"latent": inversion.latent, "uncond": uncond}
 
 
 class _DDIM:
@@ -280,12 +324,19 @@ def _embed(pipe, text: str) -> torch.Tensor:
 def invert(pipe, image, prompt: str, options: InversionOptions = InversionOptions(), progress: bool = True,
            model: str = "") -> Inversion:
     """Invert an image (path or PIL) under its caption; see the module docstring for the methods."""
-    import time
+    from .loading import family
 
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ModelError("inversion supports SD 1.x and 2.x pipelines; SDXL is not supported yet")
+    if family(pipe) in ("sdxl", "flux"):
+        raise ModelError(f"inversion supports SD 1.x, 2.x and SD3 pipelines; {family(pipe)} is not supported yet")
     if not prompt.strip():
         raise PromptError("expected a caption of the image, got an empty one")
+    flow = is_flow(pipe)
+    if options.method == "auto":
+        options = replace(options, method="fireflow" if flow else "null-text")
+    if (options.method in FLOW_METHODS) != flow:
+        expected = FLOW_METHODS if flow else DDIM_METHODS
+        raise InputError(f"the {options.method} inversion does not apply to this "
+                         f"{'flow-matching' if flow else 'DDPM-type'} model: expected one of {', '.join(expected)}")
     native = native_size(pipe)
     size = (options.height or native[0], options.width or native[1])
     multiple = size_multiple(pipe)
@@ -294,6 +345,24 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
     notes: list[str] = []
     prepared = prepare_image(image, size, options.offsets, notes)
     start = time.perf_counter()
+    losses: list[tuple[float, float]] = []  # null-text: per step, the loss before and after optimising
+    if flow:
+        from .flow import invert_flow, velocity
+
+        with exclusive(pipe):
+            v = velocity(pipe, prompt, options.guidance, options.max_sequence_length)
+            noise = invert_flow(pipe, encode(pipe, prepared), v, options.steps, options.method, progress)
+        uncond = torch.zeros(0)  # sampling uses the empty caption's embedding, as the inversion did
+    else:
+        noise, uncond, losses = _ddim_family(pipe, prepared, prompt, options, progress)
+    settings = {"model": str(model), "size": list(prepared.size), "seconds": time.perf_counter() - start,
+                "losses": losses, "scaling_factor": float(pipe.vae.config.scaling_factor), "conversions": notes}
+    return Inversion(noise.detach().cpu(), uncond.detach().cpu(), prompt, options, prepared, settings)
+
+
+def _ddim_family(pipe, prepared: Image.Image, prompt: str, options: InversionOptions, progress: bool):
+    """DDIM inversion, then the method's unconditional embeddings: (noise, uncond (steps, tokens, width), losses)."""
+    losses: list[tuple[float, float]] = []
     with exclusive(pipe):
         ddim = _DDIM(pipe.scheduler, options.steps)
         unet = pipe.unet
@@ -305,16 +374,13 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
                 out = unet(latent, t, encoder_hidden_states=cond).sample
                 latent = ddim.next(out, t, latent)
                 trajectory.append(latent)
-        losses: list[tuple[float, float]] = []  # null-text: per step, the loss before and after optimising
         if options.method == "ddim":
             uncond = null.expand(options.steps, -1, -1).clone()
         elif options.method == "negative-prompt":
             uncond = cond.expand(options.steps, -1, -1).clone()
         else:
             uncond, losses = _null_text(pipe, ddim, trajectory, cond, null, options, progress)
-    settings = {"model": str(model), "size": list(prepared.size), "seconds": time.perf_counter() - start,
-                "losses": losses, "scaling_factor": float(pipe.vae.config.scaling_factor), "conversions": notes}
-    return Inversion(trajectory[-1].detach().cpu(), uncond.detach().cpu(), prompt, options, prepared, settings)
+    return trajectory[-1], uncond, losses
 
 
 def _null_text(pipe, ddim: _DDIM, trajectory, cond, null, options: InversionOptions, progress: bool):

@@ -158,39 +158,48 @@ class JointRoutedProcessor:
         return image_out, attn.to_add_out(out[:, text].contiguous())
 
     # -- attention with the controller in it ---------------------------------------------------------------------
-    def _conditional(self, batch: int) -> slice:
-        prompts = self.router.run.prompts if self.router.run else batch
-        return slice(batch - prompts, batch)
-
     def _text_only(self, query, key, value, text: slice, image: slice, site: Site):
-        """Fused attention plus the image-to-text block: its values carry a channel that is 1 on text keys."""
+        """Fused attention plus the image-to-text block: the conditional rows' values carry an extra channel that is
+        1 on the text keys, so the fused kernel also returns each query's total attention on the text."""
         batch, heads, length, head_dim = value.shape
-        marker = torch.zeros(batch, heads, length, 1, dtype=value.dtype, device=value.device)
-        marker[:, :, text] = 1
-        fused = F.scaled_dot_product_attention(query, key, torch.cat([value, marker], -1))
-        out, mass = fused[..., :head_dim], fused[..., head_dim]  # mass: (batch, heads, tokens) attention on text
-        rows = self._conditional(batch)
-        scores = torch.matmul(query[rows, :, image], key[rows, :, text].transpose(-1, -2)) / math.sqrt(head_dim)
-        block = scores.float().softmax(-1) * mass[rows, :, image, None].float()  # (prompts, heads, image, text)
+        free = batch - self.router.conditional(batch)  # unconditional rows: the stock kernel, nothing to read
+        # The fused CPU / CUDA kernels need one head size for queries, keys and values: queries and keys get zero
+        # channels (their dot products do not change), values the marker and zeros, 8 channels in all (keeping the
+        # head size a multiple of 8); the softmax scale stays the real head size's.
+        pad = 8
+        q, k = (F.pad(t[free:], (0, pad)) for t in (query, key))
+        extra = torch.zeros(batch - free, heads, length, pad, dtype=value.dtype, device=value.device)
+        extra[:, :, text, 0] = 1
+        fused = F.scaled_dot_product_attention(q, k, torch.cat([value[free:], extra], -1),
+                                               scale=1 / math.sqrt(head_dim))
+        out, mass = fused[..., :head_dim], fused[..., head_dim]  # mass: (prompts, heads, tokens) attention on text
+        scores = torch.matmul(query[free:, :, image], key[free:, :, text].transpose(-1, -2)) / math.sqrt(head_dim)
+        block = scores.float().softmax(-1) * mass[:, :, image, None].float()  # (prompts, heads, image, text)
         block = block.to(query.dtype)
         new = self.router.controller.attention(block, site)
         if new is not None:
             out = out.clone()
-            out[rows, :, image] += torch.matmul((new.to(block.dtype) - block), value[rows, :, text])
+            out[:, :, image] += torch.matmul((new.to(block.dtype) - block), value[free:, :, text])
+        if free:
+            out = torch.cat([F.scaled_dot_product_attention(query[:free], key[:free], value[:free]), out])
         return out
 
     def _explicit(self, query, key, value, text: slice, image: slice, text_site: Site | None, image_site: Site):
-        """The joint attention with its probabilities materialised (batch, heads, tokens, tokens)."""
-        head_dim = query.shape[-1]
-        probs = (torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head_dim)).float().softmax(-1)
+        """The joint attention with the conditional rows' probabilities materialised (prompts, heads, tokens,
+        tokens); the unconditional rows take the stock kernel."""
+        batch, head_dim = query.shape[0], query.shape[-1]
+        free = batch - self.router.conditional(batch)
+        probs = (torch.matmul(query[free:], key[free:].transpose(-1, -2)) / math.sqrt(head_dim)).float().softmax(-1)
         probs = probs.to(query.dtype)
-        rows = self._conditional(query.shape[0])
         controller = self.router.controller
         for site, columns in ((text_site, text), (image_site, image)):
             if site is None:
                 continue
-            block = probs[rows, :, image, columns]
+            block = probs[:, :, image, columns]
             new = controller.attention(block, site)
             if new is not None:
-                probs[rows, :, image, columns] = new.to(probs.dtype)
-        return torch.matmul(probs, value)
+                probs[:, :, image, columns] = new.to(probs.dtype)
+        out = torch.matmul(probs, value[free:])
+        if free:
+            out = torch.cat([F.scaled_dot_product_attention(query[:free], key[:free], value[:free]), out])
+        return out

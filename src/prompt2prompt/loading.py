@@ -9,7 +9,8 @@ import torch
 
 from .errors import ModelError
 
-BUNDLED = {"shapes": Path(__file__).parent / "models" / "shapes"}  # models shipped inside the package
+MODELS = Path(__file__).parent / "models"
+BUNDLED = {"shapes": MODELS / "shapes", "shapes-flow": MODELS / "shapes-flow"}  # models shipped inside the package
 DEFAULT_MODEL = "shapes"
 _SD_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
 _NAMES = "Stable Diffusion 1.x, 2.x, XL or 3 / 3.5, or Flux.1"
@@ -41,7 +42,8 @@ def resolve(name_or_path: str | Path) -> Path:
         if not (folder / "model_index.json").exists():
             raise ModelError(
                 f"the bundled model {name!r} is not installed at {folder} (it ships once its training passes its "
-                "quality bars; train it with `python -m prompt2prompt.shapes.train`), or pass --model FOLDER"
+                "quality bars: the training command is in `python -m prompt2prompt.shapes.train --help`), or pass "
+                "--model FOLDER"
             )
         return folder
     path = Path(name).expanduser()
@@ -66,6 +68,16 @@ def resolve(name_or_path: str | Path) -> Path:
             f"the hub model {name!r} is not in the local Hugging Face cache, and nothing is downloaded here: "
             "put it in the cache on a machine with a network, or pass a local pipeline folder"
         ) from e
+
+
+def samples_by_flow(name_or_path: str | Path) -> bool:
+    """Whether the pipeline a name or folder holds samples by flow matching (a FlowMatch scheduler in its
+    model_index.json), read before loading it; False where that cannot be read (loading says why)."""
+    try:
+        index = json.loads((resolve(name_or_path) / "model_index.json").read_text())
+        return "FlowMatch" in str(index.get("scheduler", ["", ""])[1])
+    except (ModelError, OSError, ValueError, TypeError, IndexError, AttributeError):
+        return False
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -114,6 +126,9 @@ def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.
         raise ModelError(f"{folder} lacks the component folder(s) {', '.join(m + '/' for m in missing)} that its "
                          f"model_index.json lists ({', '.join(components)})")
     extra = {"safety_checker": None, "requires_safety_checker": False} if cls == "StableDiffusionPipeline" else {}
+    if cls == "StableDiffusion3Pipeline":  # SD3 without T5 (as the bundled shapes-flow): diffusers wants it named
+        extra.update({k: None for k in ("text_encoder_3", "tokenizer_3")
+                      if not isinstance(index.get(k), list) or index[k][0] is None})
     try:
         pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra)
     except Exception as e:

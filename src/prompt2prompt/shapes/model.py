@@ -1,11 +1,19 @@
-"""The bundled model's architecture: Stable Diffusion's components, sized for 64x64 images of the shapes world."""
+"""The bundled models' architectures, sized for 64x64 images of the shapes world: Stable Diffusion 1.x's components
+(`shapes`: a UNet) and Stable Diffusion 3's (`shapes-flow`: an MM-DiT trained by flow matching)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 
 @dataclass(frozen=True)
@@ -18,9 +26,13 @@ class ShapesModelConfig:
     unet_head_dim: int = 16  # channels per attention head
     unet_norm_groups: int = 8  # GroupNorm groups; >= 2 channels per group, or the output cannot carry a mean (DC) shift
     cross_attention_levels: tuple[bool, ...] = (True, True, False)  # cross-attention at 16x16 and 8x8 (and the mid)
-    text_width: int = 128  # CLIP text encoder hidden size = UNet cross_attention_dim
-    text_layers: int = 2
+    text_width: int = 128  # CLIP text encoder hidden size = UNet cross_attention_dim (sd3: each of its two CLIPs)
+    text_layers: int = 2  # (sd3 reads the penultimate layer's states, as SD3 does: give it one more)
     text_heads: int = 4
+    transformer_layers: int = 6  # sd3: joint (MM-DiT) blocks
+    transformer_heads: int = 4  # sd3: attention heads; width = heads * head_dim
+    transformer_head_dim: int = 32
+    patch_size: int = 2  # sd3: latent pixels per token side: 16x16 latents give an 8x8 grid of image tokens
     vocab_size: int = 651  # rows of the token embedding; set from the tokenizer
     max_length: int = 77  # tokenizer.model_max_length
 
@@ -57,8 +69,27 @@ def build_unet(cfg: ShapesModelConfig) -> UNet2DConditionModel:
     )
 
 
-def build_text_encoder(cfg: ShapesModelConfig) -> CLIPTextModel:
-    config = CLIPTextConfig(
+def build_transformer(cfg: ShapesModelConfig) -> SD3Transformer2DModel:
+    """SD3's MM-DiT: the two CLIPs' states side by side (2 * text_width features) are its text tokens; their pooled
+    outputs side by side its pooled conditioning; no T5 (the pipeline then appends zero tokens, as SD3 allows)."""
+    grid = cfg.image_size // 4 // cfg.patch_size
+    return SD3Transformer2DModel(
+        sample_size=cfg.image_size // 4,
+        patch_size=cfg.patch_size,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        num_layers=cfg.transformer_layers,
+        attention_head_dim=cfg.transformer_head_dim,
+        num_attention_heads=cfg.transformer_heads,
+        joint_attention_dim=2 * cfg.text_width,
+        caption_projection_dim=cfg.transformer_heads * cfg.transformer_head_dim,
+        pooled_projection_dim=2 * cfg.text_width,
+        pos_embed_max_size=2 * grid,  # position embeddings for up to twice the trained side (128 px images)
+    )
+
+
+def _clip_config(cfg: ShapesModelConfig) -> CLIPTextConfig:
+    return CLIPTextConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.text_width,
         intermediate_size=cfg.text_width * 4,
@@ -70,7 +101,11 @@ def build_text_encoder(cfg: ShapesModelConfig) -> CLIPTextModel:
         pad_token_id=1,
         projection_dim=cfg.text_width,
     )
-    return CLIPTextModel(config)
+
+
+def build_text_encoder(cfg: ShapesModelConfig, projection: bool = False) -> CLIPTextModel:
+    """SD 1.x's CLIPTextModel, or (projection=True) the CLIPTextModelWithProjection SD3 takes twice."""
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(_clip_config(cfg))
 
 
 # SD 1.x's noise schedule (CompVis v1-inference.yaml / the scheduler config of runwayml/stable-diffusion-v1-5).
@@ -88,3 +123,13 @@ def build_scheduler(prediction: str = "epsilon") -> DDIMScheduler:
     """Sampling: DDIM with the training schedule (epsilon prediction as SD 1.x, or v-prediction as SD 2.x)."""
     return DDIMScheduler(**{**SD_SCHEDULE, "prediction_type": prediction}, clip_sample=False, set_alpha_to_one=False,
                          steps_offset=1)
+
+
+# Flow matching as SD3 trains it (Esser et al. 2024, "Scaling Rectified Flow Transformers"): x_s = (1 - s) x_0 + s e,
+# the network predicts e - x_0 at timestep 1000 s. No resolution shift: the grid is 8x8 tokens, far below the 1024 px
+# that SD3's shift of 3.0 was chosen for.
+FLOW_SCHEDULE = dict(num_train_timesteps=1000, shift=1.0)
+
+
+def build_flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULE)

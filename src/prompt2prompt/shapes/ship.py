@@ -37,26 +37,36 @@ def _params(folder: Path, component: str) -> int:
     return total
 
 
-def model_card(run: Path, evaluation: dict, pipeline: Path) -> str:
+WORLD = """## The world
+`prompt2prompt.shapes.world`: 64x64 images of one or two flat-coloured shapes (circle, square, triangle, cross) in six
+colours (red, orange, yellow, green, blue, purple) on a dark or light grey background, at random positions and sizes,
+captioned "a red circle and a blue square", "a circle and a square" (colours left to the model) or "a red circle".
+Every image comes with the true mask of each object."""
+
+
+def _flags(config: dict) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                    for k, v in config.items() if k not in ("threads",))
+
+
+def model_card(run: Path, evaluation: dict, pipeline: Path, name: str = "shapes") -> str:
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
-    bars = BARS["shapes"]
-    table = "\n".join(f"| {name} | {evaluation[key]:.3f} | {bars[key]:.2f} |" if key in bars else
-                      f"| {name} | {evaluation[key]:.3f} | |" for key, name in MEASURES.items() if key in evaluation)
-    params = {c: _params(pipeline, c) for c in ("unet", "text_encoder", "vae")}
+    bars = BARS[name]
+    table = "\n".join(f"| {label} | {evaluation[key]:.3f} | {bars[key]:.2f} |" if key in bars else
+                      f"| {label} | {evaluation[key]:.3f} | |" for key, label in MEASURES.items() if key in evaluation)
     size = sum(p.stat().st_size for p in _files(pipeline))
     settings = evaluation.get("settings", {})
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in ("threads",))
+    if config.get("family") == "sd3":
+        return _flow_card(config, evaluation, pipeline, table, size, settings)
+    params = {c: _params(pipeline, c) for c in ("unet", "text_encoder", "vae")}
+    flags = _flags(config)
     return f"""# shapes: a small Stable Diffusion of a synthetic world
 
 The model `load_pipeline("shapes")` returns, and the default of every `p2p` command. A standard diffusers
 `StableDiffusionPipeline` folder ({size / 2**20:.1f} MB, safetensors): it loads with
 `StableDiffusionPipeline.from_pretrained` like any SD 1.x checkpoint.
 
-## The world
-`prompt2prompt.shapes.world`: 64x64 images of one or two flat-coloured shapes (circle, square, triangle, cross) in six
-colours (red, orange, yellow, green, blue, purple) on a dark or light grey background, at random positions and sizes,
-captioned "a red circle and a blue square", "a circle and a square" (colours left to the model) or "a red circle".
-Every image comes with the true mask of each object.
+{WORLD}
 
 ## Architecture (Stable Diffusion's components, small)
 - Tokenizer: CLIP BPE files (`vocab.json`, `merges.txt`) learnt from the world's words, `model_max_length` 77.
@@ -94,6 +104,51 @@ segmentation and template fit (the evaluator scores 100% on the world's own rend
 """
 
 
+def _flow_card(config: dict, evaluation: dict, pipeline: Path, table: str, size: int, settings: dict) -> str:
+    params = {c: _params(pipeline, c) for c in ("transformer", "text_encoder", "text_encoder_2", "vae")}
+    return f"""# shapes-flow: a small Stable Diffusion 3 (MM-DiT, flow matching) of a synthetic world
+
+The model `load_pipeline("shapes-flow")` returns (`--model shapes-flow`). A standard diffusers
+`StableDiffusion3Pipeline` folder ({size / 2**20:.1f} MB, safetensors) without T5, which loads as diffusers documents
+for SD3 without T5: `StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)`.
+
+{WORLD}
+
+## Architecture (Stable Diffusion 3's components, small)
+- Tokenizer: the `shapes` model's CLIP BPE files, `model_max_length` {config.get('text_length', 77)}, for both CLIPs.
+- Text encoders: two `CLIPTextModelWithProjection`, {params['text_encoder'] / 1e6:.2f} M and
+  {params['text_encoder_2'] / 1e6:.2f} M parameters, trained jointly with the transformer. As in SD3, their
+  penultimate layers' states side by side are the text tokens, their pooled outputs side by side the pooled
+  conditioning, and the pipeline appends `max_sequence_length` zero tokens where T5's would be.
+- Transformer: `SD3Transformer2DModel`, {config.get('transformer_layers')} joint blocks,
+  {config.get('transformer_heads')} heads of {config.get('transformer_head_dim')}, patch {config.get('patch_size')}
+  on 16x16x4 latents, {params['transformer'] / 1e6:.2f} M parameters.
+- Autoencoder: the `shapes` model's (reused, not retrained), {params['vae'] / 1e6:.2f} M parameters, with SD3's
+  latent shift (their mean) and scale (one over their standard deviation).
+- Scheduler: `FlowMatchEulerDiscreteScheduler`, shift 1.0.
+
+## Training
+```
+python -m prompt2prompt.shapes.train {_flags(config)}
+```
+Seeded and resumable. Flow matching as SD3 (Esser et al. 2024): x_s = (1 - s) x_0 + s noise, the transformer
+predicts noise - x_0, s drawn from a logit-normal; 10% empty captions for classifier-free guidance; the number of
+zero (T5) tokens drawn log-uniformly from 1 to {config.get('zero_tokens', 256)} each step, so that any
+`max_sequence_length` works; EMA weights. The joint attention's image-to-text block is trained to point at the
+objects with TokenCompose's two grounding losses (Wang et al. 2024) on each colour and shape word, token loss weight
+{config.get('grounding_weight')}, pixel loss weight {config.get('coverage_weight')} from step
+{config.get('coverage_from')}: the attention IoU below is partly trained for.
+
+## Measured
+`python -m prompt2prompt.shapes.evaluate --model shapes-flow --json eval.json`: {evaluation['count']} seeded
+captions, {settings.get('steps', 50)} Euler steps, guidance {settings.get('guidance', 7.5)}.
+
+| measure | value | bar |
+|---|---|---|
+{table}
+"""
+
+
 def ship(run: Path, evaluation: dict, name: str = "shapes") -> Path:
     pipeline = run / "pipeline"
     if not (pipeline / "model_index.json").exists():
@@ -113,7 +168,7 @@ def ship(run: Path, evaluation: dict, name: str = "shapes") -> Path:
             dest = tmp / path.relative_to(pipeline)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest)
-        (tmp / "README.md").write_text(model_card(run, evaluation, pipeline))
+        (tmp / "README.md").write_text(model_card(run, evaluation, pipeline, name))
         (tmp / "eval.json").write_text(json.dumps({k: v for k, v in evaluation.items() if k != "per_caption"},
                                                   indent=2))
     return target
@@ -123,8 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="training run folder (with pipeline/ and config.json)")
     parser.add_argument("--eval", required=True, help="the JSON that `prompt2prompt.shapes.evaluate --json` wrote")
+    parser.add_argument("--name", default="shapes", choices=sorted(BUNDLED),
+                        help="which bundled model it becomes (default: shapes)")
     args = parser.parse_args(argv)
-    target = ship(Path(args.run), json.loads(Path(args.eval).read_text()))
+    target = ship(Path(args.run), json.loads(Path(args.eval).read_text()), args.name)
     print(f"shipped {target}")
 
 

@@ -1,6 +1,8 @@
-"""Train the bundled shapes model from scratch: tokenizer, autoencoder, then UNet and text encoder together.
+"""Train the bundled shapes models from scratch: tokenizer, autoencoder, then denoiser and text encoders together.
 
-    python -m prompt2prompt.shapes.train --out runs/shapes          # resumes from runs/shapes/checkpoint.pt
+    python -m prompt2prompt.shapes.train --out runs/shapes          # `shapes`: SD 1.x's UNet, DDPM noise
+    python -m prompt2prompt.shapes.train --family sd3 --vae-from shapes --text-length 16 --out runs/shapes-flow
+                                                                    # `shapes-flow`: SD3's MM-DiT, flow matching
 
 Seeded and resumable: a checkpoint is written every --checkpoint-every steps and at the end of each stage, and a
 second run with the same --out carries on where the first stopped. Losses go to `loss.jsonl`. The result is a
@@ -24,13 +26,28 @@ from tqdm import tqdm
 
 from ..attention import AttentionController, Site, control
 from . import world
-from .model import ShapesModelConfig, build_scheduler, build_text_encoder, build_train_scheduler, build_unet, build_vae
+from .model import (
+    ShapesModelConfig,
+    build_flow_scheduler,
+    build_scheduler,
+    build_text_encoder,
+    build_train_scheduler,
+    build_transformer,
+    build_unet,
+    build_vae,
+)
 from .tokenizer import train_tokenizer
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
+    family: str = "sd1"  # sd1: SD 1.x's UNet, DDPM noise (shapes); sd3: SD3's MM-DiT, flow matching (shapes-flow)
+    vae_from: str = ""  # a pipeline folder or bundled name whose autoencoder and tokenizer are reused (no autoencoder
+    # stage); "" trains both
+    text_length: int = 77  # tokenizer.model_max_length: text tokens per caption (the world's longest caption has 10)
+    zero_tokens: int = 256  # sd3 without T5: the pipeline appends max_sequence_length zero tokens (256 by default);
+    # training draws their number log-uniformly from 1 to this, so any length works at inference
     vae_steps: int = 3000  # autoencoder steps; all but the last vae_full_steps on random 32x32 crops (4x cheaper)
     vae_full_steps: int = 300  # final autoencoder steps on whole 64x64 images, so borders are learnt too
     vae_batch: int = 32
@@ -48,8 +65,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     uncond_prob: float = 0.1  # captions dropped to "" so classifier-free guidance works
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023), speeds up convergence
-    prediction: str = "epsilon"  # what the UNet predicts: epsilon (SD 1.x) or v_prediction (SD 2.x)
-    timestep_bias: float = 0.0  # t = 1000 * (1 - u ** (1 + bias)), u uniform: > 0 trains the noisy steps (layout) more
+    prediction: str = "epsilon"  # sd1: what the UNet predicts, epsilon (SD 1.x) or v_prediction (SD 2.x)
+    timestep_bias: float = 0.0  # sd1: t = 1000 * (1 - u ** (1 + bias)), u uniform: > 0 trains the noisy steps more;
+    # sd3 draws its noise level s from a logit-normal (SD3's choice), shifted by this: sigmoid(N(bias, 1))
     grounding_weight: float = 0.05  # weight of the token-grounding loss on cross-attention (0 turns it off)
     coverage_weight: float = 0.1  # weight of the pixel-grounding loss (spreads each word's attention over its object)
     coverage_from: int = 8_000  # step from which the pixel-grounding loss applies (a last phase, as shipped)
@@ -134,9 +152,9 @@ def latent_masks(scene: world.Scene, side: int, objects: int = 2) -> np.ndarray:
 
 @torch.no_grad()
 def encode_dataset(vae, tokenizer, cfg: TrainConfig) -> dict:
-    """Encode dataset_size scenes once: latent means and stds (fp16), token ids, each token's object, object masks
-    at the latent size (fp16), and the scaling factor."""
-    means, stds, ids, owners, masks = [], [], [], [], []
+    """Encode dataset_size scenes once: latent means and stds (fp16), captions and their token ids, each token's
+    object, object masks at the latent size (fp16), and the scaling and shift factors."""
+    means, stds, ids, owners, masks, captions = [], [], [], [], [], []
     chunk = 256
     length = tokenizer.model_max_length
     for i in tqdm(range(0, cfg.dataset_size, chunk), desc="encoding scenes"):
@@ -148,15 +166,18 @@ def encode_dataset(vae, tokenizer, cfg: TrainConfig) -> dict:
         ids.append(tokenizer([s.caption for s in scenes], padding="max_length", truncation=True,
                              max_length=length, return_tensors="pt").input_ids)
         side = dist.mean.shape[-1]
+        captions += [s.caption for s in scenes]
         for scene in scenes:
             owner = object_tokens(tokenizer, scene.caption)[:length]
             owners.append(torch.tensor(owner + [-1] * (length - len(owner)), dtype=torch.int8))
             masks.append(torch.from_numpy(latent_masks(scene, side)).half())
     mean = torch.cat(means)
-    # SD's scaling factor makes the latents unit-variance (the 0.18215 of SD 1.x was measured the same way).
+    # SD's scaling factor makes the latents unit-variance (the 0.18215 of SD 1.x was measured the same way); SD3 also
+    # centres them first (its autoencoder's shift_factor, 0.0609, is their mean).
     scaling = float(1.0 / mean.float().std())
     return {"mean": mean, "std": torch.cat(stds), "ids": torch.cat(ids), "owner": torch.stack(owners),
-            "masks": torch.stack(masks), "scaling_factor": scaling}
+            "masks": torch.stack(masks), "scaling_factor": scaling, "shift_factor": float(mean.float().mean()),
+            "captions": captions}
 
 
 class Grounding(AttentionController):
@@ -197,26 +218,93 @@ class Grounding(AttentionController):
         return torch.stack(token).mean(), torch.stack(pixel).mean()
 
 
-def train_diffusion(unet, text_encoder, data: dict, tokenizer, cfg: TrainConfig, out: Path, state: dict):
-    from diffusers.training_utils import EMAModel, compute_snr
+class DenoisingLoss:
+    """One family's training objective: the noised input, the target and the network call, on a batch of latents."""
 
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    def __init__(self, nets: dict, tokenizer, cfg: TrainConfig, vae=None):
+        self.nets, self.tokenizer, self.cfg = nets, tokenizer, cfg
+        if cfg.family == "sd3":  # the pipeline's own prompt encoding (penultimate CLIP states, pooled outputs, zeros)
+            from diffusers import StableDiffusion3Pipeline
+
+            self.pipe = StableDiffusion3Pipeline(
+                transformer=nets["transformer"], scheduler=build_flow_scheduler(), vae=vae,
+                text_encoder=nets["text_encoder"], tokenizer=tokenizer, text_encoder_2=nets["text_encoder_2"],
+                tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+        else:
+            self.scheduler = build_train_scheduler(cfg.prediction)
+            self.empty = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length,
+                                   return_tensors="pt").input_ids
+
+    def __call__(self, latents, ids, captions: list[str], drop, g: torch.Generator) -> tuple[torch.Tensor, int]:
+        """(loss, text tokens per caption). latents: (batch, channels, h, w), scaled; ids: (batch, text_length)."""
+        return self._sd3(latents, captions, drop, g) if self.cfg.family == "sd3" else self._sd1(latents, ids, drop, g)
+
+    def _sd1(self, latents, ids, drop, g):
+        from diffusers.training_utils import compute_snr
+
+        cfg, scheduler = self.cfg, self.scheduler
+        ids = ids.clone()
+        ids[drop] = self.empty
+        noise = torch.randn(latents.shape, generator=g)
+        total = scheduler.config.num_train_timesteps
+        batch = latents.shape[0]
+        if cfg.timestep_bias:
+            u = torch.rand(batch, generator=g)
+            t = ((1 - u ** (1 + cfg.timestep_bias)) * total).long().clamp(0, total - 1)
+        else:
+            t = torch.randint(0, total, (batch,), generator=g)
+        noisy = scheduler.add_noise(latents, noise, t)
+        states = self.nets["text_encoder"](ids)[0]
+        pred = self.nets["unet"](noisy, t, states).sample
+        snr = compute_snr(scheduler, t)
+        if cfg.prediction == "v_prediction":  # Min-SNR-gamma (Hang et al. 2023) for each target
+            target = scheduler.get_velocity(latents, noise, t)
+            weights = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
+        else:
+            target = noise
+            weights = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+        loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        return (loss * weights).mean(), ids.shape[1]
+
+    def _sd3(self, latents, captions, drop, g):
+        cfg = self.cfg
+        batch = latents.shape[0]
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        zeros = int(math.exp(torch.rand((), generator=g).item() * math.log(cfg.zero_tokens)))  # log-uniform, 1..max
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None,
+                                                       do_classifier_free_guidance=False, max_sequence_length=zeros,
+                                                       device=latents.device)
+        noise = torch.randn(latents.shape, generator=g)
+        sigma = torch.sigmoid(torch.randn(batch, generator=g) + cfg.timestep_bias)  # logit-normal (SD3's choice)
+        s = sigma.view(batch, 1, 1, 1)
+        noisy = (1 - s) * latents + s * noise
+        pred = self.nets["transformer"](hidden_states=noisy, timestep=sigma * 1000, encoder_hidden_states=embeds,
+                                        pooled_projections=pooled).sample
+        return ((pred - (noise - latents)) ** 2).mean(), embeds.shape[1]
+
+
+def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Path, state: dict, vae=None):
+    """Train the denoiser and text encoders (`nets`, by component name) together; leaves the EMA weights in them."""
+    from diffusers.training_utils import EMAModel
+
+    params = [p for net in nets.values() for p in net.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema = EMAModel(params, decay=cfg.ema_decay)  # decay min(ema_decay, (1 + k) / (10 + k)) at the k-th update
-    if "unet" in state:
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
+    if "opt" in state:
+        for name, net in nets.items():
+            net.load_state_dict(state[name])
         opt.load_state_dict(state["opt"])
         ema.load_state_dict(state["ema"])
-    noise_scheduler = build_train_scheduler(cfg.prediction)
-    empty = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    objective = DenoisingLoss(nets, tokenizer, cfg, vae)
     n = data["mean"].shape[0]
+    shift = data["shift_factor"] if cfg.family == "sd3" else 0.0
     start = state.get("step", 0)
-    unet.train()
-    text_encoder.train()
+    for net in nets.values():
+        net.train()
     grounding = Grounding()
     grounded = bool(cfg.grounding_weight or cfg.coverage_weight)
-    recording = control(unet, grounding, prompts=cfg.batch) if grounded else contextlib.nullcontext()
+    denoiser = nets.get("unet", nets.get("transformer"))
+    recording = control(denoiser, grounding, prompts=cfg.batch) if grounded else contextlib.nullcontext()
     with recording:
         bar = tqdm(range(start, cfg.steps), desc="diffusion", initial=start, total=cfg.steps)
         for step in bar:
@@ -227,32 +315,15 @@ def train_diffusion(unet, text_encoder, data: dict, tokenizer, cfg: TrainConfig,
             idx = torch.randint(0, n, (cfg.batch,), generator=g)
             latents = data["mean"][idx].float() + data["std"][idx].float() * torch.randn(
                 cfg.batch, *data["mean"].shape[1:], generator=g)
-            latents = latents * data["scaling_factor"]
-            ids = data["ids"][idx].clone()
+            latents = (latents - shift) * data["scaling_factor"]
             drop = torch.rand(cfg.batch, generator=g) < cfg.uncond_prob
-            ids[drop] = empty
-            noise = torch.randn(latents.shape, generator=g)
-            total = noise_scheduler.config.num_train_timesteps
-            if cfg.timestep_bias:
-                u = torch.rand(cfg.batch, generator=g)
-                t = ((1 - u ** (1 + cfg.timestep_bias)) * total).long().clamp(0, total - 1)
-            else:
-                t = torch.randint(0, total, (cfg.batch,), generator=g)
-            noisy = noise_scheduler.add_noise(latents, noise, t)
-            states = text_encoder(ids)[0]
-            pred = unet(noisy, t, states).sample
-            snr = compute_snr(noise_scheduler, t)
-            if cfg.prediction == "v_prediction":  # Min-SNR-gamma (Hang et al. 2023) for each target
-                target = noise_scheduler.get_velocity(latents, noise, t)
-                weights = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
-            else:
-                target = noise
-                weights = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
-            loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
-            loss = diffusion = (loss * weights).mean()
+            captions = [data["captions"][i] for i in idx.tolist()] if "captions" in data else []
+            loss, text = objective(latents, data["ids"][idx], captions, drop, g)
+            diffusion = loss
             if grounded:
-                owner = data["owner"][idx].clone()
+                owner = data["owner"][idx].long()
                 owner[drop] = -1  # a dropped caption names nothing
+                owner = torch.nn.functional.pad(owner, (0, text - owner.shape[1]), value=-1)  # sd3: zero tokens
                 ground, cover = grounding.loss(owner, data["masks"][idx].float())
                 covering = cfg.coverage_weight if step >= cfg.coverage_from else 0.0
                 loss = loss + cfg.grounding_weight * ground + covering * cover
@@ -267,25 +338,49 @@ def train_diffusion(unet, text_encoder, data: dict, tokenizer, cfg: TrainConfig,
             if step % 25 == 0:
                 _log(out, stage="diffusion", step=step, lr=lr, **logged)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                state.update(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), opt=opt.state_dict(),
+                state.update({name: net.state_dict() for name, net in nets.items()}, opt=opt.state_dict(),
                              ema=ema.state_dict(), step=step + 1)
                 _save(out / "checkpoint.pt", state)
     ema.copy_to(params)  # the EMA weights are the model we ship
 
 
-def save_pipeline(folder: Path, vae, unet, text_encoder, tokenizer, scaling_factor: float,
-                  prediction: str = "epsilon") -> Path:
-    from diffusers import StableDiffusionPipeline
+def save_pipeline(folder: Path, vae, nets: dict, tokenizer, data: dict, cfg: TrainConfig) -> Path:
+    """A standard diffusers pipeline folder: StableDiffusionPipeline (sd1) or StableDiffusion3Pipeline (sd3)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    vae.register_to_config(scaling_factor=scaling_factor)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler(prediction),
-        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
-    )
+    vae.register_to_config(scaling_factor=data["scaling_factor"])
+    if cfg.family == "sd3":
+        vae.register_to_config(shift_factor=data["shift_factor"])
+        pipe = StableDiffusion3Pipeline(
+            transformer=nets["transformer"], scheduler=build_flow_scheduler(), vae=vae,
+            text_encoder=nets["text_encoder"], tokenizer=tokenizer, text_encoder_2=nets["text_encoder_2"],
+            tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+        tokenizer_folders = ("tokenizer", "tokenizer_2")
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=nets["text_encoder"], tokenizer=tokenizer, unet=nets["unet"],
+            scheduler=build_scheduler(cfg.prediction), safety_checker=None, feature_extractor=None,
+            image_encoder=None, requires_safety_checker=False)
+        tokenizer_folders = ("tokenizer",)
     pipe.save_pretrained(folder, safe_serialization=True)
-    for name in ("vocab.json", "merges.txt"):  # transformers writes only tokenizer.json; keep CLIP's own files too
-        shutil.copy2(Path(tokenizer.name_or_path) / name, Path(folder) / "tokenizer" / name)
+    if cfg.family == "sd3":  # diffusers leaves absent components out of the index, then refuses to load without them
+        index_path = Path(folder) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for sub in tokenizer_folders:  # transformers writes only tokenizer.json; keep CLIP's own files too
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy2(Path(tokenizer.name_or_path) / name, Path(folder) / sub / name)
     return folder
+
+
+def build_nets(cfg: TrainConfig, model_cfg: ShapesModelConfig) -> dict:
+    """The networks a family trains, by their pipeline component names."""
+    if cfg.family == "sd3":
+        return {"transformer": build_transformer(model_cfg),
+                "text_encoder": build_text_encoder(model_cfg, projection=True),
+                "text_encoder_2": build_text_encoder(model_cfg, projection=True)}
+    return {"unet": build_unet(model_cfg), "text_encoder": build_text_encoder(model_cfg)}
 
 
 def model_fields() -> dict:
@@ -316,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
                             nargs="+" if many else None, help=f"ShapesModelConfig.{field} (default {shown})")
     args = parser.parse_args(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+    if cfg.family not in ("sd1", "sd3"):
+        parser.error(f"--family: expected sd1 or sd3, got {cfg.family!r}")
     architecture = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in model_fields()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -326,16 +423,27 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(train_tokenizer(out / "tokenizer"), model_max_length=77)
+    if cfg.vae_from:  # the autoencoder and tokenizer of a trained pipeline
+        from diffusers import AutoencoderKL
+
+        from ..loading import resolve
+
+        source = resolve(cfg.vae_from)
+        tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer", model_max_length=cfg.text_length)
+        vae = AutoencoderKL.from_pretrained(source / "vae")
+    else:
+        tokenizer = CLIPTokenizer.from_pretrained(train_tokenizer(out / "tokenizer"), model_max_length=cfg.text_length)
+        vae = None
     model_cfg = replace(ShapesModelConfig(), **architecture, vocab_size=len(tokenizer),
                         max_length=tokenizer.model_max_length)
-    vae, unet, text_encoder = build_vae(model_cfg), build_unet(model_cfg), build_text_encoder(model_cfg)
+    vae = vae or build_vae(model_cfg)
+    nets = build_nets(cfg, model_cfg)
     ckpt = out / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=False) if ckpt.exists() else {"config": asdict(cfg)}
     if "vae" in state:
         vae.load_state_dict(state["vae"])
     t0 = time.time()
-    if state.get("vae_step", 0) < cfg.vae_steps:
+    if not cfg.vae_from and state.get("vae_step", 0) < cfg.vae_steps:
         train_vae(vae, cfg, out, state)
     vae.eval()
     data_path = out / "latents.pt"
@@ -347,19 +455,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.export:
         from diffusers.training_utils import EMAModel
 
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        params = list(unet.parameters()) + list(text_encoder.parameters())
+        for name, net in nets.items():
+            net.load_state_dict(state[name])
+        params = [p for net in nets.values() for p in net.parameters()]
         ema = EMAModel(params, decay=cfg.ema_decay)
         ema.load_state_dict(state["ema"])
         ema.copy_to(params)
-        save_pipeline(Path(args.export), vae, unet, text_encoder, tokenizer, data["scaling_factor"], cfg.prediction)
+        save_pipeline(Path(args.export), vae, nets, tokenizer, data, cfg)
         print(f"exported step {state['step']} to {args.export}")
         return
     (out / "config.json").write_text(json.dumps({**asdict(cfg), **architecture}, indent=2))  # the model card quotes it
-    train_diffusion(unet, text_encoder, data, tokenizer, cfg, out, state)
-    folder = save_pipeline(out / "pipeline", vae, unet, text_encoder, tokenizer, data["scaling_factor"],
-                           cfg.prediction)
+    train_diffusion(nets, data, tokenizer, cfg, out, state, vae)
+    folder = save_pipeline(out / "pipeline", vae, nets, tokenizer, data, cfg)
     print(f"saved {folder} after {(time.time() - t0) / 60:.1f} min this run")
 
 
