@@ -253,9 +253,8 @@ def cmd_invert(args) -> None:
         sampler,
         sampling_kwargs,
     )
-    from .report import check_output_file
-
     from .loading import samples_by_flow
+    from .report import check_output_file
 
     _prompts(args.caption)
     method = args.method

@@ -165,11 +165,11 @@ class LocalBlend(AttentionController):
     def attention(self, probs, site):
         # probs: (prompts, heads, pixels, tokens) -> word attention per pixel, summed over the words' tokens
         h, w = site.res
-        words = torch.einsum("phqk,pk->pq", probs, self.words) / probs.shape[1]  # (prompts, pixels)
-        words = words.reshape(-1, h, w).float()
+        mean = probs.mean(1)  # (prompts, pixels, tokens): the head mean
+        words = torch.matmul(mean, self.words[:, :, None]).reshape(-1, h, w).float()  # (prompts, h, w)
         self.acc = words if self.acc is None else self.acc + words
         if self.sub is not None:
-            sub = (torch.einsum("phqk,pk->pq", probs, self.sub) / probs.shape[1]).reshape(-1, h, w).float()
+            sub = torch.matmul(mean, self.sub[:, :, None]).reshape(-1, h, w).float()
             self.acc_sub = sub if self.acc_sub is None else self.acc_sub + sub
         return None
 
@@ -272,7 +272,7 @@ class PromptToPrompt(AttentionController):
         if not site.layer.is_cross:
             return torch.cat([base, base.expand_as(edited)])
         if self.mode == "replace":
-            mapped = torch.einsum("hqs,bst->bhqt", base[0], self.mapper)  # (targets, heads, queries, tokens)
+            mapped = torch.matmul(base, self.mapper[:, None])  # (targets, heads, queries, tokens)
         else:
             mapped = base[0][:, :, self.index].permute(2, 0, 1, 3)  # (targets, heads, queries, tokens)
             w = self.weight[:, None, None, :]
