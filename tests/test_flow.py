@@ -162,3 +162,22 @@ def test_edit_from_a_flow_inversion_keeps_the_source_row(sd3):
     assert torch.allclose(src, alone.latents[0].float(), atol=1e-4), (src - alone.latents[0]).abs().max()
     assert not torch.allclose(result.controlled.latents[1], result.controlled.latents[0], atol=1e-3)
     assert math.isfinite(result.controlled.latents.float().sum().item())
+
+
+def test_cli_invert_and_edit_from_on_a_saved_sd3_folder(sd3, tmp_path):
+    from prompt2prompt.cli import main
+
+    folder = tmp_path / "sd3"
+    sd3.save_pretrained(folder)
+    _picture().save(tmp_path / "in.png")
+    inv_path = tmp_path / "inv.safetensors"
+    assert main(["invert", str(tmp_path / "in.png"), "a red square", "--model", str(folder), "--steps", "3",
+                 "--guidance", "1", "--out", str(inv_path), "--quiet"]) == 0
+    inv = Inversion.load(inv_path)
+    assert inv.options.method == "fireflow" and inv.settings["psnr_vs_autoencoder"] > 0
+    assert (tmp_path / "inv_reconstruction.png").exists()
+    assert main(["edit", "a red square", "a blue square", "--from", str(inv_path), "--model", str(folder),
+                 "--blend", "square", "--out", str(tmp_path / "edit"), "--quiet"]) == 0
+    assert (tmp_path / "edit" / "index.html").exists()
+    settings = (tmp_path / "edit" / "settings.json").read_text()
+    assert '"fireflow"' in settings

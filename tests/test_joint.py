@@ -163,3 +163,12 @@ def test_cli_attend_and_edit_on_saved_folders(joint, kind, tmp_path):
     assert main(["edit", "a red circle and a blue square", "a red circle and a blue cross", "--blend", "square",
                  "cross", "--out", str(tmp_path / "edit"), *common]) == 0
     assert (tmp_path / "edit" / "blend_mask.png").exists()
+
+
+def test_demo_runs_on_a_saved_sd3_folder(joint, tmp_path):
+    _, folder = joint["sd3"]
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--model", str(folder), "--out", str(out), "--quiet"]) == 0
+    numbers = json.loads((out / "demo.json").read_text())
+    assert set(numbers) >= {"swap", "blend", "sweep", "swap_analysis", "pairs"}
+    assert (out / "index.html").read_text().count("data:image/png;base64,") >= 12

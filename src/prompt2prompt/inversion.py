@@ -77,10 +77,10 @@ class InversionOptions:
                 raise InputError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
         if len(self.offsets) != 4 or any(not isinstance(v, int) or v < 0 for v in self.offsets):
             raise InputError(f"offsets must be four whole numbers >= 0 (left, right, top, bottom), got {self.offsets}")
-        for name in ("height", "width", "max_sequence_length"):
+        for name, unit in (("height", "pixels"), ("width", "pixels"), ("max_sequence_length", "tokens")):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise InputError(f"{name} must be a positive number of pixels, got {value!r}")
+                raise InputError(f"{name.replace('_', ' ')} must be a positive number of {unit}, got {value!r}")
 
 
 @dataclass
