@@ -133,7 +133,7 @@ python -m prompt2prompt.shapes.train {_flags(config)}
 ```
 Seeded and resumable. Flow matching as SD3 (Esser et al. 2024): x_s = (1 - s) x_0 + s noise, the transformer
 predicts noise - x_0, s drawn from a logit-normal; 10% empty captions for classifier-free guidance; the number of
-zero (T5) tokens drawn log-uniformly from 1 to {config.get('zero_tokens', 256)} each step, so that any
+zero (T5) tokens drawn log-uniformly from 1 up to {config.get('zero_tokens', 256)} each step, so that any
 `max_sequence_length` works; EMA weights. The joint attention's image-to-text block is trained to point at the
 objects with TokenCompose's two grounding losses (Wang et al. 2024) on each colour and shape word, token loss weight
 {config.get('grounding_weight')}, pixel loss weight {config.get('coverage_weight')} from step

@@ -47,7 +47,7 @@ class TrainConfig:
     # stage); "" trains both
     text_length: int = 77  # tokenizer.model_max_length: text tokens per caption (the world's longest caption has 10)
     zero_tokens: int = 256  # sd3 without T5: the pipeline appends max_sequence_length zero tokens (256 by default);
-    # training draws their number log-uniformly from 1 to this, so any length works at inference
+    # training draws their number log-uniformly from 1 up to (not including) this, so any length works at inference
     vae_steps: int = 3000  # autoencoder steps; all but the last vae_full_steps on random 32x32 crops (4x cheaper)
     vae_full_steps: int = 300  # final autoencoder steps on whole 64x64 images, so borders are learnt too
     vae_batch: int = 32
