@@ -11,8 +11,9 @@ image's latent at s = 0 to the noise at s = 1, on the grid of noise levels that 
   Second order at one model call per step (N steps: N + 1 calls, the first at the start point), in both directions;
   sampling back uses `FireFlowScheduler`, the same solver as a diffusers scheduler.
 
-Both directions evaluate the velocity at the same noise levels (FireFlow: the same midpoints), with the same
-classifier-free guidance, so that the round trip differs only by the solver's error.
+Both directions walk the same grid with the same classifier-free guidance, so that the round trip differs only by the
+solvers' errors. FireFlow evaluates the velocity at the same midpoints both ways; Euler evaluates at each step's start,
+which is the step's other end going the other way (why its errors add up rather than cancel).
 """
 
 from __future__ import annotations
