@@ -271,6 +271,7 @@ class RoutedProcessor:
         self.router = router
         self.layer = layer
         self.original = original
+        self.stock = type(original).__name__ in STOCK_PROCESSORS  # whether `explicit` restates its arithmetic
         # diffusers' Attention.forward keeps only the cross_attention_kwargs that `processor.__call__` declares. Show it
         # the original processor's signature (an instance attribute: calls still go through the class's __call__), so
         # that keyword arguments the original takes reach it.
@@ -288,7 +289,7 @@ class RoutedProcessor:
         site = Site(self.layer, self.router.resolution(pixels), self.router.step)
         if not self.router.controller.wants(site):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kw)
-        if type(self.original).__name__ not in STOCK_PROCESSORS:
+        if not self.stock:
             raise P2PError(f"the layer {self.layer.name} uses {type(self.original).__name__}; attention control "
                            f"recomputes a layer's attention explicitly and supports diffusers' standard processors "
                            f"({', '.join(STOCK_PROCESSORS)})")

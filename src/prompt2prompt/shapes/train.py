@@ -218,18 +218,23 @@ class Grounding(AttentionController):
         return torch.stack(token).mean(), torch.stack(pixel).mean()
 
 
+def sd3_pipeline(nets: dict, vae, tokenizer):
+    """The SD3 pipeline of the trained networks: one tokenizer for both CLIPs, no T5 (zero tokens in its place)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=nets["transformer"], scheduler=build_flow_scheduler(), vae=vae, text_encoder=nets["text_encoder"],
+        tokenizer=tokenizer, text_encoder_2=nets["text_encoder_2"], tokenizer_2=tokenizer, text_encoder_3=None,
+        tokenizer_3=None)
+
+
 class DenoisingLoss:
     """One family's training objective: the noised input, the target and the network call, on a batch of latents."""
 
     def __init__(self, nets: dict, tokenizer, cfg: TrainConfig, vae=None):
         self.nets, self.tokenizer, self.cfg = nets, tokenizer, cfg
         if cfg.family == "sd3":  # the pipeline's own prompt encoding (penultimate CLIP states, pooled outputs, zeros)
-            from diffusers import StableDiffusion3Pipeline
-
-            self.pipe = StableDiffusion3Pipeline(
-                transformer=nets["transformer"], scheduler=build_flow_scheduler(), vae=vae,
-                text_encoder=nets["text_encoder"], tokenizer=tokenizer, text_encoder_2=nets["text_encoder_2"],
-                tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+            self.pipe = sd3_pipeline(nets, vae, tokenizer)
         else:
             self.scheduler = build_train_scheduler(cfg.prediction)
             self.empty = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length,
@@ -346,15 +351,12 @@ def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Pa
 
 def save_pipeline(folder: Path, vae, nets: dict, tokenizer, data: dict, cfg: TrainConfig) -> Path:
     """A standard diffusers pipeline folder: StableDiffusionPipeline (sd1) or StableDiffusion3Pipeline (sd3)."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     vae.register_to_config(scaling_factor=data["scaling_factor"])
     if cfg.family == "sd3":
         vae.register_to_config(shift_factor=data["shift_factor"])
-        pipe = StableDiffusion3Pipeline(
-            transformer=nets["transformer"], scheduler=build_flow_scheduler(), vae=vae,
-            text_encoder=nets["text_encoder"], tokenizer=tokenizer, text_encoder_2=nets["text_encoder_2"],
-            tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+        pipe = sd3_pipeline(nets, vae, tokenizer)
         tokenizer_folders = ("tokenizer", "tokenizer_2")
     else:
         pipe = StableDiffusionPipeline(
