@@ -1,6 +1,7 @@
 """Do the edits do what they claim? Seeded word-swap pairs on the bundled shapes model, measured against truth.
 
-    python benchmarks/edits.py [--pairs 50] [--sweep-pairs 20] [--steps 50] [--json edits.json]
+    python benchmarks/edits.py [--model shapes|shapes-flow] [--pairs 50] [--sweep-pairs 20] [--steps 50]
+                               [--joint renormalize|raw] [--json edits.json]
 
 For each pair (a two-object caption, one object's shape or colour swapped), the same seed three ways: vanilla (no
 control), Prompt-to-Prompt replace, replace with local blend. Prints, per variant: the unchanged object's mask IoU
@@ -14,6 +15,7 @@ import argparse
 import json
 import time
 
+from prompt2prompt.edits import JOINT, EditOptions
 from prompt2prompt.generation import GenerationOptions
 from prompt2prompt.loading import load_pipeline
 from prompt2prompt.measure import run_pairs, sample_pairs, sweep
@@ -27,16 +29,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pairs (default: 0)")
+    parser.add_argument("--joint", choices=JOINT, default=EditOptions.joint,
+                        help=f"MM-DiT: how a replaced image-to-text block enters the joint softmax "
+                             f"(default: {EditOptions.joint})")
+    parser.add_argument("--max-sequence-length", type=int, default=None,
+                        help="MM-DiT: T5 tokens of the caption (default: the pipeline's)")
     parser.add_argument("--json", default=None, help="write all numbers here")
     args = parser.parse_args()
     pipe = load_pipeline(args.model)
-    gen = GenerationOptions(steps=args.steps, guidance=args.guidance)
+    gen = GenerationOptions(steps=args.steps, guidance=args.guidance, max_sequence_length=args.max_sequence_length)
+    options = EditOptions(joint=args.joint)
     pairs = sample_pairs(args.pairs, args.seed)
     start = time.perf_counter()
-    result = run_pairs(pipe, pairs, gen)
-    curve = sweep(pipe, pairs[: args.sweep_pairs], gen) if args.sweep_pairs else {"curve": {}}
-    print(f"\n{args.pairs} pairs, {args.steps} steps, guidance {args.guidance}, model {args.model} "
-          f"({time.perf_counter() - start:.0f} s)")
+    result = run_pairs(pipe, pairs, gen, options)
+    curve = sweep(pipe, pairs[: args.sweep_pairs], gen, options=options) if args.sweep_pairs else {"curve": {}}
+    print(f"\n{args.pairs} pairs, {args.steps} steps, guidance {args.guidance}, model {args.model}, "
+          f"joint {args.joint} ({time.perf_counter() - start:.0f} s)")
     print(f"{'variant':<15}{'keep IoU':>10}{'edit ok':>10}{'PSNR out':>10}{'MAD out':>10}")
     for variant, s in result["summary"].items():
         print(f"{variant:<15}{s['keep_iou']:>10.3f}{s['edit_ok']:>10.1%}{s['outside_psnr']:>10.2f}"

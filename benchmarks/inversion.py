@@ -1,39 +1,52 @@
 """Real images: how well each inversion method reconstructs, what it costs, and how much an edit from it keeps.
 
-    python benchmarks/inversion.py [--images 20] [--steps 50] [--json inversion.json]
+    python benchmarks/inversion.py [--model shapes|shapes-flow] [--images 20] [--steps 50] [--json inversion.json]
 
 The images are drawn by the shapes world's renderer (pictures the model never produced, with true masks). Per method
-(ddim, negative-prompt, null-text): reconstruction PSNR against the input and against the autoencoder's own
-reconstruction (the ceiling of any inversion), and seconds per image. Then, from each null-text inversion, a replace
-edit (one object's shape swapped) with local blend: PSNR against the input over the unedited object and the
+of the model's family (UNet: ddim, negative-prompt, null-text; flow matching: euler, fireflow, and euler with one step
+more, i.e. as many model calls as fireflow): reconstruction PSNR against the input and against the autoencoder's own
+reconstruction (the ceiling of any inversion), model calls and seconds per image. Then, from each method's inversion,
+a replace edit (one object's shape swapped) with local blend: PSNR against the input over the unedited object and the
 background, i.e. outside both the edited object's true mask and its new shape's region in the edit (colour
-segmentation), grown by 2 pixels.
+segmentation), grown by 2 pixels, and whether the edited object shows the new shape.
+
+    python benchmarks/inversion.py --cost sd15 [--cost-size 32] [--steps 5]   # or --cost sdxl
+
+What each method costs on a real architecture (SD 1.5's or SDXL base's, random weights, as benchmarks/speed.py builds
+them): seconds and peak memory per image, each as a ratio to one plain generation of the same pipeline at the same
+steps and size. Every measurement runs in a fresh process of its own (peak RSS on the CPU includes the weights; on a
+GPU, torch.cuda.max_memory_allocated).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import subprocess
+import sys
 import time
 
 import numpy as np
 from PIL import Image
 
 from prompt2prompt.edits import EditOptions, edit
+from prompt2prompt.flow import is_flow
 from prompt2prompt.generation import GenerationOptions, generate, native_size
 from prompt2prompt.inversion import (
-    METHODS,
     InversionOptions,
     autoencoder_reconstruction,
     invert,
     prepare_image,
     psnr,
+    sampler,
+    sampling_kwargs,
 )
 from prompt2prompt.loading import load_pipeline
 from prompt2prompt.measure import grow
 from prompt2prompt.shapes import world
-from prompt2prompt.shapes.evaluate import segment
+from prompt2prompt.shapes.evaluate import classify_shape, segment
 
 
 def scenes(count: int, seed: int):
@@ -56,65 +69,144 @@ def swapped(scene) -> tuple[str, str]:
     return " ".join(words), new
 
 
+def methods(pipe, steps: int, guidance: float, max_sequence_length: int | None):
+    """(label, options, model calls per inversion) of each method compared."""
+    def opts(method, n):
+        return InversionOptions(method=method, steps=n, guidance=guidance, max_sequence_length=max_sequence_length)
+
+    if is_flow(pipe):  # FireFlow: one call per step plus one; Euler: one per step
+        return [("fireflow", opts("fireflow", steps), steps + 1), ("euler", opts("euler", steps), steps),
+                (f"euler {steps + 1} steps", opts("euler", steps + 1), steps + 1)]
+    return [(m, opts(m, steps), None) for m in ("null-text", "ddim", "negative-prompt", "direct")]
+
+
+COST_METHODS = ("plain", "ddim", "negative-prompt", "direct", "null-text")
+
+
+def cost_worker(args) -> None:
+    """In a fresh process: one method's inversion (or, for "plain", one generation) on a random-weight architecture;
+    prints {"seconds", "peak_bytes"}."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from speed import build, peak_memory
+
+    dtype = torch.float16 if args.fp16 else torch.float32
+    pipe = build(args.cost, args.cost_size, dtype, args.device)
+    pipe.set_progress_bar_config(disable=True)
+    side = args.cost_size * pipe.vae_scale_factor
+    scene = scenes(1, args.seed)[0]
+    image = scene.image().resize((side, side), Image.LANCZOS)
+    start = time.perf_counter()
+    if args.cost_method == "plain":
+        generate(pipe, scene.caption, None, GenerationOptions(steps=args.steps, guidance=args.guidance, height=side,
+                                                              width=side), progress=False)
+    else:
+        invert(pipe, image, scene.caption, InversionOptions(method=args.cost_method, steps=args.steps,
+                                                            guidance=args.guidance, height=side, width=side),
+               progress=False)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "peak_bytes": peak_memory(args.device)}))
+
+
+def cost(args) -> None:
+    print(f"\n{args.cost} architecture (random weights), latent {args.cost_size}x{args.cost_size}, {args.steps} steps, "
+          f"{args.device}{' fp16' if args.fp16 else ''}; each row a fresh process", flush=True)
+    print(f"{'method':<17}{'seconds':>9}{'time/plain':>12}{'peak GiB':>10}{'mem/plain':>11}", flush=True)
+    rows = {}
+    for method in COST_METHODS:
+        cmd = [sys.executable, __file__, "--cost", args.cost, "--cost-size", str(args.cost_size), "--cost-method",
+               method, "--steps", str(args.steps), "--guidance", str(args.guidance), "--device", args.device,
+               "--seed", str(args.seed), *(["--fp16"] if args.fp16 else [])]
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if out.returncode:
+            sys.exit(f"{method} on {args.cost} failed")
+        rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        r, base = rows[method], rows["plain"]
+        r.update(time_ratio=r["seconds"] / base["seconds"], memory_ratio=r["peak_bytes"] / base["peak_bytes"])
+        print(f"{method:<17}{r['seconds']:>9.1f}{r['time_ratio']:>12.2f}{r['peak_bytes'] / 2**30:>10.2f}"
+              f"{r['memory_ratio']:>11.3f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"settings": vars(args), "rows": rows}, fh, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes", help="bundled name or pipeline folder (default: shapes)")
     parser.add_argument("--images", type=int, default=20, help="rendered images (default: 20)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    parser.add_argument("--steps", type=int, default=50, help="inversion and sampling steps (default: 50)")
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
     parser.add_argument("--seed", type=int, default=7, help="seed of the scenes (default: 7)")
+    parser.add_argument("--max-sequence-length", type=int, default=None,
+                        help="MM-DiT: T5 tokens of the caption (default: the pipeline's)")
+    parser.add_argument("--cost", choices=["sd15", "sdxl", "tiny"], default=None,
+                        help="measure seconds and peak memory per method on this architecture instead (random weights)")
+    parser.add_argument("--cost-size", type=int, default=32, help="--cost: latent side (default: 32)")
+    parser.add_argument("--device", default="cpu", help="--cost: cpu or cuda (default: cpu)")
+    parser.add_argument("--fp16", action="store_true", help="--cost: half precision (GPU)")
     parser.add_argument("--json", default=None, help="write all numbers here")
+    parser.add_argument("--cost-method", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cost:
+        cost_worker(args) if args.cost_method else cost(args)
+        return
     pipe = load_pipeline(args.model)
-    gen = GenerationOptions(steps=args.steps, guidance=args.guidance)
-    rows = {m: {"psnr_input": [], "psnr_ae": [], "seconds": []} for m in METHODS}
+    compared = methods(pipe, args.steps, args.guidance, args.max_sequence_length)
+    labels = [label for label, _, _ in compared]
+    rows = {m: {"psnr_input": [], "psnr_ae": [], "seconds": [], "edit_outside": [], "edit_ok": []} for m in labels}
     ae_psnr = []  # the autoencoder's own reconstruction against the input: the ceiling of any inversion
-    edits = []
+    edits = {m: [] for m in labels}
     items = scenes(args.images, args.seed)
     for n, scene in enumerate(items):
         # the input as the model sees it (the world draws 64x64; another model may want another size)
         image = prepare_image(scene.image(), native_size(pipe))
         ae = autoencoder_reconstruction(pipe, image)
         ae_psnr.append(psnr(ae, image))
-        for method in METHODS:
+        for method, options, _ in compared:
             start = time.perf_counter()
-            inv = invert(pipe, image, scene.caption, InversionOptions(method=method, steps=args.steps,
-                                                                      guidance=args.guidance), progress=False)
+            inv = invert(pipe, image, scene.caption, options, progress=False)
             seconds = time.perf_counter() - start
-            rec = generate(pipe, scene.caption, None, gen, latent=inv.latent, uncond=inv.uncond,
-                           progress=False).images[0]
+            again = GenerationOptions(steps=options.steps, guidance=options.guidance,
+                                      max_sequence_length=options.max_sequence_length)
+            with sampler(pipe, inv):
+                rec = generate(pipe, scene.caption, None, again, progress=False, **sampling_kwargs(inv)).images[0]
             rows[method]["psnr_input"].append(psnr(rec, image))
             rows[method]["psnr_ae"].append(psnr(rec, ae))
             rows[method]["seconds"].append(seconds)
-            if method == "null-text":
-                target, new = swapped(scene)
-                r = edit(pipe, scene.caption, target, EditOptions(blend=(scene.objects[1].shape, new)), gen,
-                         vanilla=False, progress=False, inversion=inv)
-                edited = r.controlled.images[1]
-                old = np.asarray(Image.fromarray(scene.masks()[1]).resize(image.size, Image.NEAREST))
-                new = segment(np.asarray(edited, dtype=np.float32) / 255).get(scene.objects[1].colour)
-                outside = ~grow(old | new) if new is not None else ~grow(old)
-                edits.append({"caption": scene.caption, "target": target,
-                              "psnr_outside": psnr(edited, image, outside),
-                              "psnr_source_vs_input": psnr(r.controlled.images[0], image)})
+            target, shape = swapped(scene)
+            r = edit(pipe, scene.caption, target, EditOptions(blend=(scene.objects[1].shape, shape)), again,
+                     vanilla=False, progress=False, inversion=inv)
+            edited = r.controlled.images[1]
+            old = np.asarray(Image.fromarray(scene.masks()[1]).resize(image.size, Image.NEAREST))
+            new = segment(np.asarray(edited, dtype=np.float32) / 255).get(scene.objects[1].colour)
+            outside = ~grow(old | new) if new is not None else ~grow(old)
+            ok = new is not None and classify_shape(new)[0] == shape
+            rows[method]["edit_outside"].append(psnr(edited, image, outside))
+            rows[method]["edit_ok"].append(float(ok))
+            edits[method].append({"caption": scene.caption, "target": target, "edit_ok": ok,
+                                  "psnr_outside": rows[method]["edit_outside"][-1],
+                                  "psnr_source_vs_input": psnr(r.controlled.images[0], image)})
         print(f"[{n + 1}/{len(items)}] " + "  ".join(
-            f"{m}: {rows[m]['psnr_input'][-1]:.1f} dB" for m in METHODS) +
-            f"  edit outside: {edits[-1]['psnr_outside']:.1f} dB", flush=True)
-    print(f"\n{len(items)} rendered images, {args.steps} DDIM steps, guidance {args.guidance}, model {args.model}")
-    print(f"{'method':<17}{'PSNR vs input':>15}{'PSNR vs AE':>12}{'s/image':>10}")
+            f"{m}: {rows[m]['psnr_input'][-1]:.1f} dB, edit outside {rows[m]['edit_outside'][-1]:.1f} dB"
+            for m in labels), flush=True)
+    print(f"\n{len(items)} rendered images, {args.steps} steps, guidance {args.guidance}, model {args.model}")
+    print(f"{'method':<20}{'PSNR vs input':>15}{'PSNR vs AE':>12}{'calls':>7}{'s/image':>10}"
+          f"{'edit: PSNR out':>16}{'edit ok':>9}")
     summary = {}
-    for m in METHODS:
+    for m, _, calls in compared:
         s = {k: float(np.mean(v)) for k, v in rows[m].items()}
-        summary[m] = s
-        print(f"{m:<17}{s['psnr_input']:>15.2f}{s['psnr_ae']:>12.2f}{s['seconds']:>10.2f}")
+        summary[m] = {**s, "model_calls": calls}
+        print(f"{m:<20}{s['psnr_input']:>15.2f}{s['psnr_ae']:>12.2f}{calls or '':>7}{s['seconds']:>10.2f}"
+              f"{s['edit_outside']:>16.2f}{s['edit_ok']:>9.0%}")
     ae_ceiling = float(np.mean(ae_psnr))
-    outside = float(np.mean([e["psnr_outside"] for e in edits]))
     print(f"autoencoder reconstruction vs input (the ceiling): {ae_ceiling:.2f} dB")
-    print(f"replace + local blend from null-text inversion: PSNR outside the edited object vs input {outside:.2f} dB")
+    print("edit: replace + local blend from each inversion; PSNR outside the edited object against the input, and the "
+          "share of edits that show the new shape")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"settings": vars(args), "summary": summary, "autoencoder_psnr": ae_ceiling,
-                       "edit_outside_psnr": outside, "edits": edits, "per_image": rows}, fh, indent=2)
+            json.dump({"settings": vars(args), "summary": summary, "autoencoder_psnr": ae_ceiling, "edits": edits,
+                       "per_image": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

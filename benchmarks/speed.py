@@ -73,6 +73,51 @@ def build_sd15(size: int, dtype, device):
     return pipe.to(device, dtype)
 
 
+def build_sdxl(size: int, dtype, device):
+    """SDXL base's architecture (the published configs of stabilityai/stable-diffusion-xl-base-1.0: UNet, CLIP ViT-L
+    and OpenCLIP ViT-bigG text encoders, autoencoder), random weights."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from prompt2prompt.shapes.model import SD_SCHEDULE
+    from prompt2prompt.testing import tiny_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=size, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=size * 8,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.13025, force_upcast=True,
+    )
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu"))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=1280))
+    folder = tempfile.mkdtemp()
+    tokenizer = tiny_tokenizer(f"{folder}/tokenizer")
+    tokenizer_2 = tiny_tokenizer(f"{folder}/tokenizer_2", pad_token="!")
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+    )
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe.to(device, dtype)
+
+
 def build_mmdit(model: str, size: int, dtype, device, layers: int):
     """SD3 medium's or Flux.1-dev's transformer (their published configs) cut to a few blocks, random weights; text
     encoders with the real output widths but one layer (the denoising loop never runs them); SD3 without T5."""
@@ -128,6 +173,8 @@ def build_mmdit(model: str, size: int, dtype, device, layers: int):
 def build(model: str, size: int, dtype, device, layers: int = 4):
     if model == "sd15":
         return build_sd15(size, dtype, device)
+    if model == "sdxl":
+        return build_sdxl(size, dtype, device)
     if model in ("sd3", "flux"):
         return build_mmdit(model, size, dtype, device, layers)
     if model == "shapes":

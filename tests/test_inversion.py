@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from prompt2prompt.attention import AttentionController
 from prompt2prompt.cli import main
 from prompt2prompt.edits import EditOptions, edit
 from prompt2prompt.errors import InputError, ModelError, PromptError
@@ -127,10 +128,121 @@ def test_edit_from_an_inversion(sd1, null_text, scene_image):
         edit(sd1, "a green cross", "a green square", inversion=null_text, progress=False)
 
 
-def test_sdxl_is_refused_clearly(pipes, scene_image):
+def test_direct_inversion_reconstructs_exactly_and_edits_run_free(sd1, scene_image, tmp_path):
+    """Direct inversion: sampling puts the source exactly on the DDIM inversion's path (ending at the image's own
+    latent), every step; an edited prompt is not pinned; the path survives the file; the path is checked."""
     caption, image = scene_image
-    with pytest.raises(ModelError, match="SD 1.x, 2.x and SD3 pipelines; sdxl is not supported"):
-        invert(pipes["sdxl"], image, caption, InversionOptions(steps=2), progress=False)
+    inv = invert(sd1, image, caption, InversionOptions(method="direct", steps=STEPS), progress=False)
+    ddim = invert(sd1, image, caption, InversionOptions(method="ddim", steps=STEPS), progress=False)
+    assert torch.equal(inv.latent, ddim.latent) and torch.equal(inv.uncond, ddim.uncond)
+    assert inv.path.shape == (STEPS, *inv.latent.shape[1:])
+    target = encode(sd1, inv.image)
+    torch.testing.assert_close(inv.path[-1:], target, atol=0, rtol=0)  # the last step lands on the image's latent
+    opts = GenerationOptions(steps=STEPS)
+    from prompt2prompt.inversion import sampling_kwargs
+
+    rec = generate(sd1, caption, None, opts, progress=False, **sampling_kwargs(inv))
+    torch.testing.assert_close(rec.latents, target, atol=0, rtol=0)
+    free = generate(sd1, caption, None, opts, latent=inv.latent, uncond=inv.uncond, progress=False)
+    assert torch.nn.functional.mse_loss(free.latents, target) > 1e-6  # without the pin, plain DDIM drifts
+
+    recorded = []
+
+    class Record(AttentionController):
+        def step_end(self, step, timestep, latents):
+            recorded.append(latents[0].clone())
+
+    target_caption = caption.replace("square", "cross")
+    r = edit(sd1, caption, target_caption, EditOptions(), opts, inversion=inv, progress=False, vanilla=False,
+             extra=Record())
+    for k, latents in enumerate(recorded):  # the other controllers see the pinned source at every step
+        torch.testing.assert_close(latents, inv.path[k], atol=0, rtol=0)
+    torch.testing.assert_close(r.controlled.latents[:1], target, atol=0, rtol=0)
+    assert torch.nn.functional.mse_loss(r.controlled.latents[1:], target) > 1e-6  # the edit runs free
+
+    back = Inversion.load(inv.save(tmp_path / "direct"))
+    torch.testing.assert_close(back.path, inv.path, atol=0, rtol=0)
+    with pytest.raises(InputError, match="latent path has shape"):
+        generate(sd1, caption, None, GenerationOptions(steps=STEPS + 1), latent=inv.latent, path=inv.path,
+                 progress=False)
+
+
+def test_direct_method_from_the_command_line(tmp_path, sd1_folder, scene_image):
+    caption, image = scene_image
+    image.save(tmp_path / "in.png")
+    inv = tmp_path / "inv.safetensors"
+    main(["invert", str(tmp_path / "in.png"), caption, "--model", str(sd1_folder), "--method", "direct",
+          "--steps", str(STEPS), "--out", str(inv), "--quiet"])
+    loaded = Inversion.load(inv)
+    assert loaded.options.method == "direct" and loaded.path.shape[0] == STEPS
+    # the reconstruction is the autoencoder's: the pinned path ends at the image's own latent
+    assert loaded.settings["psnr_vs_autoencoder"] > 60
+
+
+def test_sdxl_ddim_inversion_conditions_as_the_pipeline(pipes, scene_image):
+    """SDXL: the inversion's conditioning (both encoders, pooled embedding, added time ids, the pipeline's own
+    unconditional rows) is the pipeline's: swapping the saved null embeddings in step by step equals plain sampling."""
+    caption, image = scene_image
+    pipe = pipes["sdxl"]
+    inv = invert(pipe, image, caption, InversionOptions(method="ddim", steps=STEPS), progress=False)
+    width = pipe.unet.config.cross_attention_dim
+    assert inv.uncond.shape == (STEPS, 77, width) and inv.uncond_pooled is not None
+    opts = GenerationOptions(steps=STEPS)
+    from prompt2prompt.inversion import sampler, sampling_kwargs
+
+    with sampler(pipe, inv):
+        swapped = generate(pipe, caption, None, opts, progress=False, **sampling_kwargs(inv))
+        plain = generate(pipe, caption, None, opts, latent=inv.latent, progress=False)
+    torch.testing.assert_close(swapped.latents, plain.latents, atol=1e-5, rtol=1e-5)
+
+
+def test_sdxl_null_text_retraces_and_edits(pipes, scene_image, tmp_path):
+    """SDXL null-text: each step's loss falls, sampling from the saved file ends where the optimisation ended, closer
+    than plain DDIM; an edit with local blend runs from it; the pooled unconditional embedding survives the file;
+    an SDXL inversion is refused by a one-encoder pipeline."""
+    caption, image = scene_image
+    pipe = pipes["sdxl"]
+    inv = invert(pipe, image, caption, InversionOptions(steps=STEPS, inner_steps=3), progress=False)
+    assert all(final <= first * (1 + 1e-3) + 1e-9 for first, final in inv.settings["losses"])
+    inv = Inversion.load(inv.save(tmp_path / "xl"))
+    from prompt2prompt.inversion import sampler, sampling_kwargs
+
+    target = encode(pipe, inv.image)
+    opts = GenerationOptions(steps=STEPS)
+    with sampler(pipe, inv):
+        rec = generate(pipe, caption, None, opts, progress=False, **sampling_kwargs(inv))
+    error = torch.nn.functional.mse_loss(rec.latents.float(), target).item()
+    assert error == pytest.approx(inv.settings["losses"][-1][1], rel=1e-5, abs=1e-9)
+    ddim = invert(pipe, image, caption, InversionOptions(method="ddim", steps=STEPS), progress=False)
+    with sampler(pipe, ddim):
+        plain = generate(pipe, caption, None, opts, progress=False, **sampling_kwargs(ddim))
+    assert error < torch.nn.functional.mse_loss(plain.latents.float(), target).item()
+    r = edit(pipe, caption, caption.replace("square", "cross"), EditOptions(blend=("square", "cross")), opts,
+             inversion=inv, vanilla=False, progress=False)
+    torch.testing.assert_close(r.controlled.latents[0], rec.latents[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(InputError, match="pass --model"):
+        edit(pipes["sd1"], caption, caption, EditOptions(), inversion=inv, progress=False)
+
+
+def test_sdxl_negative_prompt_and_direct(pipes, scene_image):
+    """Negative-prompt inversion on SDXL puts the caption's pooled embedding in the unconditional rows too (so guidance
+    cancels: sampling equals unguided sampling from the same latent); direct inversion reconstructs exactly."""
+    caption, image = scene_image
+    pipe = pipes["sdxl"]
+    from prompt2prompt.inversion import sampler, sampling_kwargs
+
+    npi = invert(pipe, image, caption, InversionOptions(method="negative-prompt", steps=STEPS), progress=False)
+    with sampler(pipe, npi):
+        guided = generate(pipe, caption, None, GenerationOptions(steps=STEPS), progress=False,
+                          **sampling_kwargs(npi))
+        unguided = generate(pipe, caption, None, GenerationOptions(steps=STEPS, guidance=1.0), latent=npi.latent,
+                            progress=False)
+    torch.testing.assert_close(guided.latents, unguided.latents, atol=1e-4, rtol=1e-4)
+    direct = invert(pipe, image, caption, InversionOptions(method="direct", steps=STEPS), progress=False)
+    with sampler(pipe, direct):
+        rec = generate(pipe, caption, None, GenerationOptions(steps=STEPS), progress=False,
+                       **sampling_kwargs(direct))
+    torch.testing.assert_close(rec.latents, encode(pipe, direct.image), atol=0, rtol=0)
 
 
 def test_sd2_v_prediction_inverts(pipes, scene_image):

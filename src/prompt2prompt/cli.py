@@ -364,21 +364,22 @@ def build_parser() -> argparse.ArgumentParser:
     _machine(p, "p2p-out/demo")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("invert", help="invert a real image (null-text, DDIM, negative-prompt; FireFlow or Euler on "
-                       "flow models) for editing",
+    p = sub.add_parser("invert", help="invert a real image (null-text, DDIM, negative-prompt, direct; FireFlow or "
+                       "Euler on flow models) for editing",
                        description="Invert an image under its caption so that sampling regenerates it, on SD 1.x, "
-                       "2.x and SD3 pipelines (SDXL and Flux are not supported yet). The result (starting latent, "
-                       "per-step unconditional embeddings, settings) goes to one safetensors file for `p2p edit "
-                       "--from`; the reconstruction is written beside it and its PSNR printed. Inversion is "
-                       "deterministic: it takes no seed.")
+                       "2.x, XL and SD3 pipelines (Flux is not supported yet). The result (starting latent, "
+                       "per-step unconditional embeddings, a direct inversion's latent path, settings) goes to one "
+                       "safetensors file for `p2p edit --from`; the reconstruction is written beside it and its "
+                       "PSNR printed. Inversion is deterministic: it takes no seed.")
     p.add_argument("image", help="image file, any size and mode (centre-cropped and resized to the inversion size; "
                    "enlarging more than 4 times is refused)")
     p.add_argument("caption", help="a caption of the image (becomes the source prompt of edits)")
-    p.add_argument("--method", default="auto", choices=["auto", "null-text", "ddim", "negative-prompt", "fireflow",
-                                                        "euler"],
-                   help="DDPM-type models (SD 1.x / 2.x, shapes): null-text (Mokady et al. 2022), plain ddim, or "
-                   "negative-prompt (no optimisation); flow models (SD3, shapes-flow): fireflow (second order, one "
-                   "model call a step) or euler; auto (default): null-text or fireflow")
+    p.add_argument("--method", default="auto", choices=["auto", "null-text", "ddim", "negative-prompt",
+                                                        "direct", "fireflow", "euler"],
+                   help="DDPM-type models (SD 1.x / 2.x, shapes): null-text (Mokady et al. 2022), plain ddim, "
+                   "negative-prompt (no optimisation), or direct (Ju et al. 2023: the source is pinned to the "
+                   "inversion's path while edits run free; no optimisation); flow models (SD3, shapes-flow): fireflow "
+                   "(second order, one model call a step) or euler; auto (default): null-text or fireflow")
     p.add_argument("--inner-steps", type=whole(1), default=10, help="null-text: Adam steps per timestep (default: 10)")
     p.add_argument("--offsets", type=whole(0), nargs=4, default=[0, 0, 0, 0],
                    metavar=("LEFT", "RIGHT", "TOP", "BOTTOM"),

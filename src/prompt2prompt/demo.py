@@ -21,6 +21,7 @@ from .attend import attend
 from .edits import EditOptions, edit
 from .figures import attention_figures, edit_grid, swap_figures
 from .generation import GenerationOptions
+from .loading import family
 from .measure import EditPair, run_pairs, sample_pairs, score_edit
 from .report import Section, page, staged, write_json
 
@@ -55,6 +56,7 @@ def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shap
     gen = GenerationOptions(steps=options.steps, guidance=options.guidance, seed=options.seed)
     numbers: dict = {"settings": {**asdict(options), "model": model}}
     sections, pictures = [], {}
+    joint = family(pipe) in ("sd3", "flux")  # MM-DiT: no self-attention is replaced by default (README, joint.py)
 
     _say("[1/7] cross-attention maps", quiet)
     att = attend(pipe, SOURCE, gen, progress=False)
@@ -78,9 +80,8 @@ def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shap
     sections.append(Section(
         "2. One word changed, same seed",
         "Vanilla: the same seed with 'square' swapped for 'triangle' changes more than the square. Prompt-to-Prompt: "
-        "the source's cross-attention is injected, so the layout stays and only the square becomes a triangle. (On "
-        "this small model a vanilla shape swap keeps much of the layout and a colour swap moves it: the first steps "
-        "settle the colour blobs. BENCHMARKS.md has the numbers.)",
+        "the source's cross-attention is injected, so the layout stays and only the square becomes a triangle. "
+        "BENCHMARKS.md has the numbers over 50 pairs, shape and colour swaps apart.",
         [("top: vanilla; bottom: attention-controlled", pictures["swap"])],
         [("red circle kept (mask IoU), vanilla", _fmt(s_van.keep_iou), "1 = the unchanged object did not move"),
          ("red circle kept (mask IoU), controlled", _fmt(s_rep.keep_iou), "the same with attention control"),
@@ -97,9 +98,10 @@ def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shap
     numbers["blend"] = {"replace": s_rep.to_dict(), "replace+blend": s_blend.to_dict()}
     sections.append(Section(
         "3. Keeping the rest exactly: local blend",
-        "Replace alone still changes pixels away from the edit (convolutions and self-attention spread it). Local "
-        "blend takes the words' attention as a mask and resets the latents outside it to the source's after each "
-        "step (p2p paper, Algorithm 1, lines 11-14).",
+        "Replace alone still changes pixels away from the edit (" + (
+            "the image tokens' attention to each other spreads it" if joint else
+            "convolutions and self-attention spread it") + "). Local blend takes the words' attention as a mask "
+        "and resets the latents outside it to the source's after each step (p2p paper, Algorithm 1, lines 11-14).",
         [("source, replace, replace + blend, mask", pictures["blend"])],
         [("PSNR outside the edited object, replace", f"{s_rep.outside_psnr:.2f} dB", "higher = less collateral change"),
          ("PSNR outside the edited object, + blend", f"{s_blend.outside_psnr:.2f} dB", "the same with local blend")]))
@@ -115,11 +117,14 @@ def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shap
     pictures["sweep"] = plot.grid([src, *row], ["source", *[f"{f:.0%} of steps" for f in options.fractions]],
                                   cell=128)
     numbers["sweep"] = curve
-    table[0] = (table[0][0], table[0][1], "0: no cross-attention injected (self-attention still for 40%)")
+    table[0] = (table[0][0], table[0][1], "0: no cross-attention injected" + (
+        "" if joint else f" (self-attention still for {EditOptions().self_steps:.0%})"))
     sections.append(Section(
         "4. How long to inject: 0% to 100% of the steps",
-        "The source's cross-attention is injected for the first fraction of the steps. Early steps fix the layout; "
-        "injecting for too long can keep the old shape.", [("replacement fraction sweep", pictures["sweep"])], table))
+        "The source's cross-attention (" + ("the image-to-text block of the joint attention" if joint else
+                                           "image-to-text") + ") is injected for the first fraction of the steps. "
+        "Early steps fix the layout; injecting for too long can keep the old shape.",
+        [("replacement fraction sweep", pictures["sweep"])], table))
 
     _say("[5/7] refine and re-weight", quiet)
     refine = edit(pipe, PLAIN, SOURCE, EditOptions(), gen, progress=False)
@@ -172,7 +177,7 @@ def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shap
         for name, pic in pictures.items():
             pic.save(tmp / f"{name}.png")
         write_json(tmp / "demo.json", numbers)
-        (tmp / "index.html").write_text(page("prompt2prompt: a tour on the shapes model", sections,
+        (tmp / "index.html").write_text(page(f"prompt2prompt: a tour on the {model} model", sections,
                                              numbers["settings"]))
     _say(f"done in {numbers['seconds']:.0f} s", quiet)
     return numbers

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 
-from .attention import AttentionController, control, denoiser, exclusive
+from .attention import AttentionController, Controllers, control, denoiser, exclusive
 from .errors import InputError
 
 
@@ -115,6 +115,21 @@ def _progress_bar(pipe, show: bool):
             del pipe._progress_bar_config
 
 
+class SourcePath(AttentionController):
+    """Direct inversion's correction: after every step, the first prompt's latents are set to the inversion's path
+    (the others are left alone). It runs before every other controller's step end (a local blend then resets the
+    edited prompts outside its mask to the pinned source)."""
+
+    def __init__(self, path: torch.Tensor):
+        self.path = path  # (steps, channels, h, w)
+
+    def step_end(self, step, timestep, latents):
+        if step >= self.path.shape[0]:
+            return None
+        pinned = self.path[step : step + 1].to(latents.device, latents.dtype)  # (1, channels, h, w)
+        return torch.cat([pinned, latents[1:]])
+
+
 def generate(
     pipe,
     prompts: list[str] | str,
@@ -123,6 +138,8 @@ def generate(
     latent: torch.Tensor | None = None,
     progress: bool = True,
     uncond: torch.Tensor | None = None,
+    uncond_pooled: torch.Tensor | None = None,
+    path: torch.Tensor | None = None,
     **pipe_kwargs,
 ) -> Generation:
     """Generate one image per prompt, all from the same initial latent, with the controller in the loop.
@@ -133,6 +150,9 @@ def generate(
     reproduces `pipe(prompt, generator=torch.Generator().manual_seed(seed))`).
     uncond: (steps, tokens, width) an unconditional embedding per step (from an inversion), swapped in through the
     step callback; it needs classifier-free guidance (guidance > 1).
+    uncond_pooled: SDXL, with uncond: (1, width) the unconditional rows' pooled embedding.
+    path: (steps, channels, h, w) latents the first prompt is set to after each step (a direct inversion's path), before
+    any controller's step end.
     With no controller the pipeline runs untouched (the stock processors). Extra keyword arguments go to the pipeline
     (prompt_embeds and its kind replace the prompts' own encoding; cross_attention_kwargs reach every processor).
     The pipeline's scheduler state aside, the caller's pipeline is left as it was (processors, progress bar).
@@ -158,6 +178,18 @@ def generate(
         uncond = uncond.to(device, pipe.text_encoder.dtype)
         pipe_kwargs["negative_prompt_embeds"] = uncond[0].expand(len(prompts), -1, -1)
         inputs.append("prompt_embeds")
+        if (uncond_pooled is not None) != (getattr(pipe, "text_encoder_2", None) is not None):
+            raise InputError("per-step unconditional embeddings on SDXL need their pooled embedding (uncond_pooled), "
+                             "and only SDXL takes one")
+        if uncond_pooled is not None:
+            pipe_kwargs["negative_pooled_prompt_embeds"] = uncond_pooled.to(device, pipe.text_encoder.dtype).expand(
+                len(prompts), -1)
+
+    if path is not None:
+        if path.shape[0] != options.steps or path.shape[1:] != latents.shape[1:]:
+            raise InputError(f"the latent path has shape {tuple(path.shape)}; expected ({options.steps}, "
+                             f"{', '.join(map(str, latents.shape[1:]))}) for {options.steps} steps")
+        controller = SourcePath(path) if controller is None else Controllers(SourcePath(path), controller)
 
     def keep_latents(pipe_, step, timestep, kwargs, changed=None):
         changed = {} if changed is None else changed

@@ -10,6 +10,11 @@ Methods for DDPM-type models (SD 1.x, 2.x, the bundled `shapes`):
   1 - i / (2 * steps), the same at 50 steps and never negative at more than 100.
 - `negative-prompt` (Miyake et al. 2023): no optimisation; the caption's embedding stands in for the null one, so guided
   sampling reduces to the conditional prediction that DDIM inversion used.
+- `direct` (Ju et al. 2023, "PnP Inversion"): no optimisation; the DDIM inversion's whole latent path is kept, and
+  sampling pins the source prompt's latents to it after every step (`generation.SourcePath`), so the source is
+  reconstructed exactly (up to the autoencoder) while edited prompts run free under plain guidance, with the source's
+  attention injected. The paper adds each step's difference (path minus the source's own step) to the source's latents;
+  setting them to the path is that sum without its rounding.
 
 Methods for flow-matching models (SD3 / SD3.5, the bundled `shapes-flow`): `fireflow` (default), `euler`; see
 `flow.py`. `auto` picks null-text or fireflow by the model.
@@ -39,13 +44,13 @@ from .flow import FLOW_METHODS, is_flow
 from .generation import native_size, size_multiple
 from .metrics import psnr  # noqa: F401  (re-exported: inversion.psnr is public)
 
-DDIM_METHODS = ("null-text", "ddim", "negative-prompt")
+DDIM_METHODS = ("null-text", "ddim", "negative-prompt", "direct")
 METHODS = ("auto", *DDIM_METHODS, *FLOW_METHODS)
 
 
 @dataclass(frozen=True)
 class InversionOptions:
-    method: str = "auto"  # null-text, ddim, negative-prompt (DDPM-type models); fireflow, euler (flow models);
+    method: str = "auto"  # null-text, ddim, negative-prompt, direct (DDPM-type models); fireflow, euler (flow models);
     # auto: null-text or fireflow, by the model
     steps: int = 50  # DDIM or flow steps
     guidance: float = 7.5  # guidance scale sampling will use
@@ -91,6 +96,8 @@ class Inversion:
     options: InversionOptions
     image: Image.Image  # the image as prepared (cropped, resized) for the model
     settings: dict = field(default_factory=dict)  # model, sizes, timings, final losses
+    path: torch.Tensor | None = None  # direct: (steps, channels, h, w) the latent after each sampling step
+    uncond_pooled: torch.Tensor | None = None  # SDXL: (1, width) the pooled embedding of the unconditional rows
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
@@ -102,6 +109,9 @@ class Inversion:
                 "settings": self.settings}
         tensors = {"latent": self.latent.float().cpu().contiguous(), "uncond": self.uncond.float().cpu().contiguous(),
                    "image": torch.from_numpy(np.array(self.image.convert("RGB"))).contiguous()}
+        for name in ("path", "uncond_pooled"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name).float().cpu().contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"p2p": json.dumps(meta)})
@@ -127,9 +137,12 @@ class Inversion:
         opts["offsets"] = tuple(opts.get("offsets", (0, 0, 0, 0)))
         if not {"latent", "uncond", "image"} <= set(tensors):
             raise InputError(f"{path} is a prompt2prompt inversion file without its tensors (latent, uncond, image)")
+        options = InversionOptions(**opts)
+        if options.method == "direct" and "path" not in tensors:
+            raise InputError(f"{path} is a direct inversion without its latent path (tensor 'path')")
         image = Image.fromarray(tensors["image"].numpy())
-        return cls(tensors["latent"], tensors["uncond"], meta["prompt"], InversionOptions(**opts), image,
-                   meta["settings"])
+        return cls(tensors["latent"], tensors["uncond"], meta["prompt"], options, image, meta["settings"],
+                   tensors.get("path"), tensors.get("uncond_pooled"))
 
 
 MAX_UPSCALE = 4  # an image is refused when inverting it would enlarge it more than this (it would invent detail)
@@ -244,9 +257,12 @@ def check_inversion(pipe, inversion: Inversion, source: str | None = None) -> No
                          f"this pipeline is not one: pass --model {recorded}")
     from .loading import family
 
-    if family(pipe) in ("sdxl", "flux"):
-        raise ModelError(f"editing from an inversion supports SD 1.x, 2.x and SD3 pipelines; {family(pipe)} is not "
-                         f"supported yet")
+    if family(pipe) == "flux":
+        raise ModelError("editing from an inversion supports SD 1.x, 2.x, XL and SD3 pipelines; flux is not "
+                         "supported yet")
+    if (family(pipe) == "sdxl") != (inversion.uncond_pooled is not None):
+        made = "an SDXL" if inversion.uncond_pooled is not None else "a one-text-encoder (SD 1.x / 2.x)"
+        raise InputError(f"the inversion was made with {made} pipeline, {recorded!r}: pass --model {recorded}")
     net = pipe.transformer if flow else pipe.unet
     channels = net.config.in_channels
     if flow:
@@ -254,7 +270,11 @@ def check_inversion(pipe, inversion: Inversion, source: str | None = None) -> No
             raise InputError(f"the inversion was made with the model {recorded!r} (latent channels "
                              f"{inversion.latent.shape[1]}); this pipeline has {channels}: pass --model {recorded}")
         return
-    tokens, width = pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size
+    tokens, width = pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim
+    path = inversion.path
+    if path is not None and (path.shape[0] != inversion.options.steps or path.shape[1:] != inversion.latent.shape[1:]):
+        raise InputError(f"the inversion's latent path has shape {tuple(path.shape)}; expected "
+                         f"({inversion.options.steps}, {', '.join(map(str, inversion.latent.shape[1:]))})")
     if inversion.latent.shape[1] != channels or tuple(inversion.uncond.shape[1:]) != (tokens, width):
         raise InputError(
             f"the inversion was made with the model {recorded!r} (latent channels {inversion.latent.shape[1]}, text "
@@ -272,10 +292,12 @@ def sampler(pipe, inversion: Inversion):
 
 
 def sampling_kwargs(inversion: Inversion) -> dict:
-    """What `generate` needs to sample from the inversion: its latent, and per-step unconditional embeddings (DDIM
-    methods; flow inversions use the plain empty caption, as their inversion did)."""
+    """What `generate` needs to sample from the inversion: its latent, per-step unconditional embeddings (DDIM
+    methods; flow inversions use the plain empty caption, as their inversion did) and, for `direct`, the latent path
+    the source prompt is pinned to."""
     uncond = None if inversion.options.method in FLOW_METHODS else inversion.uncond
-    return {"latent": inversion.latent, "uncond": uncond}
+    return {"latent": inversion.latent, "uncond": uncond, "uncond_pooled": inversion.uncond_pooled,
+            "path": inversion.path}
 
 
 class _DDIM:
@@ -314,11 +336,45 @@ class _DDIM:
         return a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps
 
 
-def _embed(pipe, text: str) -> torch.Tensor:
-    ids = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0].to(pipe.unet.dtype)  # (1, tokens, width)
+class _Text:
+    """The caption's and the pipeline's own unconditional conditioning, as the UNet takes them, from the pipeline's
+    `encode_prompt` (SDXL: both encoders' tokens side by side, the pooled embedding and the added time ids, with the
+    pipeline's zeros for the empty prompt where its config asks for them).
+
+    Null-text inversion on SDXL learns the unconditional token embeddings (77 x 2048) only, as the paper does for SD;
+    the unconditional pooled embedding stays the pipeline's own: it enters through the time embedding, outside
+    attention, and one vector shared by every step could not follow a per-step path anyway."""
+
+    def __init__(self, pipe, prompt: str, size: tuple[int, int]):
+        from .loading import family
+
+        self.unet = pipe.unet
+        device = self.unet.device
+        with torch.no_grad():
+            if family(pipe) == "sdxl":
+                self.cond, self.null, self.pooled, self.null_pooled = pipe.encode_prompt(
+                    prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+                # the pipeline's default added conditions: original size = target size = the image's, no crop
+                self.time_ids = torch.tensor([[*size, 0, 0, *size]], device=device, dtype=self.cond.dtype)
+            else:
+                self.cond, self.null = pipe.encode_prompt(prompt, device, 1, True)  # (1, tokens, width) each
+                self.pooled = self.null_pooled = self.time_ids = None
+        self.cond, self.null = self.cond.to(self.unet.dtype), self.null.to(self.unet.dtype)
+
+    def __call__(self, latent: torch.Tensor, t, embeds: torch.Tensor, pooled: torch.Tensor | None = None):
+        """The UNet's output for latent (batch, channels, h, w) under embeds (batch, tokens, width); pooled (batch,
+        width) on SDXL (default: the caption's)."""
+        kwargs = {}
+        if self.time_ids is not None:
+            pooled = self.pooled.expand(latent.shape[0], -1) if pooled is None else pooled
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(self.unet.dtype),
+                                           "time_ids": self.time_ids.expand(latent.shape[0], -1)}
+        return self.unet(latent, t, encoder_hidden_states=embeds, **kwargs).sample
+
+    def pair(self, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One batch [unconditional, conditional], as the pipeline runs it: (embeds, pooled or None)."""
+        embeds = torch.cat([uncond.to(self.unet.dtype), self.cond])
+        return embeds, None if self.pooled is None else torch.cat([self.null_pooled, self.pooled])
 
 
 def invert(pipe, image, prompt: str, options: InversionOptions = InversionOptions(), progress: bool = True,
@@ -326,8 +382,8 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
     """Invert an image (path or PIL) under its caption; see the module docstring for the methods."""
     from .loading import family
 
-    if family(pipe) in ("sdxl", "flux"):
-        raise ModelError(f"inversion supports SD 1.x, 2.x and SD3 pipelines; {family(pipe)} is not supported yet")
+    if family(pipe) == "flux":
+        raise ModelError("inversion supports SD 1.x, 2.x, XL and SD3 pipelines; flux is not supported yet")
     if not prompt.strip():
         raise PromptError("expected a caption of the image, got an empty one")
     flow = is_flow(pipe)
@@ -352,65 +408,69 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
         with exclusive(pipe):
             v = velocity(pipe, prompt, options.guidance, options.max_sequence_length)
             noise = invert_flow(pipe, encode(pipe, prepared), v, options.steps, options.method, progress)
-        uncond = torch.zeros(0)  # sampling uses the empty caption's embedding, as the inversion did
+        uncond, path, pooled = torch.zeros(0), None, None  # sampling uses the empty caption, as the inversion did
     else:
-        noise, uncond, losses = _ddim_family(pipe, prepared, prompt, options, progress)
+        noise, uncond, losses, path, pooled = _ddim_family(pipe, prepared, prompt, options, progress)
     settings = {"model": str(model), "size": list(prepared.size), "seconds": time.perf_counter() - start,
                 "losses": losses, "scaling_factor": float(pipe.vae.config.scaling_factor), "conversions": notes}
-    return Inversion(noise.detach().cpu(), uncond.detach().cpu(), prompt, options, prepared, settings)
+    return Inversion(noise.detach().cpu(), uncond.detach().cpu(), prompt, options, prepared, settings,
+                     None if path is None else path.detach().cpu(), None if pooled is None else pooled.detach().cpu())
 
 
 def _ddim_family(pipe, prepared: Image.Image, prompt: str, options: InversionOptions, progress: bool):
-    """DDIM inversion, then the method's unconditional embeddings: (noise, uncond (steps, tokens, width), losses)."""
+    """DDIM inversion, then the method's unconditional embeddings: (noise, uncond (steps, tokens, width), losses,
+    path (steps, channels, h, w) for `direct` else None, the unconditional pooled embedding (1, width) on SDXL else
+    None)."""
     losses: list[tuple[float, float]] = []
     with exclusive(pipe):
         ddim = _DDIM(pipe.scheduler, options.steps)
-        unet = pipe.unet
-        cond, null = _embed(pipe, prompt), _embed(pipe, "")
+        text = _Text(pipe, prompt, (prepared.height, prepared.width))
         latent = encode(pipe, prepared)
         trajectory = [latent]
         with torch.no_grad():
             for t in tqdm(ddim.timesteps.flip(0), desc="DDIM inversion", disable=not progress, leave=False):
-                out = unet(latent, t, encoder_hidden_states=cond).sample
-                latent = ddim.next(out, t, latent)
+                latent = ddim.next(text(latent, t, text.cond), t, latent)
                 trajectory.append(latent)
-        if options.method == "ddim":
-            uncond = null.expand(options.steps, -1, -1).clone()
-        elif options.method == "negative-prompt":
-            uncond = cond.expand(options.steps, -1, -1).clone()
+        path, pooled = None, text.null_pooled
+        if options.method in ("ddim", "direct"):
+            uncond = text.null.expand(options.steps, -1, -1).clone()
+            if options.method == "direct":  # in sampling order: the latent after sampling step i
+                path = torch.cat(trajectory[-2::-1])  # (steps, channels, h, w)
+        elif options.method == "negative-prompt":  # the caption in the unconditional rows: guidance cancels
+            uncond, pooled = text.cond.expand(options.steps, -1, -1).clone(), text.pooled
         else:
-            uncond, losses = _null_text(pipe, ddim, trajectory, cond, null, options, progress)
-    return trajectory[-1], uncond, losses
+            uncond, losses = _null_text(pipe, ddim, trajectory, text, options, progress)
+    return trajectory[-1], uncond, losses, path, pooled
 
 
-def _null_text(pipe, ddim: _DDIM, trajectory, cond, null, options: InversionOptions, progress: bool):
+def _null_text(pipe, ddim: _DDIM, trajectory, text: _Text, options: InversionOptions, progress: bool):
     unet = pipe.unet
     trainable = [p.requires_grad for p in unet.parameters()]
-    unet.requires_grad_(False)  # gradients flow to the embedding only
+    unet.requires_grad_(False)  # gradients flow to the embedding only; one step's graph at a time
     try:
-        return _optimise(unet, ddim, trajectory, cond, null, options, progress)
+        return _optimise(ddim, trajectory, text, options, progress)
     finally:
         for p, flag in zip(unet.parameters(), trainable):
             p.requires_grad_(flag)
 
 
-def _optimise(unet, ddim: _DDIM, trajectory, cond, null, options: InversionOptions, progress: bool):
+def _optimise(ddim: _DDIM, trajectory, text: _Text, options: InversionOptions, progress: bool):
     g = options.guidance
-    uncond = null.clone()
+    uncond = text.null.clone()
     per_step, losses = [], []
     current = trajectory[-1]
     bar = tqdm(list(enumerate(ddim.timesteps)), desc="null-text optimisation", disable=not progress, leave=False)
     for i, t in bar:
         target = trajectory[len(trajectory) - i - 2]
         with torch.no_grad():
-            out_cond = unet(current, t, encoder_hidden_states=cond).sample
+            out_cond = text(current, t, text.cond)
         # a fresh leaf each timestep: Adam updates it in place, and the embeddings kept for earlier steps must not move
         uncond = uncond.detach().float().clone().requires_grad_(True)
         # the notebook's 1e-2 * (1 - i / 100) at 50 steps, scaled to the number of steps so it never turns negative
         opt = torch.optim.Adam([uncond], lr=options.lr * (1.0 - i / (2.0 * options.steps)))
         loss_value = first = float("nan")
         for j in range(options.inner_steps):
-            out_uncond = unet(current, t, encoder_hidden_states=uncond.to(unet.dtype)).sample
+            out_uncond = text(current, t, uncond.to(text.unet.dtype), text.null_pooled)
             guided = out_uncond + g * (out_cond - out_uncond)
             loss = F.mse_loss(ddim.prev(guided, t, current).float(), target.float())
             opt.zero_grad()
@@ -424,14 +484,13 @@ def _optimise(unet, ddim: _DDIM, trajectory, cond, null, options: InversionOptio
             # advance exactly as sampling will: one UNet batch [unconditional, conditional], as the pipeline runs it.
             # Guided sampling from an optimised embedding can be chaotic: on some images a batch-1 versus batch-2
             # rounding difference alone grows into a visibly different image by the last step.
-            both = unet(torch.cat([current, current]), t,
-                        encoder_hidden_states=torch.cat([uncond.to(unet.dtype), cond])).sample
-            out_uncond, out_cond = both.chunk(2)  # (1, channels, h, w) each
+            embeds, pooled = text.pair(uncond)
+            out_uncond, out_cond = text(torch.cat([current, current]), t, embeds, pooled).chunk(2)  # (1, c, h, w)
             guided = out_uncond + g * (out_cond - out_uncond)
             current = ddim.prev(guided, t, current)
             loss_value = F.mse_loss(current.float(), target.float()).item()
         losses.append((first, loss_value))
         bar.set_postfix(loss=f"{loss_value:.2e}")
-        uncond = uncond.detach().to(unet.dtype)
+        uncond = uncond.detach().to(text.unet.dtype)
         per_step.append(uncond[0].clone())
     return torch.stack(per_step), losses

@@ -155,21 +155,24 @@ def run_pairs(pipe, pairs: list[EditPair], generation, options=None, progress: b
 
 
 def sweep(pipe, pairs: list[EditPair], generation, fractions=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-          progress: bool = True) -> dict:
-    """Layout kept and edit success as the cross-attention replacement fraction goes from 0 to 1."""
+          progress: bool = True, options=None) -> dict:
+    """Layout kept and edit success as the cross-attention replacement fraction goes from 0 to 1 (the other settings
+    from `options`, default `EditOptions()`)."""
     from dataclasses import replace
 
     from tqdm import tqdm
 
     from .edits import EditOptions, edit
 
+    options = options or EditOptions()
     curve = {f: [] for f in fractions}
     pictures = {}
     for pair in tqdm(pairs, desc="replacement sweep", disable=not progress):
         gen = replace(generation, seed=pair.seed)
         source = None
         for f in fractions:
-            r = edit(pipe, pair.source, pair.target, EditOptions(cross_steps=f), gen, vanilla=False, progress=False)
+            r = edit(pipe, pair.source, pair.target, replace(options, cross_steps=f), gen, vanilla=False,
+                     progress=False)
             source = source or r.controlled.images[0]
             curve[f].append(score_edit(pair, source, r.controlled.images[1]))
             if pair is pairs[0]:
