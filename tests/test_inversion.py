@@ -8,7 +8,7 @@ from PIL import Image
 from prompt2prompt.attention import AttentionController
 from prompt2prompt.cli import main
 from prompt2prompt.edits import EditOptions, edit
-from prompt2prompt.errors import InputError, ModelError, PromptError
+from prompt2prompt.errors import InputError, PromptError
 from prompt2prompt.generation import GenerationOptions, generate
 from prompt2prompt.inversion import Inversion, InversionOptions, encode, invert, prepare_image, psnr
 from prompt2prompt.shapes import world

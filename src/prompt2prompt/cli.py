@@ -11,7 +11,7 @@ import argparse
 import math
 import sys
 
-from .errors import P2PError
+from .errors import InputError, P2PError
 from .loading import DEFAULT_MODEL
 
 
@@ -292,6 +292,22 @@ def cmd_invert(args) -> None:
     print(f"wrote {path} and {rec_path}; edit with: p2p edit --from {path} \"{args.caption}\" \"EDITED CAPTION\"")
 
 
+def cmd_sweep(args) -> None:
+    from .study import load
+    from .sweep import launch, run_from_args
+
+    load(args.study)  # a bad study is refused here, before any process starts
+    if args.processes > 1:
+        extra = [*(["--threads", str(args.threads)] if args.threads else []),
+                 *(["--retry-failed"] if args.retry_failed else []), *(["--quiet"] if args.quiet else [])]
+        code = launch(args.study, args.out, args.processes, extra)
+        if code:
+            raise InputError(f"the sweep's processes stopped with exit code {code} (their messages are above); run "
+                             "the same command again to continue")
+    else:
+        run_from_args(args)
+
+
 def cmd_swap(args) -> None:
     from .analysis import swap_analysis
     from .figures import write_swap
@@ -363,6 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a reduced tour (few steps, short sweeps) for a fast check")
     _machine(p, "p2p-out/demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sweep", help="run a study: every combination of prompts, seeds and settings, with measures",
+                       description="Run every case of a study file (model, edits, a grid of settings, measures; see "
+                       "examples/*.yaml) into one folder: each case's pictures and settings, results.csv / .jsonl, and "
+                       "a contact sheet (index.html). Resumable: run again with the same --out to finish a sweep that "
+                       "stopped. --processes N splits the cases across N processes (GPUs) through accelerate.")
+    from .sweep import add_arguments
+
+    add_arguments(p)
+    p.add_argument("--processes", type=whole(1), default=1,
+                   help="processes to split the cases across, through `accelerate launch` (default: 1)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("invert", help="invert a real image (null-text, DDIM, negative-prompt, direct; FireFlow or "
                        "Euler on flow models) for editing",
