@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -35,3 +36,37 @@ def sd1_folder(sd1, tmp_path_factory):
     folder = tmp_path_factory.mktemp("saved") / "tiny-sd1"
     sd1.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def shapes():
+    """The bundled `shapes` pipeline, loaded once per test session (tests that change it put it back)."""
+    from prompt2prompt.loading import BUNDLED, load_pipeline
+
+    if not (BUNDLED["shapes"] / "model_index.json").exists():
+        pytest.skip("the shapes model is not shipped yet: its training has not passed its bars")
+    pipe = load_pipeline("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if not BROWSER or sync_playwright is None:
+        if os.environ.get("P2P_REQUIRE_BROWSER"):
+            pytest.fail("P2P_REQUIRE_BROWSER is set but chromium or playwright is missing")
+        pytest.skip("no chromium (apt-get install chromium) or no playwright")
+    with sync_playwright() as p:
+        # no network here: Chromium's background connections would only be refused
+        b = p.chromium.launch(executable_path=BROWSER, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        yield b
+        b.close()

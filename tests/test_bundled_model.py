@@ -4,15 +4,8 @@ import numpy as np
 import pytest
 
 from prompt2prompt.generation import GenerationOptions, generate
-from prompt2prompt.loading import BUNDLED, family, load_pipeline
+from prompt2prompt.loading import BUNDLED, family
 from prompt2prompt.shapes.evaluate import segment
-
-
-@pytest.fixture(scope="module")
-def shapes():
-    if not (BUNDLED["shapes"] / "model_index.json").exists():
-        pytest.skip("the shapes model is not shipped yet: its training has not passed its bars")
-    return load_pipeline("shapes")
 
 
 def test_bundled_model_is_a_standard_pipeline(shapes):

@@ -2,36 +2,12 @@
 loads, and every word of every prompt is in the page's text. Skipped where no browser is installed, unless
 P2P_REQUIRE_BROWSER is set (CI sets it, so there a missing browser is a failure)."""
 
-import os
 import re
-import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from prompt2prompt.cli import main
-
-BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    if not BROWSER or sync_playwright is None:
-        if os.environ.get("P2P_REQUIRE_BROWSER"):
-            pytest.fail("P2P_REQUIRE_BROWSER is set but chromium or playwright is missing")
-        pytest.skip("no chromium (apt-get install chromium) or no playwright")
-    with sync_playwright() as p:
-        # no network here: Chromium's background connections would only be refused
-        b = p.chromium.launch(executable_path=BROWSER, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
-        yield b
-        b.close()
 
 
 def check_page(browser, html, prompts):

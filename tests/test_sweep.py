@@ -14,7 +14,6 @@ from prompt2prompt import sweep as sweep_module
 from prompt2prompt.cli import main
 from prompt2prompt.edits import edit
 from prompt2prompt.errors import InputError
-from prompt2prompt.loading import BUNDLED, load_pipeline
 from prompt2prompt.study import parse
 from prompt2prompt.sweep import case_folder, run_sweep
 
@@ -31,13 +30,6 @@ STUDY = {
 }
 
 
-@pytest.fixture(scope="module")
-def shapes():
-    if not (BUNDLED["shapes"] / "model_index.json").exists():
-        pytest.skip("the shapes model is not shipped")
-    pipe = load_pipeline("shapes")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_a_sweep_writes_every_case_the_tables_and_the_sheet(shapes, tmp_path):

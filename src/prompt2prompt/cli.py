@@ -308,6 +308,19 @@ def cmd_sweep(args) -> None:
         run_from_args(args)
 
 
+def cmd_ui(args) -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise P2PError("p2p ui needs gradio: pip install -e '.[ui]'") from None
+    from .loading import resolve, resolve_device
+    from .ui import serve
+
+    resolve(args.model)  # a missing model is refused before the server starts
+    print(f"p2p ui: http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    serve(args.model, args.host, args.port, args.share, resolve_device(args.device))
+
+
 def cmd_swap(args) -> None:
     from .analysis import swap_analysis
     from .figures import write_swap
@@ -391,6 +404,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=whole(1), default=1,
                    help="processes to split the cases across, through `accelerate launch` (default: 1)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("ui", help="an interactive local web page: maps, edits, real images, the swap analysis",
+                       description="Start a local web page (gradio; install with pip install -e '.[ui]') with four "
+                       "tabs: Maps, Edit, Real image, Why. It listens on 127.0.0.1 unless told otherwise, shares "
+                       "nothing publicly unless --share is given, and runs one generation at a time.")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"bundled name ({DEFAULT_MODEL}, shapes-flow), pipeline folder or cached hub id "
+                   f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=whole(1), default=7860, help="port (default: 7860)")
+    p.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("invert", help="invert a real image (null-text, DDIM, negative-prompt, direct; FireFlow or "
                        "Euler on flow models) for editing",
