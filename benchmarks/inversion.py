@@ -99,8 +99,8 @@ def cost_worker(args) -> None:
     image = scene.image().resize((side, side), Image.LANCZOS)
     start = time.perf_counter()
     if args.cost_method == "plain":
-        generate(pipe, scene.caption, None, GenerationOptions(steps=args.steps, guidance=args.guidance, height=side,
-                                                              width=side), progress=False)
+        generate(pipe, scene.caption, None, GenerationOptions(steps=args.steps, guidance=args.guidance or 7.5,
+                                                              height=side, width=side), progress=False)
     else:
         invert(pipe, image, scene.caption, InversionOptions(method=args.cost_method, steps=args.steps,
                                                             guidance=args.guidance, height=side, width=side),
@@ -116,7 +116,8 @@ def cost(args) -> None:
     rows = {}
     for method in COST_METHODS:
         cmd = [sys.executable, __file__, "--cost", args.cost, "--cost-size", str(args.cost_size), "--cost-method",
-               method, "--steps", str(args.steps), "--guidance", str(args.guidance), "--device", args.device,
+               method, "--steps", str(args.steps), *(["--guidance", str(args.guidance)] if args.guidance else []),
+               "--device", args.device,
                "--seed", str(args.seed), *(["--fp16"] if args.fp16 else [])]
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if out.returncode:
@@ -136,7 +137,8 @@ def main() -> None:
     parser.add_argument("--model", default="shapes", help="bundled name or pipeline folder (default: shapes)")
     parser.add_argument("--images", type=int, default=20, help="rendered images (default: 20)")
     parser.add_argument("--steps", type=int, default=50, help="inversion and sampling steps (default: 50)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="guidance scale (default: the method's: 7.5 for DDIM methods, 2 for flow methods)")
     parser.add_argument("--seed", type=int, default=7, help="seed of the scenes (default: 7)")
     parser.add_argument("--max-sequence-length", type=int, default=None,
                         help="MM-DiT: T5 tokens of the caption (default: the pipeline's)")
@@ -167,7 +169,7 @@ def main() -> None:
             start = time.perf_counter()
             inv = invert(pipe, image, scene.caption, options, progress=False)
             seconds = time.perf_counter() - start
-            again = GenerationOptions(steps=options.steps, guidance=options.guidance,
+            again = GenerationOptions(steps=options.steps, guidance=inv.options.guidance,
                                       max_sequence_length=options.max_sequence_length)
             with sampler(pipe, inv):
                 rec = generate(pipe, scene.caption, None, again, progress=False, **sampling_kwargs(inv)).images[0]
@@ -190,7 +192,8 @@ def main() -> None:
         print(f"[{n + 1}/{len(items)}] " + "  ".join(
             f"{m}: {rows[m]['psnr_input'][-1]:.1f} dB, edit outside {rows[m]['edit_outside'][-1]:.1f} dB"
             for m in labels), flush=True)
-    print(f"\n{len(items)} rendered images, {args.steps} steps, guidance {args.guidance}, model {args.model}")
+    guidance = args.guidance or "the method's"
+    print(f"\n{len(items)} rendered images, {args.steps} steps, guidance {guidance}, model {args.model}")
     print(f"{'method':<20}{'PSNR vs input':>15}{'PSNR vs AE':>12}{'calls':>7}{'s/image':>10}"
           f"{'edit: PSNR out':>16}{'edit ok':>9}")
     summary = {}

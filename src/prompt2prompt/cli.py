@@ -72,13 +72,14 @@ def _machine(p: argparse.ArgumentParser, out: str, out_is: str = "output folder"
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _sampling(p: argparse.ArgumentParser, seed: bool = True) -> None:
+def _sampling(p: argparse.ArgumentParser, seed: bool = True, guidance: float | None = 7.5,
+              guidance_default: str = "7.5") -> None:
     if seed:
         p.add_argument("--seed", type=whole(0), default=0, help="seed of the shared initial latent and of the "
                        "scheduler's noise (default: 0)")
     p.add_argument("--steps", type=whole(1), default=50, help="denoising steps (default: 50)")
-    p.add_argument("--guidance", type=number(0), default=7.5,
-                   help="classifier-free guidance scale; 1 or less turns it off (default: 7.5)")
+    p.add_argument("--guidance", type=number(0), default=guidance,
+                   help=f"classifier-free guidance scale; 1 or less turns it off (default: {guidance_default})")
     p.add_argument("--height", type=whole(1), default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=whole(1), default=None, help="image width in pixels (default: the model's)")
 
@@ -440,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar=("LEFT", "RIGHT", "TOP", "BOTTOM"),
                    help="pixels to cut from each side before the centre crop (default: 0 0 0 0)")
     _machine(p, "p2p-out/inversion.safetensors", "inversion file to write")
-    _sampling(p, seed=False)
+    _sampling(p, seed=False, guidance=None, guidance_default="7.5 for the DDPM-type methods, 2 for fireflow and euler, "
+              "where 7.5 does not invert")
     p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("swap-analysis", help="why a one-word swap changes the whole image, vanilla vs controlled",

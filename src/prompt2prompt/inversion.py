@@ -45,6 +45,7 @@ from .generation import native_size, size_multiple
 from .metrics import psnr  # noqa: F401  (re-exported: inversion.psnr is public)
 
 DDIM_METHODS = ("null-text", "ddim", "negative-prompt", "direct")
+DDIM_GUIDANCE = 7.5  # the default guidance of DDIM-family inversions: the null-text notebook's
 METHODS = ("auto", *DDIM_METHODS, *FLOW_METHODS)
 
 
@@ -53,7 +54,8 @@ class InversionOptions:
     method: str = "auto"  # null-text, ddim, negative-prompt, direct (DDPM-type models); fireflow, euler (flow models);
     # auto: null-text or fireflow, by the model
     steps: int = 50  # DDIM or flow steps
-    guidance: float = 7.5  # guidance scale sampling will use
+    guidance: float | None = None  # guidance scale sampling will use; None: the method family's (DDIM_GUIDANCE,
+    # flow.INVERSION_GUIDANCE)
     inner_steps: int = 10  # null-text: Adam steps per timestep at most
     lr: float = 1e-2  # null-text: learning rate at the first timestep, times (1 - i/100) at the i-th
     early_stop: float = 1e-5  # null-text: stop a timestep's optimisation once the loss < early_stop + i * 2e-5
@@ -70,9 +72,10 @@ class InversionOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InputError(f"{name.replace('_', ' ')} must be a whole number of at least {low}, got {value!r}")
-        if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance) or self.guidance < 0:
+        if self.guidance is not None and (not isinstance(self.guidance, (int, float))
+                                          or not math.isfinite(self.guidance) or self.guidance < 0):
             raise InputError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
-        if self.method == "null-text" and self.guidance <= 1:
+        if self.method == "null-text" and self.guidance is not None and self.guidance <= 1:
             raise InputError(f"null-text inversion optimises the unconditional embedding, which only matters with "
                              f"classifier-free guidance: expected guidance > 1, got {self.guidance!r}")
         for name in ("lr", "early_stop"):
@@ -389,6 +392,10 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
     flow = is_flow(pipe)
     if options.method == "auto":
         options = replace(options, method="fireflow" if flow else "null-text")
+    if options.guidance is None:
+        from .flow import INVERSION_GUIDANCE
+
+        options = replace(options, guidance=INVERSION_GUIDANCE if options.method in FLOW_METHODS else DDIM_GUIDANCE)
     if (options.method in FLOW_METHODS) != flow:
         expected = FLOW_METHODS if flow else DDIM_METHODS
         raise InputError(f"the {options.method} inversion does not apply to this "

@@ -332,8 +332,8 @@ def build(app: App):
                 method = gr.Dropdown(app.methods(), value="auto", label="inversion method",
                                      info="auto: null-text (UNet models) or FireFlow (flow models)")
                 steps_r = steps_box()
-                guidance_r = gr.Slider(1, 15, value=7.5, step=0.5, label="guidance",
-                                       info="the guidance the edits will use")
+                guidance_r = gr.Slider(1, 15, value=2.0 if app.joint else 7.5, step=0.5, label="guidance",
+                                       info="the guidance the edits will use (flow models invert at small guidance)")
             run_i = gr.Button("Invert", variant="primary", elem_id="real-invert")
             message = gr.Markdown(elem_id="real-message")
             targets_r = gr.Textbox(label="edited caption", value="a red circle and a blue triangle",

@@ -264,7 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_pipeline(args.model)
     options = GenerationOptions(steps=args.steps, guidance=args.guidance, max_sequence_length=args.max_sequence_length)
     result = evaluate(pipe, args.count, args.seed, options, threshold=args.attention_threshold)
-    print(result.table(BARS.get(str(args.model), BARS["shapes"])))
+    from ..flow import is_flow
+
+    print(result.table(BARS.get(str(args.model)) or BARS["shapes-flow" if is_flow(pipe) else "shapes"]))
     if args.json:
         Path(args.json).write_text(json.dumps({**asdict(result), "model": args.model}, indent=2))
 
