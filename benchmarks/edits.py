@@ -1,7 +1,7 @@
 """Do the edits do what they claim? Seeded word-swap pairs on the bundled shapes model, measured against truth.
 
     python benchmarks/edits.py [--model shapes|shapes-flow] [--pairs 50] [--sweep-pairs 20] [--steps 50]
-                               [--joint renormalize|raw] [--json edits.json]
+                               [--joint renormalize|raw] [--self-max-side N] [--json edits.json]
 
 For each pair (a two-object caption, one object's shape or colour swapped), the same seed three ways: vanilla (no
 control), Prompt-to-Prompt replace, replace with local blend. Prints, per variant: the unchanged object's mask IoU
@@ -32,19 +32,23 @@ def main() -> None:
     parser.add_argument("--joint", choices=JOINT, default=EditOptions.joint,
                         help=f"MM-DiT: how a replaced image-to-text block enters the joint softmax "
                              f"(default: {EditOptions.joint})")
+    parser.add_argument("--self-max-side", type=int, default=None,
+                        help="replace self-attention at maps this small or smaller (default: the library's, latent "
+                             "side / 4, which is none on an MM-DiT)")
     parser.add_argument("--max-sequence-length", type=int, default=None,
                         help="MM-DiT: T5 tokens of the caption (default: the pipeline's)")
     parser.add_argument("--json", default=None, help="write all numbers here")
     args = parser.parse_args()
     pipe = load_pipeline(args.model)
     gen = GenerationOptions(steps=args.steps, guidance=args.guidance, max_sequence_length=args.max_sequence_length)
-    options = EditOptions(joint=args.joint)
+    options = EditOptions(joint=args.joint, self_max_side=args.self_max_side)
     pairs = sample_pairs(args.pairs, args.seed)
     start = time.perf_counter()
     result = run_pairs(pipe, pairs, gen, options)
     curve = sweep(pipe, pairs[: args.sweep_pairs], gen, options=options) if args.sweep_pairs else {"curve": {}}
     print(f"\n{args.pairs} pairs, {args.steps} steps, guidance {args.guidance}, model {args.model}, "
-          f"joint {args.joint} ({time.perf_counter() - start:.0f} s)")
+          f"joint {args.joint}, self-attention max side {args.self_max_side or 'default'} "
+          f"({time.perf_counter() - start:.0f} s)")
     print(f"{'variant':<15}{'keep IoU':>10}{'edit ok':>10}{'PSNR out':>10}{'MAD out':>10}")
     for variant, s in result["summary"].items():
         print(f"{variant:<15}{s['keep_iou']:>10.3f}{s['edit_ok']:>10.1%}{s['outside_psnr']:>10.2f}"
