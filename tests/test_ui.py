@@ -145,6 +145,11 @@ def test_the_page_in_a_real_browser(browser, scene_png):
         page.wait_for_timeout(1500)  # gradio fades outputs in
         page.screenshot(path=str(DOCS / "ui-edit.png"))
 
+        page.fill("#edit-blend textarea", "hexagon")  # a word in no prompt: one sentence in the page
+        page.click("#edit-run")
+        page.get_by_text("'hexagon'", exact=False).first.wait_for(timeout=60_000)
+        assert "Traceback" not in page.inner_text("body")
+
         page.get_by_role("tab", name="Real image").click()
         page.set_input_files("#real-upload input[type=file]", str(scene_png))
         page.wait_for_timeout(500)

@@ -21,8 +21,9 @@ triangle]`, `reweight: {blue: 2}`, `cross_steps: {square: 0.4, default: 0.8}`); 
 option off. Settings apply in this order, later ones winning: the study's, the edit's, the grid's.
 
 Measures, per case (see `sweep.measure_case`):
-- `truth` (on the bundled models; captions of the shapes world, one object's colour or shape swapped): the unchanged object's mask IoU
-  between source and edit, whether the edit shows the new word, PSNR outside the edited object (`measure.py`);
+- `truth` (on the bundled models; captions of the shapes world, one object's colour or shape swapped): the unchanged
+  object's mask IoU between source and edit, whether the edit shows the new word, PSNR outside the edited object
+  (`measure.py`);
 - `blend` (cases with blend words): PSNR between source and edit outside the final local-blend mask, and the mask's
   share of the image;
 - `drift`: the edit's final latent against the source's, relative L2.

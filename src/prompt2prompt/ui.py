@@ -243,7 +243,7 @@ def build(app: App):
                                  info="classifier-free guidance scale")
         return seed, steps, guidance
 
-    def edit_controls():
+    def edit_controls(prefix: str):
         with gr.Accordion("edit settings", open=True):
             with gr.Row():
                 mode = gr.Dropdown(["auto", "replace", "refine", "reweight"], value="auto", label="mode",
@@ -259,7 +259,7 @@ def build(app: App):
                 reweight = gr.Textbox(label="re-weight", placeholder="blue=2 red=-1",
                                       info="word=factor: scale a word's attention (negative allowed)")
             with gr.Row():
-                blend = gr.Textbox(label="blend words", placeholder="square triangle",
+                blend = gr.Textbox(label="blend words", placeholder="square triangle", elem_id=f"{prefix}-blend",
                                    info="local blend: words whose attention marks what may change")
                 subtract = gr.Textbox(label="subtract words", info="local blend: words whose region must not change")
                 threshold = gr.Slider(0.05, 0.95, value=0.3, step=0.05, label="threshold",
@@ -296,11 +296,12 @@ def build(app: App):
                       [gallery, overlays, argmax, files])
 
         with gr.Tab("Edit"):
-            source = gr.Textbox(value="a red circle and a blue square", label="source prompt", elem_id="edit-source")
+            source = gr.Textbox(value="a red circle and a blue square", label="source prompt", elem_id="edit-source",
+                                info="the prompt whose attention the edits reuse")
             targets = gr.Textbox(value="a red circle and a blue triangle", label="edited prompts", lines=2,
                                  elem_id="edit-targets", info="one per line")
             seed_e, steps_e, guidance_e = common()
-            controls = edit_controls()
+            controls = edit_controls("edit")
             with gr.Row():
                 run_e = gr.Button("Edit", variant="primary", elem_id="edit-run")
                 sweep = gr.Button("Sweep the replacement fraction 0..1", elem_id="edit-sweep")
@@ -338,7 +339,7 @@ def build(app: App):
             message = gr.Markdown(elem_id="real-message")
             targets_r = gr.Textbox(label="edited caption", value="a red circle and a blue triangle",
                                    elem_id="real-target", info="one per line")
-            controls_r = edit_controls()
+            controls_r = edit_controls("real")
             run_r = gr.Button("Edit the image", variant="primary", elem_id="real-edit")
             grid_r = gr.Image(label="the edit", type="pil", elem_id="real-grid")
             controlled_r = gr.Gallery(label="edited", columns=4, type="pil")
@@ -358,8 +359,10 @@ def build(app: App):
             gr.Markdown("Why one swapped word moves the whole picture: the most-attended word of each pixel at the "
                         "first step, before and after the swap, and how far the latents drift without and with "
                         "attention control.")
-            source_w = gr.Textbox(value="a red circle and a blue square", label="source prompt")
-            target_w = gr.Textbox(value="a red circle and a blue triangle", label="one word swapped")
+            source_w = gr.Textbox(value="a red circle and a blue square", label="source prompt",
+                                  info="generated with and without attention control from the same seed")
+            target_w = gr.Textbox(value="a red circle and a blue triangle", label="one word swapped",
+                                  info="the source with one word changed")
             seed_w, steps_w, guidance_w = common()
             run_w = gr.Button("Analyse", variant="primary", elem_id="why-run")
             with gr.Row():
