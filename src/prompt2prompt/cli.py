@@ -187,7 +187,7 @@ def _edit_options(args):
         raise P2PError(f"--self-steps takes a fraction or a pair (0.4 or 0.1,0.4), not per word: {args.self_steps}")
     flags = dict(mode=args.mode, cross_steps=parse_spans(args.cross_steps), self_steps=self_steps,
                  reweight=tuple(reweight), blend=tuple(args.blend or ()), subtract=tuple(args.subtract or ()),
-                 threshold=args.threshold, pooled=args.pooled)
+                 threshold=args.threshold, pooled=args.pooled, joint=args.joint)
     if args.reference:
         given = {k: v for k, v in (("blend_start", args.blend_start),) if v is not None}
         return EditOptions.reference(args.reference, **flags, **given)
@@ -210,6 +210,9 @@ def _edit_flags(p: argparse.ArgumentParser) -> None:
                    help="local blend: words whose attention marks the region allowed to change (in any prompt; with "
                    "--reference, one per prompt, source first)")
     p.add_argument("--subtract", nargs="+", metavar="WORD", help="local blend: words whose region must not change")
+    p.add_argument("--joint", default="raw", choices=["raw", "renormalize"],
+                   help="MM-DiT (SD3, Flux): a replaced image-to-text block enters the joint softmax as the source's "
+                   "(raw), or rescaled to the edited prompt's own total text attention (renormalize) (default: raw)")
     p.add_argument("--threshold", type=number(0, 1, open_low=True, open_high=True), default=0.3,
                    help="local blend mask threshold, between 0 and 1 (default: 0.3)")
     p.add_argument("--blend-start", type=number(0, 1), default=None,

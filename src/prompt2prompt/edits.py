@@ -45,7 +45,8 @@ class EditOptions:
     blend_start: float = 0.2  # local blend: fraction of the loop before blending starts
     blend_res: int | None = None  # local blend: map side to use; None: the model's map side (16 at SD's 64 latents)
     pooled: str = "own"  # SDXL: each prompt's own pooled text embedding, or the source's for every prompt ("source")
-    joint: str = "renormalize"  # MM-DiT: a replaced image-to-text block keeps the target's own text mass, or "raw"
+    joint: str = "raw"  # MM-DiT: the source's image-to-text block as it is ("raw"), or rescaled to the target's own
+    # total text attention ("renormalize"); raw kept more layout on the trained flow model (BENCHMARKS.md)
     exact: str | None = None  # reproduce a notebook of the p2p code exactly: "stable" or "null-text" (see reference())
 
     def __post_init__(self):

@@ -133,11 +133,13 @@ class App:
                      threshold=0.3, blend_start=0.2):
         """EditOptions from the page's controls, parsed as the command line parses its flags."""
         from .cli import _edit_options
+        from .edits import EditOptions
 
         cross_text = f"{float(cross)}" if not (per_word or "").strip() else f"default={float(cross)},{per_word.strip()}"
         args = SimpleNamespace(mode=mode, cross_steps=cross_text, self_steps=str(float(self_steps)),
                                reweight=list(_words(reweight)), blend=list(_words(blend)),
-                               subtract=list(_words(subtract)), threshold=float(threshold), pooled="own",
+                               subtract=list(_words(subtract)), threshold=float(threshold),
+                               pooled=EditOptions.pooled, joint=EditOptions.joint,
                                reference=None, blend_start=float(blend_start))
         return _edit_options(args)
 
