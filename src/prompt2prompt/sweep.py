@@ -392,6 +392,14 @@ def run_from_args(args) -> dict:
     from .study import load
 
     study = load(args.study)
+    if args.quiet:  # library notices and weight-loading bars too
+        import diffusers
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
     rank, world_size, device = distributed()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
     counts = run_sweep(study, args.out, rank=rank, world_size=world_size, device=device, progress=not args.quiet,
