@@ -1,7 +1,9 @@
 """`p2p ui`: the page's callbacks on the bundled model (bad inputs, two requests at once), then the page itself in a
 real headless Chromium: maps, an edit, an upload and inversion. The browser test saves a screenshot of each tab to
-docs/ (the README shows them)."""
+the folder P2P_SCREENSHOTS names (`P2P_SCREENSHOTS=docs python -m pytest tests/test_ui.py` retakes the README's), or
+to a temporary folder."""
 
+import os
 import socket
 import threading
 import time
@@ -17,7 +19,6 @@ from prompt2prompt.errors import InputError, P2PError  # noqa: E402
 from prompt2prompt.ui import MAX_PIXELS, App, user_errors  # noqa: E402
 
 SOURCE, TARGET = "a red circle and a blue square", "a red circle and a blue triangle"
-DOCS = Path(__file__).parent.parent / "docs"
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_page_in_a_real_browser(browser, scene_png):
+def test_the_page_in_a_real_browser(browser, scene_png, tmp_path):
     """Type a prompt and get one map per word; run an edit and see two rows; upload an image, invert it, edit it."""
     from prompt2prompt.ui import serve
 
@@ -132,9 +133,10 @@ def test_the_page_in_a_real_browser(browser, scene_png):
         page.click("#maps-run")
         page.wait_for_function("document.querySelectorAll('#maps-gallery img').length >= 6", timeout=120_000)
         assert page.locator("#maps-gallery img").count() == 6  # a, green, cross, and, yellow, circle
-        DOCS.mkdir(exist_ok=True)
+        shots = Path(os.environ.get("P2P_SCREENSHOTS") or tmp_path)
+        shots.mkdir(exist_ok=True)
         page.wait_for_timeout(1500)  # gradio fades outputs in
-        page.screenshot(path=str(DOCS / "ui-maps.png"))
+        page.screenshot(path=str(shots / "ui-maps.png"))
 
         page.get_by_role("tab", name="Edit").click()
         start = time.perf_counter()
@@ -143,7 +145,7 @@ def test_the_page_in_a_real_browser(browser, scene_png):
                                "document.querySelectorAll('#edit-vanilla img').length >= 2", timeout=120_000)
         edit_seconds = time.perf_counter() - start
         page.wait_for_timeout(1500)  # gradio fades outputs in
-        page.screenshot(path=str(DOCS / "ui-edit.png"))
+        page.screenshot(path=str(shots / "ui-edit.png"))
 
         page.fill("#edit-blend textarea", "hexagon")  # a word in no prompt: one sentence in the page
         page.click("#edit-run")
@@ -159,14 +161,14 @@ def test_the_page_in_a_real_browser(browser, scene_png):
         page.click("#real-edit")
         page.wait_for_function("document.querySelector('#real-grid img') !== null", timeout=120_000)
         page.wait_for_timeout(1500)  # gradio fades outputs in
-        page.screenshot(path=str(DOCS / "ui-real.png"))
+        page.screenshot(path=str(shots / "ui-real.png"))
 
         page.get_by_role("tab", name="Why").click()
         page.click("#why-run")
         page.wait_for_function("document.querySelector('#why-summary').innerText.includes('most-attended word')",
                                timeout=120_000)
         page.wait_for_timeout(1500)  # gradio fades outputs in
-        page.screenshot(path=str(DOCS / "ui-why.png"))
+        page.screenshot(path=str(shots / "ui-why.png"))
     finally:
         page.close()
         page_app.close()
