@@ -86,17 +86,23 @@ def _random_probs(prompts: int, heads: int = 2, queries: int = 64) -> torch.Tens
     return torch.rand(prompts, heads, queries, 77).softmax(-1)
 
 
-@pytest.mark.parametrize("mode", ["replace", "refine"])
+@pytest.mark.parametrize("mode", ["replace", "replace-identity", "refine"])
 def test_edited_cross_attention_is_the_originals(tokenizer, mode):
+    word = "burger"
     if mode == "replace":
         prompts = ["a squirrel eating a burger", "a xylophone eating a burger", "a lion eating a pizza"]
+    elif mode == "replace-identity":  # words of equal token counts: every token maps to itself (no product taken)
+        prompts, word = ["a red circle and a blue square", "a red circle and a blue triangle"], "triangle"
     else:
         prompts = ["a squirrel eating a burger", "a watercolor painting of a squirrel eating a burger"]
+    mode = mode.removesuffix("-identity")
     tokens = [pt(tokenizer, p) for p in prompts]
-    spans = {"default": 0.8, "burger": 0.3}
+    spans = {"default": 0.8, word: 0.3}
     p2p = PromptToPrompt(tokens, EditOptions.reference(mode=mode, cross_steps=spans), steps=10)
     p2p.begin(_run(10))
-    alpha = original.time_word_alpha(prompts, 10, {"default_": 0.8, "burger": 0.3}, tokenizer)
+    if mode == "replace":
+        assert p2p.identity == (word == "triangle")
+    alpha = original.time_word_alpha(prompts, 10, {"default_": 0.8, word: 0.3}, tokenizer)
     for step in (0, 3, 9):
         probs = _random_probs(len(prompts))
         got = p2p.attention(probs.clone(), _cross(step))

@@ -124,6 +124,25 @@ def _to(t: torch.Tensor | None, run: RunInfo) -> torch.Tensor | None:
     return None if t is None else t.to(run.device, run.dtype)
 
 
+def _columns(weights: torch.Tensor, run: RunInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompts, tokens) 0/1 word positions -> (the columns any prompt uses, (prompts, columns) their weights), on
+    the run's device: a few columns picked cost less than a product over every token (a matrix-vector product is
+    slow on small maps)."""
+    columns = weights.amax(0).nonzero()[:, 0]
+    return columns.to(run.device), _to(weights[:, columns], run)
+
+
+def _accumulate(acc: torch.Tensor | None, probs: torch.Tensor, words: tuple[torch.Tensor, torch.Tensor],
+                res: tuple[int, int]) -> torch.Tensor:
+    """acc + the head mean of the words' attention per pixel (prompts, h, w), in float32."""
+    columns, weights = words
+    picked = probs.index_select(-1, columns)  # (prompts, heads, pixels, columns)
+    summed = torch.matmul(picked, weights[:, None, :, None]).sum(1).view(-1, *res)  # (prompts, h, w), heads summed
+    if acc is None:
+        return summed.float() / probs.shape[1]
+    return acc.add_(summed, alpha=1 / probs.shape[1])
+
+
 class LocalBlend(AttentionController):
     """After each step from `start` on, reset the edited latents to the source's outside the words' attention mask.
 
@@ -138,6 +157,7 @@ class LocalBlend(AttentionController):
                  steps: int = 0):
         self.words = _word_positions(prompts, words, "blend", per_prompt)  # (prompts, tokens)
         self.sub = _word_positions(prompts, subtract, "subtract", per_prompt) if subtract else None
+        self._words = self._sub = None  # their columns, on the run's device (`_columns`)
         self.threshold = threshold
         self.start_fraction = check_span(start, "the local-blend start")[1]
         self.res = res
@@ -158,20 +178,16 @@ class LocalBlend(AttentionController):
         self.start = int(self.start_fraction * (run.steps or self.fallback_steps))
         self.latent_size = run.latent_size
         self.acc = self.acc_sub = self.mask = None
-        self.words, self.sub = self.words.to(run.device, run.dtype), _to(self.sub, run)
+        self._words, self._sub = (None if w is None else _columns(w, run) for w in (self.words, self.sub))
 
     def wants(self, site: Site) -> bool:
         return site.layer.is_cross and max(site.res) == self.side
 
     def attention(self, probs, site):
-        # probs: (prompts, heads, pixels, tokens) -> word attention per pixel, summed over the words' tokens
-        h, w = site.res
-        mean = probs.mean(1)  # (prompts, pixels, tokens): the head mean
-        words = torch.matmul(mean, self.words[:, :, None]).reshape(-1, h, w).float()  # (prompts, h, w)
-        self.acc = words if self.acc is None else self.acc + words
-        if self.sub is not None:
-            sub = torch.matmul(mean, self.sub[:, :, None]).reshape(-1, h, w).float()
-            self.acc_sub = sub if self.acc_sub is None else self.acc_sub + sub
+        # probs: (prompts, heads, pixels, tokens) -> the words' attention per pixel, head mean, summed over steps
+        self.acc = _accumulate(self.acc, probs, self._words, site.res)
+        if self._sub is not None:
+            self.acc_sub = _accumulate(self.acc_sub, probs, self._sub, site.res)
         return None
 
     def _mask(self, maps: torch.Tensor, pool: bool = True) -> torch.Tensor:
@@ -218,6 +234,8 @@ class PromptToPrompt(AttentionController):
         if self.mode == "replace":
             mapper = reference_replace_mapper if self.reference else replace_mapper
             self.mapper = torch.stack([mapper(source, t) for t in targets])  # (targets, tokens, tokens)
+            # a swap of words with equal token counts (the usual one) maps every token to itself: no product needed
+            self.identity = bool((self.mapper == torch.eye(source.length)).all())
         else:
             align = reference_refine_alignment if self.reference else refine_alignment
             aligned = [align(source, t) for t in targets]
@@ -247,6 +265,7 @@ class PromptToPrompt(AttentionController):
     def _tables(self, steps: int) -> None:
         self.alpha = self.spans.table(steps, self.reference)  # (steps, targets, tokens)
         self.cross_active = (self.alpha.flatten(1).amax(1) > 0).tolist()  # per step; plain bools for wants()
+        self.cross_whole = (self.alpha.flatten(1).amin(1) > 0).tolist()  # per step: every token takes the source's
         self.self_range = step_range(self.options.self_steps, steps)
 
     def begin(self, run: RunInfo) -> None:
@@ -273,7 +292,8 @@ class PromptToPrompt(AttentionController):
         if not site.layer.is_cross:
             return torch.cat([base, base.expand_as(edited)])
         if self.mode == "replace":
-            mapped = torch.matmul(base, self.mapper[:, None])  # (targets, heads, queries, tokens)
+            # (targets or, for the identity, 1 to broadcast, heads, queries, tokens)
+            mapped = base if self.identity else torch.matmul(base, self.mapper[:, None])
         else:
             mapped = base[0][:, :, self.index].permute(2, 0, 1, 3)  # (targets, heads, queries, tokens)
             w = self.weight[:, None, None, :]
@@ -285,8 +305,9 @@ class PromptToPrompt(AttentionController):
             mapped = mapped * (own / mapped.sum(-1, keepdim=True).clamp_min(1e-12))
         if self.equalizer is not None:
             mapped = mapped * self.equalizer[:, None, None, :]
-        alpha = self.alpha[site.step][:, None, None, :]  # (targets, 1, 1, tokens)
-        return torch.cat([base, mapped * alpha + edited * (1 - alpha)])
+        if not self.cross_whole[site.step]:  # alpha is 0/1 per token: the source's (mapped) where 1, its own where 0
+            mapped = torch.where(self.alpha[site.step][:, None, None, :] > 0, mapped, edited)
+        return torch.cat([base, mapped.expand_as(edited)])
 
 
 class LatentTrace(AttentionController):
