@@ -34,6 +34,12 @@ def test_ship_copies_the_pipeline_and_writes_the_card(run, tmp_path):
     assert "| two colour regions (two-object captions) | 0.900 | |" in card  # reported, no bar
     saved = json.loads((target / "eval.json").read_text())
     assert saved["attention_iou"] == 0.65 and "per_caption" not in saved
+    assert "Provenance" not in card
+
+
+def test_the_card_ends_with_the_provenance_given(run):
+    card = (ship(run, PASSING, provenance="One run on 2 cores, 2026-12-02.\n") / "README.md").read_text()
+    assert card.endswith("\n## Provenance\nOne run on 2 cores, 2026-12-02.\n")
 
 
 @pytest.mark.parametrize("measure", sorted(BARS["shapes"]))
@@ -46,3 +52,22 @@ def test_ship_refuses_a_model_below_any_bar(run, tmp_path, measure):
 def test_ship_refuses_a_folder_without_a_pipeline(tmp_path):
     with pytest.raises(InputError, match="model_index.json"):
         ship(tmp_path, PASSING)
+
+
+def test_the_card_describes_the_schedule_the_run_trained_with(run):
+    from prompt2prompt.shapes.ship import model_card
+
+    config = {"steps": 10000, "prediction": "v_prediction", "zero_snr": True, "vae_edge_weight": 6.0}
+    (run / "config.json").write_text(json.dumps(config))
+    card = model_card(run, PASSING, run / "pipeline")
+    assert "zero terminal SNR" in card and "trailing timesteps" in card and "v-prediction" in card
+    assert "--prediction v_prediction --zero-snr True" in card and "edge (6)" in card
+    assert "cross-attention at\n  16x16, 8x8 and the 4x4 middle" in card and "`model_max_length`\n  77" in card
+    config.update(cross_attention_levels=[True, True, True], text_length=16)
+    (run / "config.json").write_text(json.dumps(config))
+    card = model_card(run, PASSING, run / "pipeline")
+    assert "cross-attention at\n  16x16, 8x8, 4x4 and the 4x4 middle" in card and "`model_max_length`\n  16" in card
+    assert "Min-SNR-5" not in card  # the zero-SNR run weights its loss differently
+    (run / "config.json").write_text(json.dumps({"steps": 9200}))
+    plain = model_card(run, PASSING, run / "pipeline")
+    assert "epsilon prediction" in plain and "zero terminal" not in plain and "Min-SNR-5 weighting" in plain

@@ -134,3 +134,27 @@ def test_flow_model_trains_resumes_and_loads_with_plain_diffusers(tmp_path):
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
     mine = load_pipeline(tmp_path / "pipeline")  # the library's loader knows it too
     assert mine.text_encoder_3 is None and type(mine.transformer) is type(pipe.transformer)
+
+
+def test_zero_terminal_snr_trains_v_prediction_and_samples_from_pure_noise(tmp_path):
+    """--zero-snr: the schedule's last step carries no trace of the image (Lin et al. 2024), the UNet predicts v, and
+    the saved pipeline samples with trailing timesteps, so its first step is that last one."""
+    from diffusers import StableDiffusionPipeline
+
+    args = ["--out", str(tmp_path), "--vae-steps", "1", "--vae-full-steps", "1", "--vae-batch", "2",
+            "--dataset-size", "16", "--batch", "8", "--steps", "1", "--prediction", "v_prediction",
+            "--zero-snr", "true"]
+    main(args)
+    row = [json.loads(line) for line in (tmp_path / "loss.jsonl").read_text().splitlines()][-1]
+    assert row["stage"] == "diffusion" and np.isfinite(row["loss"])  # no 0/0 from the zero SNR in the weighting
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline", local_files_only=True)
+    config = pipe.scheduler.config
+    assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr
+    assert pipe.scheduler.alphas_cumprod[-1] == 0
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    out = pipe("a red circle", num_inference_steps=4, output_type="np").images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+    with pytest.raises(SystemExit):  # zero SNR with epsilon prediction: nothing to learn at the last step
+        main(["--out", str(tmp_path / "eps"), "--zero-snr", "true"])
+    assert not (tmp_path / "eps").exists()

@@ -211,7 +211,7 @@ def evaluate(pipe, count: int = 200, seed: int = 1234, options: GenerationOption
     both = [r["both"] for r in rows if "both" in r]
     ious = [v for r in rows for v in r["iou"]]
     counts = count_summary(rows)
-    settings = {"count": count, "seed": seed, **options.to_dict(), "chroma": CHROMA,
+    settings = {"count": count, **options.to_dict(), "seed": seed, "chroma": CHROMA,  # seed: captions and latents
                 "min_pixels": MIN_PIXELS, "attention_threshold": threshold}
     return EvalResult(float(np.mean(colour)), float(np.mean(shape)), float(np.mean(both)), float(np.mean(ious)),
                       count, autoencoder_psnr=autoencoder_psnr(pipe, count, seed), settings=settings,

@@ -115,14 +115,25 @@ SD_SCHEDULE = dict(
 )
 
 
-def build_train_scheduler(prediction: str = "epsilon") -> DDPMScheduler:
-    return DDPMScheduler(**{**SD_SCHEDULE, "prediction_type": prediction}, clip_sample=False)
+def _schedule(prediction: str, zero_snr: bool) -> dict:
+    if zero_snr and prediction != "v_prediction":  # at zero SNR the last step's noise is the input: nothing to learn
+        raise ValueError(f"a zero terminal SNR schedule needs v_prediction, got prediction {prediction!r}")
+    return {**SD_SCHEDULE, "prediction_type": prediction, "rescale_betas_zero_snr": zero_snr}
 
 
-def build_scheduler(prediction: str = "epsilon") -> DDIMScheduler:
-    """Sampling: DDIM with the training schedule (epsilon prediction as SD 1.x, or v-prediction as SD 2.x)."""
-    return DDIMScheduler(**{**SD_SCHEDULE, "prediction_type": prediction}, clip_sample=False, set_alpha_to_one=False,
-                         steps_offset=1)
+def build_train_scheduler(prediction: str = "epsilon", zero_snr: bool = False) -> DDPMScheduler:
+    return DDPMScheduler(**_schedule(prediction, zero_snr), clip_sample=False)
+
+
+def build_scheduler(prediction: str = "epsilon", zero_snr: bool = False) -> DDIMScheduler:
+    """Sampling: DDIM with the training schedule (epsilon prediction as SD 1.x, or v-prediction as SD 2.x).
+
+    zero_snr: the schedule rescaled so its last step is pure noise (Lin et al. 2024, "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed"), sampled with their "trailing" timesteps, so sampling starts at that last step."""
+    if zero_snr:
+        return DDIMScheduler(**_schedule(prediction, zero_snr), clip_sample=False, set_alpha_to_one=False,
+                             timestep_spacing="trailing")
+    return DDIMScheduler(**_schedule(prediction, zero_snr), clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 # Flow matching as SD3 trains it (Esser et al. 2024, "Scaling Rectified Flow Transformers"): x_s = (1 - s) x_0 + s e,

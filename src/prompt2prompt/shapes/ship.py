@@ -49,6 +49,31 @@ def _flags(config: dict) -> str:
                     for k, v in config.items() if k not in ("threads",))
 
 
+def _scheduler_line(config: dict) -> str:
+    base = "DDIM with SD 1.x's noise schedule (scaled linear, 0.00085 to 0.012, 1000 steps"
+    if config.get("zero_snr"):
+        return (base + "), rescaled to zero terminal SNR and sampled with trailing timesteps from its last step (Lin "
+                "et al. 2024, \"Common Diffusion Noise Schedules and Sample Steps are Flawed\"), v-prediction.")
+    prediction = "v-prediction" if config.get("prediction") == "v_prediction" else "epsilon prediction"
+    return base + f", {prediction})."
+
+
+def _weighting_line(config: dict) -> str:
+    gamma = config.get("min_snr_gamma", 5.0)
+    if config.get("zero_snr"):
+        return (f"a v loss weighted min(SNR + 1, {gamma:g}) / (SNR + 1) (Min-SNR, Hang et al. 2023, on SNR + 1, so "
+                "the noisiest steps, where the layout is decided, keep their weight)")
+    return f"Min-SNR-{gamma:g} weighting (Hang et al. 2023)"
+
+
+def _cross_attention_sides(config: dict) -> str:
+    levels = config.get("cross_attention_levels", [True, True, False])
+    side = config.get("image_size", 64) // 4  # the latent's side; each UNet level halves it
+    sides = [f"{side >> k}x{side >> k}" for k, on in enumerate(levels) if on]
+    middle = f"{side >> (len(levels) - 1)}x{side >> (len(levels) - 1)}"
+    return ", ".join(sides) + f" and the {middle} middle" if sides else f"the {middle} middle only"
+
+
 def model_card(run: Path, evaluation: dict, pipeline: Path, name: str = "shapes") -> str:
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
     bars = BARS[name]
@@ -60,6 +85,7 @@ def model_card(run: Path, evaluation: dict, pipeline: Path, name: str = "shapes"
         return _flow_card(config, evaluation, pipeline, table, size, settings)
     params = {c: _params(pipeline, c) for c in ("unet", "text_encoder", "vae")}
     flags = _flags(config)
+    edges = f" and on both sides of every edge ({config['vae_edge_weight']:g})" if config.get("vae_edge_weight") else ""
     return f"""# shapes: a small Stable Diffusion of a synthetic world
 
 The model `load_pipeline("shapes")` returns, and the default of every `p2p` command. A standard diffusers
@@ -69,29 +95,30 @@ The model `load_pipeline("shapes")` returns, and the default of every `p2p` comm
 {WORLD}
 
 ## Architecture (Stable Diffusion's components, small)
-- Tokenizer: CLIP BPE files (`vocab.json`, `merges.txt`) learnt from the world's words, `model_max_length` 77.
+- Tokenizer: CLIP BPE files (`vocab.json`, `merges.txt`) learnt from the world's words, `model_max_length`
+  {config.get('text_length', 77)}.
 - Text encoder: `CLIPTextModel`, {params['text_encoder'] / 1e6:.2f} M parameters, trained jointly with the UNet.
 - UNet: `UNet2DConditionModel` on 16x16x4 latents, {params['unet'] / 1e6:.2f} M parameters, cross-attention at
-  16x16, 8x8 and the 4x4 middle.
+  {_cross_attention_sides(config)}.
 - Autoencoder: `AutoencoderKL`, 64x64 RGB to 16x16x4, {params['vae'] / 1e6:.2f} M parameters.
-- Scheduler: DDIM with SD 1.x's noise schedule (scaled linear, 0.00085 to 0.012, 1000 steps, epsilon prediction).
+- Scheduler: {_scheduler_line(config)}
 
 ## Training
 ```
-python -m prompt2prompt.shapes.train --out runs/shapes
+python -m prompt2prompt.shapes.train {flags or '--out runs/shapes'}
 ```
-Seeded and resumable; settings used: `{flags or 'the defaults'}`. Autoencoder first (L1 + L2, extra weight on
-object pixels, tiny KL), then the UNet and text encoder together on latents of 40,000 scenes with Min-SNR-5
-weighting, 10% empty captions for classifier-free guidance, and EMA weights. The cross-attention is also trained to
-point at the objects, with the two grounding losses of TokenCompose (Wang et al. 2024, "TokenCompose: Grounding
-Diffusion with Token-level Supervision") on each colour and shape word, using the world's masks: the token loss (the
-share of a word's attention on its object) throughout, weight {config.get('grounding_weight', 0.05)}, and the pixel
-loss (cross-entropy of the word's attention at each pixel against the object's mask) from step
-{config.get('coverage_from', 0)}, weight {config.get('coverage_weight', 0.0)}. A model this small, trained for about
-an hour and a half from scratch, otherwise attends to all words alike (every token's map the same) and binds colours
-to the wrong objects; real Stable Diffusion learns this grounding from scale. The attention IoU below is therefore
-partly trained for: it shows that the maps are usable for Prompt-to-Prompt's editing and local blending, not that
-grounding emerges by itself.
+Seeded and resumable. Autoencoder first (L1 + L2, extra weight on object pixels{edges}, tiny KL), then the UNet and
+text encoder together on latents of {config.get('dataset_size', 40000):,} scenes ({config.get('two_objects', 0.6):.0%}
+with two objects) with {_weighting_line(config)}, 10% empty captions for classifier-free guidance, and EMA weights.
+The cross-attention is also trained to point at the objects, with the two grounding losses of TokenCompose (Wang et
+al. 2024, "TokenCompose: Grounding Diffusion with Token-level Supervision") on each colour and shape word, using the
+world's masks: the token loss (the share of a word's attention on its object) throughout, weight
+{config.get('grounding_weight', 0.05)}, and the pixel loss (cross-entropy of the word's attention at each pixel
+against the object's mask) from step {config.get('coverage_from', 0)}, weight {config.get('coverage_weight', 0.0)}.
+A model this small, trained from scratch for under two hours on a CPU, otherwise attends to all words alike (every
+token's map the same) and binds colours to the wrong objects; real Stable Diffusion learns this grounding from scale.
+The attention IoU below is therefore partly trained for: it shows that the maps are usable for Prompt-to-Prompt's
+editing and local blending, not that grounding emerges by itself.
 
 ## Measured
 `python -m prompt2prompt.shapes.evaluate --model shapes --json eval.json`: {evaluation['count']} seeded captions,
@@ -149,7 +176,9 @@ captions, {settings.get('steps', 50)} Euler steps, guidance {settings.get('guida
 """
 
 
-def ship(run: Path, evaluation: dict, name: str = "shapes") -> Path:
+def ship(run: Path, evaluation: dict, name: str = "shapes", provenance: str = "") -> Path:
+    """Copy run/pipeline to the bundled model `name` with its card (provenance: a paragraph on how the weights were
+    made, for the card's last section) and its evaluation."""
     pipeline = run / "pipeline"
     if not (pipeline / "model_index.json").exists():
         raise InputError(f"{pipeline} is not a pipeline folder: expected the model_index.json that training writes")
@@ -168,7 +197,10 @@ def ship(run: Path, evaluation: dict, name: str = "shapes") -> Path:
             dest = tmp / path.relative_to(pipeline)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest)
-        (tmp / "README.md").write_text(model_card(run, evaluation, pipeline, name))
+        card = model_card(run, evaluation, pipeline, name)
+        if provenance.strip():
+            card += f"\n## Provenance\n{provenance.strip()}\n"
+        (tmp / "README.md").write_text(card)
         (tmp / "eval.json").write_text(json.dumps({k: v for k, v in evaluation.items() if k != "per_caption"},
                                                   indent=2))
     return target
@@ -180,8 +212,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval", required=True, help="the JSON that `prompt2prompt.shapes.evaluate --json` wrote")
     parser.add_argument("--name", default="shapes", choices=sorted(BUNDLED),
                         help="which bundled model it becomes (default: shapes)")
+    parser.add_argument("--provenance", default=None, metavar="FILE",
+                        help="a text file whose paragraph becomes the card's Provenance section (how and when the run "
+                        "was made)")
     args = parser.parse_args(argv)
-    target = ship(Path(args.run), json.loads(Path(args.eval).read_text()), args.name)
+    provenance = Path(args.provenance).read_text() if args.provenance else ""
+    target = ship(Path(args.run), json.loads(Path(args.eval).read_text()), args.name, provenance)
     print(f"shipped {target}")
 
 

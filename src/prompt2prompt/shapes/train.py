@@ -66,6 +66,8 @@ class TrainConfig:
     uncond_prob: float = 0.1  # captions dropped to "" so classifier-free guidance works
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023), speeds up convergence
     prediction: str = "epsilon"  # sd1: what the UNet predicts, epsilon (SD 1.x) or v_prediction (SD 2.x)
+    zero_snr: bool = False  # sd1: noise schedule rescaled to zero terminal SNR, sampled from its last step (Lin et
+    # al. 2024): training then never shows the UNet a trace of the image at the noisiest step. Needs v_prediction
     timestep_bias: float = 0.0  # sd1: t = 1000 * (1 - u ** (1 + bias)), u uniform: > 0 trains the noisy steps more;
     # sd3 draws its noise level s from a logit-normal (SD3's choice), shifted by this: sigmoid(N(bias, 1))
     grounding_weight: float = 0.05  # weight of the token-grounding loss on cross-attention (0 turns it off)
@@ -236,7 +238,7 @@ class DenoisingLoss:
         if cfg.family == "sd3":  # the pipeline's own prompt encoding (penultimate CLIP states, pooled outputs, zeros)
             self.pipe = sd3_pipeline(nets, vae, tokenizer)
         else:
-            self.scheduler = build_train_scheduler(cfg.prediction)
+            self.scheduler = build_train_scheduler(cfg.prediction, cfg.zero_snr)
             self.empty = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length,
                                    return_tensors="pt").input_ids
 
@@ -264,7 +266,10 @@ class DenoisingLoss:
         snr = compute_snr(scheduler, t)
         if cfg.prediction == "v_prediction":  # Min-SNR-gamma (Hang et al. 2023) for each target
             target = scheduler.get_velocity(latents, noise, t)
-            weights = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
+            if cfg.zero_snr:  # min(snr, gamma) / (snr + 1) would be ~0 over the steps where the layout is decided
+                weights = torch.clamp(snr + 1, max=cfg.min_snr_gamma) / (snr + 1)  # plain v loss below gamma - 1
+            else:
+                weights = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
         else:
             target = noise
             weights = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
@@ -361,7 +366,7 @@ def save_pipeline(folder: Path, vae, nets: dict, tokenizer, data: dict, cfg: Tra
     else:
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=nets["text_encoder"], tokenizer=tokenizer, unet=nets["unet"],
-            scheduler=build_scheduler(cfg.prediction), safety_checker=None, feature_extractor=None,
+            scheduler=build_scheduler(cfg.prediction, cfg.zero_snr), safety_checker=None, feature_extractor=None,
             image_encoder=None, requires_safety_checker=False)
         tokenizer_folders = ("tokenizer",)
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -403,8 +408,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="only write the checkpoint's EMA weights as a pipeline to FOLDER (to look at a run "
                         "while it trains), then stop")
     for field, default in asdict(TrainConfig()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default,
-                            help=f"TrainConfig.{field} (default {default})")
+        parser.add_argument(f"--{field.replace('_', '-')}", type=_flag if isinstance(default, bool) else type(default),
+                            default=default, help=f"TrainConfig.{field} (default {default})")
     for field, default in model_fields().items():
         many = isinstance(default, tuple)
         kind = type(default[0]) if many else type(default)
@@ -415,6 +420,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
     if cfg.family not in ("sd1", "sd3"):
         parser.error(f"--family: expected sd1 or sd3, got {cfg.family!r}")
+    if cfg.zero_snr and (cfg.family != "sd1" or cfg.prediction != "v_prediction"):
+        parser.error(f"--zero-snr true: expected --family sd1 with --prediction v_prediction, got --family "
+                     f"{cfg.family} --prediction {cfg.prediction}")
     architecture = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in model_fields()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
