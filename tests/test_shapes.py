@@ -120,3 +120,27 @@ def test_count_is_exact_on_the_worlds_renders_including_touching_objects():
     assert (alone["named"], alone["objects"]) == (2, 1)
     assert count_summary([row, alone]) == {"exact_count": 0.0, "exact_count_one": 0.0, "exact_count_two": 0.0,
                                            "duplicates": 0.5, "misses": 0.5}
+
+
+def test_evaluate_runs_the_extra_controller_and_records_its_seeds(sd1):
+    """evaluate() puts a caller's controller in the loop beside its recorder (benchmarks/guidance.py uses it), and
+    its settings name the seed the captions and latents came from, not the generation options' own seed."""
+    from prompt2prompt.attention import AttentionController
+    from prompt2prompt.generation import GenerationOptions
+    from prompt2prompt.shapes.evaluate import evaluate
+
+    class Steps(AttentionController):
+        def __init__(self):
+            self.seen = []
+
+        def wants(self, site):
+            return False
+
+        def step_end(self, step, timestep, latents):
+            self.seen.append((step, latents.shape[0]))
+
+    steps = Steps()
+    result = evaluate(sd1, count=3, seed=77, options=GenerationOptions(steps=2, height=64, width=64), batch=2,
+                      progress=False, controller=steps)
+    assert steps.seen == [(0, 2), (1, 2), (0, 1), (1, 1)]  # every step of both batches
+    assert result.settings["seed"] == 77 and len(result.per_caption) == 3

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attention import Controllers
+from ..attention import AttentionController, Controllers
 from ..generation import GenerationOptions, generate, initial_latent
 from ..maps import cross_maps
 from ..metrics import iou
@@ -191,7 +191,10 @@ def score_image(image: np.ndarray, caption: str, maps=None, prompt: int = 0,
 
 
 def evaluate(pipe, count: int = 200, seed: int = 1234, options: GenerationOptions = GenerationOptions(),
-             batch: int = 25, progress: bool = True, threshold: float = ATTENTION_THRESHOLD) -> EvalResult:
+             batch: int = 25, progress: bool = True, threshold: float = ATTENTION_THRESHOLD,
+             controller: AttentionController | None = None) -> EvalResult:
+    """Generate `count` seeded captions (batches of `batch`) and score them; controller: one more controller in the
+    loop besides the attention recorder (a benchmark's), or None."""
     rng = random.Random(seed)
     captions = [world.sample_scene(rng).caption for _ in range(count)]
     rows = []
@@ -202,7 +205,7 @@ def evaluate(pipe, count: int = 200, seed: int = 1234, options: GenerationOption
         tokens = [prompt_tokens(pipe, c, options.max_sequence_length) for c in chunk]
         latents = torch.cat([initial_latent(pipe, replace(options, seed=seed + start + k)) for k in range(len(chunk))])
         store = AttentionStore(RecordOptions(self_attention=False))
-        gen = generate(pipe, chunk, Controllers(store), options, latent=latents, progress=False)
+        gen = generate(pipe, chunk, Controllers(store, controller), options, latent=latents, progress=False)
         maps = cross_maps(store, tokens)
         for k, (caption, image) in enumerate(zip(chunk, gen.images)):
             rows.append(score_image(np.asarray(image, dtype=np.float32) / 255.0, caption, maps, k, threshold))
