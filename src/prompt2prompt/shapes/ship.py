@@ -115,7 +115,7 @@ al. 2024, "TokenCompose: Grounding Diffusion with Token-level Supervision") on e
 world's masks: the token loss (the share of a word's attention on its object) throughout, weight
 {config.get('grounding_weight', 0.05)}, and the pixel loss (cross-entropy of the word's attention at each pixel
 against the object's mask) from step {config.get('coverage_from', 0)}, weight {config.get('coverage_weight', 0.0)}.
-A model this small, trained from scratch for under two hours on a CPU, otherwise attends to all words alike (every
+A model this small, trained from scratch on a CPU's budget, otherwise attends to all words alike (every
 token's map the same) and binds colours to the wrong objects; real Stable Diffusion learns this grounding from scale.
 The attention IoU below is therefore partly trained for: it shows that the maps are usable for Prompt-to-Prompt's
 editing and local blending, not that grounding emerges by itself.
