@@ -25,8 +25,9 @@ OFF = 1 + 1e-6  # keeps the pipeline's unconditional rows (it drops them at a sc
 
 
 class GuidanceBelow(AttentionController):
-    """Guidance `scale` at timesteps <= `below`, none above: each step's callback sets the pipeline's scale for the
-    next step (diffusers' pipelines read it every step)."""
+    """Guidance `scale` at timesteps <= `below`, none above. Sets the pipeline's scale for the first step when the loop
+    starts (its timesteps are set by then) and for each next step from the step's callback (diffusers' pipelines read
+    it every step); the pipeline must start with a scale above 1, so that it keeps its unconditional rows."""
 
     def __init__(self, pipe, scale: float, below: float):
         self.pipe, self.scale, self.below = pipe, scale, below
@@ -34,10 +35,16 @@ class GuidanceBelow(AttentionController):
     def wants(self, site) -> bool:
         return False
 
-    def step_end(self, step, timestep, latents):
+    def _set(self, index: int) -> None:
         timesteps = self.pipe.scheduler.timesteps
-        if step + 1 < len(timesteps):
-            self.pipe._guidance_scale = self.scale if float(timesteps[step + 1]) <= self.below else OFF
+        if index < len(timesteps):
+            self.pipe._guidance_scale = self.scale if float(timesteps[index]) <= self.below else OFF
+
+    def begin(self, run) -> None:
+        self._set(0)
+
+    def step_end(self, step, timestep, latents):
+        self._set(step + 1)
         return None
 
 
@@ -61,10 +68,7 @@ def main() -> None:
           f"{'colour':>8}{'shape':>7}")
     for name, scale, below in schedules:
         controller = None if below is None else GuidanceBelow(pipe, scale, below)
-        if controller is not None:  # the first step's scale, from the loop's first timestep
-            pipe.scheduler.set_timesteps(args.steps)
-        first = scale if controller is None or float(pipe.scheduler.timesteps[0]) <= below else OFF
-        options = GenerationOptions(steps=args.steps, guidance=first)
+        options = GenerationOptions(steps=args.steps, guidance=scale)
         result = evaluate(pipe, args.count, options=options, progress=False, controller=controller)
         one = [r["objects"] for r in result.per_caption if r["named"] == 1]
         two = [r["objects"] for r in result.per_caption if r["named"] == 2]

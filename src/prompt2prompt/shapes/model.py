@@ -130,10 +130,8 @@ def build_scheduler(prediction: str = "epsilon", zero_snr: bool = False) -> DDIM
 
     zero_snr: the schedule rescaled so its last step is pure noise (Lin et al. 2024, "Common Diffusion Noise Schedules
     and Sample Steps are Flawed"), sampled with their "trailing" timesteps, so sampling starts at that last step."""
-    if zero_snr:
-        return DDIMScheduler(**_schedule(prediction, zero_snr), clip_sample=False, set_alpha_to_one=False,
-                             timestep_spacing="trailing")
-    return DDIMScheduler(**_schedule(prediction, zero_snr), clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    spacing = {"timestep_spacing": "trailing"} if zero_snr else {"steps_offset": 1}
+    return DDIMScheduler(**_schedule(prediction, zero_snr), clip_sample=False, set_alpha_to_one=False, **spacing)
 
 
 # Flow matching as SD3 trains it (Esser et al. 2024, "Scaling Rectified Flow Transformers"): x_s = (1 - s) x_0 + s e,
