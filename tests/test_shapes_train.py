@@ -158,3 +158,13 @@ def test_zero_terminal_snr_trains_v_prediction_and_samples_from_pure_noise(tmp_p
     with pytest.raises(SystemExit):  # zero SNR with epsilon prediction: nothing to learn at the last step
         main(["--out", str(tmp_path / "eps"), "--zero-snr", "true"])
     assert not (tmp_path / "eps").exists()
+
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:7"])  # not a device type; an ordinal no test machine has
+def test_a_device_the_machine_lacks_is_refused_before_anything_is_written(tmp_path, capsys, device):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), "--device", device])
+    err = capsys.readouterr().err
+    assert "--device: expected a device this machine has (cpu" in err and f"got {device!r}" in err
+    assert not (tmp_path / "run").exists()

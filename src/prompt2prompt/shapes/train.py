@@ -6,7 +6,9 @@
 
 Seeded and resumable: a checkpoint is written every --checkpoint-every steps and at the end of each stage, and a
 second run with the same --out carries on where the first stopped. Losses go to `loss.jsonl`. The result is a
-standard diffusers `StableDiffusionPipeline` folder in `<out>/pipeline`.
+standard diffusers `StableDiffusionPipeline` folder in `<out>/pipeline`. `--device cuda` trains on a GPU: every
+random draw (scenes, noise, timesteps, dropped captions) is still made on the CPU, so a run sees the same data on any
+device.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class TrainConfig:
     coverage_from: int = 8_000  # step from which the pixel-grounding loss applies (a last phase, as shipped)
     checkpoint_every: int = 250
     threads: int = 0  # torch threads; 0 keeps torch's default
+    device: str = "cpu"  # where the networks train ("cuda" on a GPU machine). Every random draw (scenes, noise,
+    # timesteps, dropped captions) is made on the CPU and moved, so a run's data do not depend on the device
 
 
 def _log(out: Path, **row) -> None:
@@ -101,7 +105,7 @@ def train_vae(vae, cfg: TrainConfig, out: Path, state: dict) -> None:
             group["lr"] = lr
         _, images = world.batch(seed=cfg.seed * 1_000_003 + step, count=cfg.vae_batch, two_objects=cfg.two_objects,
                                 margin=cfg.margin)
-        x = torch.from_numpy(images)  # (batch, 3, 64, 64) in [-1, 1]
+        x = torch.from_numpy(images).to(cfg.device)  # (batch, 3, 64, 64) in [-1, 1]
         i, j = np.random.default_rng([cfg.seed, step]).integers(0, x.shape[-1] // 2 + 1, 2)  # per step: resumable
         if step < cfg.vae_steps - cfg.vae_full_steps:
             half = x.shape[-1] // 2
@@ -162,9 +166,9 @@ def encode_dataset(vae, tokenizer, cfg: TrainConfig) -> dict:
     for i in tqdm(range(0, cfg.dataset_size, chunk), desc="encoding scenes"):
         scenes, images = world.batch(seed=cfg.seed * 7_919 + 10_000_000 + i, count=min(chunk, cfg.dataset_size - i),
                                      two_objects=cfg.two_objects, margin=cfg.margin)
-        dist = vae.encode(torch.from_numpy(images)).latent_dist
-        means.append(dist.mean.half())
-        stds.append(dist.std.half())
+        dist = vae.encode(torch.from_numpy(images).to(cfg.device)).latent_dist
+        means.append(dist.mean.half().cpu())
+        stds.append(dist.std.half().cpu())
         ids.append(tokenizer([s.caption for s in scenes], padding="max_length", truncation=True,
                              max_length=length, return_tensors="pt").input_ids)
         side = dist.mean.shape[-1]
@@ -260,6 +264,7 @@ class DenoisingLoss:
             t = ((1 - u ** (1 + cfg.timestep_bias)) * total).long().clamp(0, total - 1)
         else:
             t = torch.randint(0, total, (batch,), generator=g)
+        latents, ids, noise, t = (x.to(cfg.device) for x in (latents, ids, noise, t))
         noisy = scheduler.add_noise(latents, noise, t)
         states = self.nets["text_encoder"](ids)[0]
         pred = self.nets["unet"](noisy, t, states).sample
@@ -283,9 +288,10 @@ class DenoisingLoss:
         zeros = int(math.exp(torch.rand((), generator=g).item() * math.log(cfg.zero_tokens)))  # log-uniform, 1..max
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None,
                                                        do_classifier_free_guidance=False, max_sequence_length=zeros,
-                                                       device=latents.device)
+                                                       device=torch.device(cfg.device))
         noise = torch.randn(latents.shape, generator=g)
         sigma = torch.sigmoid(torch.randn(batch, generator=g) + cfg.timestep_bias)  # logit-normal (SD3's choice)
+        latents, noise, sigma = (x.to(cfg.device) for x in (latents, noise, sigma))
         s = sigma.view(batch, 1, 1, 1)
         noisy = (1 - s) * latents + s * noise
         pred = self.nets["transformer"](hidden_states=noisy, timestep=sigma * 1000, encoder_hidden_states=embeds,
@@ -305,6 +311,7 @@ def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Pa
             net.load_state_dict(state[name])
         opt.load_state_dict(state["opt"])
         ema.load_state_dict(state["ema"])
+        ema.to(cfg.device)  # the checkpoint's averages come back on the CPU
     objective = DenoisingLoss(nets, tokenizer, cfg, vae)
     n = data["mean"].shape[0]
     shift = data["shift_factor"] if cfg.family == "sd3" else 0.0
@@ -334,7 +341,7 @@ def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Pa
                 owner = data["owner"][idx].long()
                 owner[drop] = -1  # a dropped caption names nothing
                 owner = torch.nn.functional.pad(owner, (0, text - owner.shape[1]), value=-1)  # sd3: zero tokens
-                ground, cover = grounding.loss(owner, data["masks"][idx].float())
+                ground, cover = grounding.loss(owner.to(cfg.device), data["masks"][idx].float().to(cfg.device))
                 covering = cfg.coverage_weight if step >= cfg.coverage_from else 0.0
                 loss = loss + cfg.grounding_weight * ground + covering * cover
             opt.zero_grad(set_to_none=True)
@@ -358,6 +365,7 @@ def save_pipeline(folder: Path, vae, nets: dict, tokenizer, data: dict, cfg: Tra
     """A standard diffusers pipeline folder: StableDiffusionPipeline (sd1) or StableDiffusion3Pipeline (sd3)."""
     from diffusers import StableDiffusionPipeline
 
+    vae, nets = vae.to("cpu"), {name: net.to("cpu") for name, net in nets.items()}  # a pipeline folder loads anywhere
     vae.register_to_config(scaling_factor=data["scaling_factor"])
     if cfg.family == "sd3":
         vae.register_to_config(shift_factor=data["shift_factor"])
@@ -423,6 +431,11 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.zero_snr and (cfg.family != "sd1" or cfg.prediction != "v_prediction"):
         parser.error(f"--zero-snr true: expected --family sd1 with --prediction v_prediction, got --family "
                      f"{cfg.family} --prediction {cfg.prediction}")
+    try:
+        torch.empty(0, device=cfg.device)
+    except (RuntimeError, AssertionError) as error:  # an unknown device, or CUDA asked of a build or machine without it
+        has = "cpu, cuda" if torch.cuda.is_available() else "cpu"
+        parser.error(f"--device: expected a device this machine has ({has}), got {cfg.device!r} ({error})")
     architecture = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in model_fields()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -446,10 +459,10 @@ def main(argv: list[str] | None = None) -> None:
         vae = None
     model_cfg = replace(ShapesModelConfig(), **architecture, vocab_size=len(tokenizer),
                         max_length=tokenizer.model_max_length)
-    vae = vae or build_vae(model_cfg)
-    nets = build_nets(cfg, model_cfg)
+    vae = (vae or build_vae(model_cfg)).to(cfg.device)
+    nets = {name: net.to(cfg.device) for name, net in build_nets(cfg, model_cfg).items()}
     ckpt = out / "checkpoint.pt"
-    state = torch.load(ckpt, weights_only=False) if ckpt.exists() else {"config": asdict(cfg)}
+    state = torch.load(ckpt, weights_only=False, map_location="cpu") if ckpt.exists() else {"config": asdict(cfg)}
     if "vae" in state:
         vae.load_state_dict(state["vae"])
     t0 = time.time()
@@ -458,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
     vae.eval()
     data_path = out / "latents.pt"
     if data_path.exists():
-        data = torch.load(data_path)
+        data = torch.load(data_path, map_location="cpu")
     else:
         data = encode_dataset(vae, tokenizer, cfg)
         _save(data_path, data)
@@ -470,6 +483,7 @@ def main(argv: list[str] | None = None) -> None:
         params = [p for net in nets.values() for p in net.parameters()]
         ema = EMAModel(params, decay=cfg.ema_decay)
         ema.load_state_dict(state["ema"])
+        ema.to(cfg.device)
         ema.copy_to(params)
         save_pipeline(Path(args.export), vae, nets, tokenizer, data, cfg)
         print(f"exported step {state['step']} to {args.export}")
