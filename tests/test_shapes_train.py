@@ -160,7 +160,6 @@ def test_zero_terminal_snr_trains_v_prediction_and_samples_from_pure_noise(tmp_p
     assert not (tmp_path / "eps").exists()
 
 
-
 @pytest.mark.parametrize("device", ["gpu", "cuda:7"])  # not a device type; an ordinal no test machine has
 def test_a_device_the_machine_lacks_is_refused_before_anything_is_written(tmp_path, capsys, device):
     with pytest.raises(SystemExit):
