@@ -165,5 +165,6 @@ def test_a_device_the_machine_lacks_is_refused_before_anything_is_written(tmp_pa
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "run"), "--device", device])
     err = capsys.readouterr().err
-    assert "--device: expected a device this machine has (cpu" in err and f"got {device!r}" in err
+    assert "--device: " in err and repr(device) in err
+    assert "expected cpu" in err or "cuda:0.." in err  # what the machine has: no GPU, or the GPUs it has
     assert not (tmp_path / "run").exists()

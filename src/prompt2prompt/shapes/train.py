@@ -431,14 +431,13 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.zero_snr and (cfg.family != "sd1" or cfg.prediction != "v_prediction"):
         parser.error(f"--zero-snr true: expected --family sd1 with --prediction v_prediction, got --family "
                      f"{cfg.family} --prediction {cfg.prediction}")
-    has = "cpu" + (f", cuda:0 to cuda:{torch.cuda.device_count() - 1}" if torch.cuda.is_available() else "")
+    from ..errors import P2PError
+    from ..loading import resolve_device
+
     try:
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # 0 without CUDA
-            raise RuntimeError("no such CUDA device here")
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:  # not a device type, or a device this machine lacks
-        parser.error(f"--device: expected a device this machine has ({has}), got {cfg.device!r} ({error})")
+        resolve_device(cfg.device)  # the same check as every p2p command's --device
+    except P2PError as error:
+        parser.error(f"--device: {error}")
     architecture = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in model_fields()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
