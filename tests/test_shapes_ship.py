@@ -71,3 +71,14 @@ def test_the_card_describes_the_schedule_the_run_trained_with(run):
     (run / "config.json").write_text(json.dumps({"steps": 9200}))
     plain = model_card(run, PASSING, run / "pipeline")
     assert "epsilon prediction" in plain and "zero terminal" not in plain and "Min-SNR-5 weighting" in plain
+
+
+def test_the_card_gives_the_scene_mix_the_run_trained_on(run):
+    from prompt2prompt.shapes.ship import model_card
+
+    (run / "config.json").write_text(json.dumps({"steps": 9200, "two_objects": 0.6, "three_objects": 0.15}))
+    card = model_card(run, PASSING, run / "pipeline")
+    assert "scenes (60% with two objects, 15% with three) with" in card
+    (run / "config.json").write_text(json.dumps({"steps": 9200, "two_objects": 0.7}))
+    card = model_card(run, PASSING, run / "pipeline")
+    assert "scenes (70% with two objects) with" in card and "with three)" not in card

@@ -27,13 +27,16 @@ def test_object_tokens_line_up_with_the_tokenizer(tokenizer, caption, words):
     assert all(o == -1 for i, o in zip(ids, owner) if vocab[i] in ("a", "an", "and") or i == ids[0])
 
 
-def test_latent_masks_are_the_area_share_of_each_object():
-    scene = world.sample_scene(random.Random(4))
+@pytest.mark.parametrize("objects", [1, 2, 3])
+def test_latent_masks_are_the_area_share_of_each_object(objects):
+    rng = random.Random(4)
+    scene = next(s for s in iter(lambda: world.sample_scene(rng, three_objects=0.3), None) if len(s.objects) == objects)
     masks = latent_masks(scene, 16)
-    assert masks.shape == (2, 16, 16)
+    assert masks.shape == (3, 16, 16)
     true = scene.masks()
     for k in range(len(true)):
         assert masks[k].sum() * 16 == pytest.approx(true[k].sum(), rel=1e-5)  # each cell is 4x4 = 16 pixels
+        assert masks[k].sum() > 0
     assert (masks[len(true):] == 0).all()
 
 

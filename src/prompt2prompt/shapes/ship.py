@@ -41,7 +41,14 @@ WORLD = """## The world
 `prompt2prompt.shapes.world`: 64x64 images of one or two flat-coloured shapes (circle, square, triangle, cross) in six
 colours (red, orange, yellow, green, blue, purple) on a dark or light grey background, at random positions and sizes,
 captioned "a red circle and a blue square", "a circle and a square" (colours left to the model) or "a red circle".
-Every image comes with the true mask of each object."""
+Every image comes with the true mask of each object. Training may add scenes of three objects ("a red circle and a
+blue square and a green cross"), as contrast: the evaluator's captions name one or two."""
+
+
+def _mix_line(config: dict) -> str:
+    """'60% with two objects, 15% with three': the run's scene mix."""
+    mix = f"{config.get('two_objects', 0.6):.0%} with two objects"
+    return mix + (f", {config['three_objects']:.0%} with three" if config.get("three_objects") else "")
 
 
 def _flags(config: dict) -> str:
@@ -108,8 +115,8 @@ The model `load_pipeline("shapes")` returns, and the default of every `p2p` comm
 python -m prompt2prompt.shapes.train {flags or '--out runs/shapes'}
 ```
 Seeded and resumable. Autoencoder first (L1 + L2, extra weight on object pixels{edges}, tiny KL), then the UNet and
-text encoder together on latents of {config.get('dataset_size', 40000):,} scenes ({config.get('two_objects', 0.6):.0%}
-with two objects) with {_weighting_line(config)}, 10% empty captions for classifier-free guidance, and EMA weights.
+text encoder together on latents of {config.get('dataset_size', 40000):,} scenes ({_mix_line(config)}) with
+{_weighting_line(config)}, 10% empty captions for classifier-free guidance, and EMA weights.
 The cross-attention is also trained to point at the objects, with the two grounding losses of TokenCompose (Wang et
 al. 2024, "TokenCompose: Grounding Diffusion with Token-level Supervision") on each colour and shape word, using the
 world's masks: the token loss (the share of a word's attention on its object) throughout, weight

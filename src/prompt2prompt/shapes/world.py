@@ -93,21 +93,33 @@ def _separated(a: tuple[float, float, float], b: tuple[float, float, float], mar
     return abs(a[0] - b[0]) > a[2] + b[2] + margin or abs(a[1] - b[1]) > a[2] + b[2] + margin
 
 
-def sample_scene(rng: random.Random, size: int = IMAGE_SIZE, two_objects: float = 0.6, margin: float = 2.0) -> Scene:
-    """One random scene: one object or, with probability two_objects, two of different shapes and colours whose
-    bounding boxes are at least margin pixels apart."""
-    count = 2 if rng.random() >= 1 - two_objects else 1
+# Radii as fractions of the side, by the number of objects: objects span 5-8 latent cells alone, 4-7 in pairs, so the
+# 4x autoencoder and the 16x16 / 8x8 cross-attention maps can tell their shapes apart (smaller shapes came out as round
+# blobs); three objects (training data only, see sample_scene) span 4-6.
+RADII = {1: (0.16, 0.26), 2: (0.13, 0.21), 3: (0.12, 0.18)}
+
+
+def sample_scene(rng: random.Random, size: int = IMAGE_SIZE, two_objects: float = 0.6, margin: float = 2.0,
+                 three_objects: float = 0.0) -> Scene:
+    """One random scene: one object or, with probability two_objects, two (with probability three_objects, three) of
+    different shapes and colours whose bounding boxes are at least margin pixels apart.
+
+    Three-object scenes are contrast data for training: a model that has seen a third object named whenever one is
+    drawn learns that a two-object caption rules a third object out. With three_objects=0 (the default, and the
+    evaluator's captions) the random draws are exactly those of the one- and two-object world."""
+    if three_objects and two_objects + three_objects > 1:
+        raise ValueError(f"two_objects + three_objects must be at most 1, got {two_objects} + {three_objects}")
+    u = rng.random()
+    count = 3 if u < three_objects else 2 if u >= 1 - two_objects else 1
     shapes = rng.sample(SHAPES, count)
     colours = rng.sample(sorted(COLOURS), count)
-    # radii as fractions of the side: objects span 5-8 latent cells alone, 4-7 in pairs, so the 4x autoencoder and
-    # the 16x16 / 8x8 cross-attention maps can tell their shapes apart (smaller shapes came out as round blobs)
-    lo, hi = (0.16, 0.26) if count == 1 else (0.13, 0.21)
+    lo, hi = RADII[count]
     while True:  # rejection-sample positions until the objects are apart
         boxes = []
         for _ in range(count):
             r = rng.uniform(lo, hi) * size
             boxes.append((rng.uniform(r + 1, size - r - 1), rng.uniform(r + 1, size - r - 1), r))
-        if count == 1 or _separated(boxes[0], boxes[1], margin=margin):
+        if all(_separated(a, b, margin) for i, a in enumerate(boxes) for b in boxes[i + 1 :]):
             break
     objects = tuple(WorldObject(s, c, (x, y), r) for s, c, (x, y, r) in zip(shapes, colours, boxes))
     u = rng.random()  # how many colours the caption names
@@ -115,8 +127,11 @@ def sample_scene(rng: random.Random, size: int = IMAGE_SIZE, two_objects: float 
         with_colour = (True,) * count
     elif u < 0.85 or count == 1:
         with_colour = (False,) * count
-    else:
+    elif count == 2:
         with_colour = tuple(rng.sample([True, False], 2))
+    else:  # some named, some not
+        with_colour = tuple(rng.sample([True, True, False], 3) if rng.random() < 0.5 else
+                            rng.sample([True, False, False], 3))
     background = rng.choice([rng.uniform(0.08, 0.3), rng.uniform(0.7, 0.95)])  # dark or light grey
     return Scene(objects, round(background, 3), caption_for(objects, with_colour), size)
 
@@ -124,8 +139,10 @@ def sample_scene(rng: random.Random, size: int = IMAGE_SIZE, two_objects: float 
 def scene_from_caption(caption: str, rng: random.Random, size: int = IMAGE_SIZE) -> Scene:
     """A scene that matches a caption of the world's grammar ('a red circle and a square')."""
     specs = parse_caption(caption)
+    if len(specs) > 3:
+        raise ValueError(f"a caption of the world names at most 3 objects, got {len(specs)}: {caption!r}")
     while True:
-        scene = sample_scene(rng, size)
+        scene = sample_scene(rng, size, three_objects=0.4 if len(specs) == 3 else 0.0)
         if len(scene.objects) == len(specs):
             break
     objects = []
@@ -155,10 +172,10 @@ def vocabulary() -> list[str]:
     return ["a", "an", "and", *SHAPES, *COLOURS]
 
 
-def batch(seed: int, count: int, size: int = IMAGE_SIZE, two_objects: float = 0.6, margin: float = 2.0
-          ) -> tuple[list[Scene], np.ndarray]:
+def batch(seed: int, count: int, size: int = IMAGE_SIZE, two_objects: float = 0.6, margin: float = 2.0,
+          three_objects: float = 0.0) -> tuple[list[Scene], np.ndarray]:
     """count scenes from one seed, and their images as (count, 3, size, size) float32 in [-1, 1]."""
     rng = random.Random(seed)
-    scenes = [sample_scene(rng, size, two_objects, margin) for _ in range(count)]
+    scenes = [sample_scene(rng, size, two_objects, margin, three_objects) for _ in range(count)]
     images = np.stack([s.render() for s in scenes]).transpose(0, 3, 1, 2) * 2 - 1
     return scenes, images.astype(np.float32)
