@@ -63,6 +63,18 @@ def test_grounding_loss_is_zero_on_the_object_and_ignores_other_tokens():
     assert g.loss(owner, masks)[1].item() == pytest.approx(4 / 16 * -math.log(0.5), rel=1e-4)
 
 
+@pytest.mark.parametrize("bias", [0.0, 1.0, 3.0])
+def test_timestep_bias_moves_training_towards_the_noisy_steps(bias):
+    from prompt2prompt.shapes.train import draw_timesteps
+
+    t = draw_timesteps(200_000, 1000, bias, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and t.min() == 0 and t.max() == 999
+    assert (t >= 500).float().mean().item() == pytest.approx(0.5 ** (1 / (1 + bias)), abs=0.005)
+    g = torch.Generator().manual_seed(3)  # bias 0 is the plain uniform draw, so older runs are reproduced
+    assert torch.equal(draw_timesteps(8, 1000, 0.0, g), torch.randint(0, 1000, (8,),
+                                                                        generator=torch.Generator().manual_seed(3)))
+
+
 def test_training_runs_resumes_and_writes_a_pipeline(tmp_path):
     args = ["--out", str(tmp_path), "--vae-steps", "2", "--vae-full-steps", "1", "--vae-batch", "2",
             "--dataset-size", "16", "--batch", "4", "--checkpoint-every", "1", "--coverage-weight", "0.1"]

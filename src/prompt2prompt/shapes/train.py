@@ -237,6 +237,16 @@ def sd3_pipeline(nets: dict, vae, tokenizer):
         tokenizer_3=None)
 
 
+def draw_timesteps(batch: int, total: int, bias: float, g: torch.Generator) -> torch.Tensor:
+    """Training timesteps in [0, total): uniform (bias 0, one randint draw), or t = total * (1 - u ** (1 + bias)) for u
+    uniform, whose share at or above total / 2 is 0.5 ** (1 / (1 + bias)): 0.71 at bias 1, more of the noisy steps,
+    where the layout is decided."""
+    if not bias:
+        return torch.randint(0, total, (batch,), generator=g)
+    u = torch.rand(batch, generator=g)
+    return ((1 - u ** (1 + bias)) * total).long().clamp(0, total - 1)
+
+
 class DenoisingLoss:
     """One family's training objective: the noised input, the target and the network call, on a batch of latents."""
 
@@ -262,11 +272,7 @@ class DenoisingLoss:
         noise = torch.randn(latents.shape, generator=g)
         total = scheduler.config.num_train_timesteps
         batch = latents.shape[0]
-        if cfg.timestep_bias:
-            u = torch.rand(batch, generator=g)
-            t = ((1 - u ** (1 + cfg.timestep_bias)) * total).long().clamp(0, total - 1)
-        else:
-            t = torch.randint(0, total, (batch,), generator=g)
+        t = draw_timesteps(batch, total, cfg.timestep_bias, g)
         latents, ids, noise, t = (x.to(cfg.device) for x in (latents, ids, noise, t))
         noisy = scheduler.add_noise(latents, noise, t)
         states = self.nets["text_encoder"](ids)[0]
