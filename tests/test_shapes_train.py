@@ -81,7 +81,8 @@ def test_training_runs_resumes_and_writes_a_pipeline(tmp_path):
     main([*args, "--steps", "1"])
     main([*args, "--steps", "2"])  # carries on from step 1
     rows = [json.loads(line) for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["stage"] == "diffusion"] == [0]  # logged every 25 steps: step 0 once
+    diffusion = [r for r in rows if r["stage"] == "diffusion"]
+    assert [(r["step"], r["steps"]) for r in diffusion] == [(0, 1), (1, 1)]  # each run's last step logged, its mean
     assert np.isfinite([r[k] for r in rows if r["stage"] == "diffusion" for k in ("grounding", "coverage")]).all()
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
     from diffusers import StableDiffusionPipeline
@@ -183,3 +184,41 @@ def test_a_device_the_machine_lacks_is_refused_before_anything_is_written(tmp_pa
     assert "--device: " in err and repr(device) in err
     assert "expected cpu" in err or "cuda:0.." in err  # what the machine has: no GPU, or the GPUs it has
     assert not (tmp_path / "run").exists()
+
+
+def test_grounding_loss_over_layers_of_several_sizes_is_the_mean_of_each_layers_loss():
+    """Layers of one map size are computed together; the result is still the plain mean over layers."""
+    g = torch.Generator().manual_seed(0)
+    owner = torch.tensor([[-1, 0, 0, -1, 1], [-1, 1, -1, -1, -1]])
+    masks = torch.rand(2, 3, 8, 8, generator=g).round()
+    layers = [torch.rand(2, 2, side * side, 5, generator=g).softmax(-1) for side in (8, 4, 8, 2, 4)]
+    each = []
+    for probs in layers:
+        one = Grounding()
+        one.probs.append(probs)
+        each.append(one.loss(owner, masks))
+    together = Grounding()
+    together.probs.extend(layers)
+    token, pixel = together.loss(owner, masks)
+    assert token.item() == pytest.approx(np.mean([t.item() for t, _ in each]), rel=1e-5)
+    assert pixel.item() == pytest.approx(np.mean([p.item() for _, p in each]), rel=1e-5)
+
+
+def test_sd3_prompt_encoding_from_ids_is_the_pipelines_own(tokenizer):
+    """The trainer encodes SD3 captions from their token ids; the pipeline's encode_prompt gives the same tensors."""
+    from prompt2prompt.shapes.model import ShapesModelConfig, build_text_encoder, build_transformer
+    from prompt2prompt.shapes.train import sd3_pipeline, sd3_prompt_embeds
+
+    torch.manual_seed(0)
+    cfg = ShapesModelConfig(vocab_size=len(tokenizer), max_length=tokenizer.model_max_length, transformer_layers=1)
+    nets = {"transformer": build_transformer(cfg), "text_encoder": build_text_encoder(cfg, projection=True),
+            "text_encoder_2": build_text_encoder(cfg, projection=True)}
+    pipe = sd3_pipeline(nets, None, tokenizer)
+    captions = ["a red circle and a blue square", ""]
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None,
+                                              do_classifier_free_guidance=False, max_sequence_length=5)
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    mine, mine_pooled = sd3_prompt_embeds(nets, ids, 5)
+    assert mine.shape == embeds.shape == (2, tokenizer.model_max_length + 5, 2 * cfg.text_width)
+    assert torch.equal(mine, embeds) and torch.equal(mine_pooled, pooled)

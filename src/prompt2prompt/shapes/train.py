@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ..attention import AttentionController, Site, control
+from ..errors import P2PError
 from . import world
 from .model import (
     ShapesModelConfig,
@@ -38,6 +39,7 @@ from .model import (
     build_unet,
     build_vae,
 )
+from .optim import EMA, FlatParameters, adamw
 from .tokenizer import train_tokenizer
 
 
@@ -81,6 +83,9 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 keeps torch's default
     device: str = "cpu"  # where the networks train ("cuda" on a GPU machine). Every random draw (scenes, noise,
     # timesteps, dropped captions) is made on the CPU and moved, so a run's data do not depend on the device
+
+
+LOG_EVERY = 25  # steps between rows of loss.jsonl (each row: the means over those steps)
 
 
 def _log(out: Path, **row) -> None:
@@ -209,22 +214,28 @@ class Grounding(AttentionController):
         object, squared (puts the attention on the object). pixel: binary cross-entropy between each such token's
         attention at every pixel and the object's coverage (spreads it over the whole object).
         owner: (batch, tokens) object index or -1; masks: (batch, objects, side, side) coverage in [0, 1].
+        Layers of one map size are computed together (one pass per size, not per layer).
         """
         valid = owner >= 0  # (batch, tokens)
         count = valid.sum().clamp(min=1)
         index = owner.clamp(min=0).long()
-        token, pixel = [], []
+        by_size: dict[int, list[torch.Tensor]] = {}
         for probs in self.probs:
-            side = int(math.isqrt(probs.shape[2]))
+            by_size.setdefault(probs.shape[2], []).append(probs.mean(1))  # (batch, pixels, tokens)
+        token, pixel = 0.0, 0.0
+        for pixels, maps in by_size.items():
+            side = int(math.isqrt(pixels))
             pooled = torch.nn.functional.adaptive_avg_pool2d(masks, side).flatten(2)  # (batch, objects, pixels)
-            per_token = torch.gather(pooled, 1, index[..., None].expand(-1, -1, pooled.shape[-1]))  # (b, tokens, px)
-            attn = probs.mean(1).transpose(1, 2)  # (batch, tokens, pixels)
-            inside = (attn * per_token).sum(-1) / attn.sum(-1).clamp(min=1e-8)  # (batch, tokens)
-            token.append(((1 - inside) ** 2 * valid).sum() / count)
-            bce = torch.nn.functional.binary_cross_entropy(attn.clamp(1e-6, 1 - 1e-6), per_token, reduction="none")
-            pixel.append((bce.mean(-1) * valid).sum() / count)
+            per_token = torch.gather(pooled, 1, index[..., None].expand(-1, -1, pixels))  # (batch, tokens, pixels)
+            attn = torch.stack(maps).transpose(2, 3)  # (layers, batch, tokens, pixels)
+            inside = (attn * per_token).sum(-1) / attn.sum(-1).clamp(min=1e-8)  # (layers, batch, tokens)
+            token = token + (((1 - inside) ** 2) * valid).sum()
+            bce = torch.nn.functional.binary_cross_entropy(attn.clamp(1e-6, 1 - 1e-6),
+                                                           per_token.expand_as(attn), reduction="none")
+            pixel = pixel + (bce.mean(-1) * valid).sum()
+        layers = len(self.probs)
         self.probs.clear()
-        return torch.stack(token).mean(), torch.stack(pixel).mean()
+        return token / (count * layers), pixel / (count * layers)
 
 
 def sd3_pipeline(nets: dict, vae, tokenizer):
@@ -235,6 +246,22 @@ def sd3_pipeline(nets: dict, vae, tokenizer):
         transformer=nets["transformer"], scheduler=build_flow_scheduler(), vae=vae, text_encoder=nets["text_encoder"],
         tokenizer=tokenizer, text_encoder_2=nets["text_encoder_2"], tokenizer_2=tokenizer, text_encoder_3=None,
         tokenizer_3=None)
+
+
+def sd3_prompt_embeds(nets: dict, ids: torch.Tensor, zeros: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's prompt encoding without T5, from token ids: what `StableDiffusion3Pipeline.encode_prompt` computes for
+    these captions (tested equal), without tokenising again each step.
+
+    Each CLIP's penultimate hidden states, side by side (batch, text_length, 2 * width), then `zeros` zero tokens where
+    T5's would be; pooled: the two CLIPs' projected outputs side by side (batch, 2 * width)."""
+    states, pooled = [], []
+    for name in ("text_encoder", "text_encoder_2"):
+        out = nets[name](ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])  # (batch, text_length, width)
+        pooled.append(out[0])  # text_embeds: (batch, width)
+    clip = torch.cat(states, -1)  # (batch, text_length, 2 * width) = the transformer's joint_attention_dim
+    t5 = clip.new_zeros(clip.shape[0], zeros, clip.shape[-1])
+    return torch.cat([clip, t5], 1), torch.cat(pooled, -1)
 
 
 def draw_timesteps(batch: int, total: int, bias: float, g: torch.Generator) -> torch.Tensor:
@@ -248,38 +275,39 @@ def draw_timesteps(batch: int, total: int, bias: float, g: torch.Generator) -> t
 
 
 class DenoisingLoss:
-    """One family's training objective: the noised input, the target and the network call, on a batch of latents."""
+    """One family's training objective: the noised input, the target and the network call, on a batch of latents.
 
-    def __init__(self, nets: dict, tokenizer, cfg: TrainConfig, vae=None):
-        self.nets, self.tokenizer, self.cfg = nets, tokenizer, cfg
-        if cfg.family == "sd3":  # the pipeline's own prompt encoding (penultimate CLIP states, pooled outputs, zeros)
-            self.pipe = sd3_pipeline(nets, vae, tokenizer)
-        else:
+    Everything a step needs is a tensor on the training device, prepared once (the empty caption's ids, the noise
+    schedule's cumulative products); the random draws come in from the caller, made on the CPU."""
+
+    def __init__(self, nets: dict, tokenizer, cfg: TrainConfig):
+        self.nets, self.cfg = nets, cfg
+        self.empty = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length,
+                               return_tensors="pt").input_ids.to(cfg.device)  # (1, text_length)
+        if cfg.family != "sd3":
             self.scheduler = build_train_scheduler(cfg.prediction, cfg.zero_snr)
-            self.empty = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length,
-                                   return_tensors="pt").input_ids
+            alphas = self.scheduler.alphas_cumprod.to(cfg.device)
+            self.alpha, self.sigma = alphas.sqrt(), (1 - alphas).sqrt()  # (total,) each
+            self.snr = alphas / (1 - alphas)  # (total,) signal-to-noise ratio, as diffusers' compute_snr
 
-    def __call__(self, latents, ids, captions: list[str], drop, g: torch.Generator) -> tuple[torch.Tensor, int]:
-        """(loss, text tokens per caption). latents: (batch, channels, h, w), scaled; ids: (batch, text_length)."""
-        return self._sd3(latents, captions, drop, g) if self.cfg.family == "sd3" else self._sd1(latents, ids, drop, g)
+    def __call__(self, latents, ids, drop, noise, t, zeros: int = 0) -> tuple[torch.Tensor, int]:
+        """(loss, text tokens per caption). latents: (batch, channels, h, w), scaled; ids: (batch, text_length);
+        drop: (batch,) bool, captions replaced by the empty one; noise like latents; t: (batch,) timesteps (sd1) or
+        noise levels in (0, 1) (sd3); zeros: sd3's zero tokens after the CLIP tokens."""
+        ids = torch.where(drop[:, None], self.empty, ids)
+        if self.cfg.family == "sd3":
+            return self._sd3(latents, ids, noise, t, zeros)
+        return self._sd1(latents, ids, noise, t)
 
-    def _sd1(self, latents, ids, drop, g):
-        from diffusers.training_utils import compute_snr
-
-        cfg, scheduler = self.cfg, self.scheduler
-        ids = ids.clone()
-        ids[drop] = self.empty
-        noise = torch.randn(latents.shape, generator=g)
-        total = scheduler.config.num_train_timesteps
-        batch = latents.shape[0]
-        t = draw_timesteps(batch, total, cfg.timestep_bias, g)
-        latents, ids, noise, t = (x.to(cfg.device) for x in (latents, ids, noise, t))
-        noisy = scheduler.add_noise(latents, noise, t)
+    def _sd1(self, latents, ids, noise, t):
+        cfg = self.cfg
+        a, s = self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1)
+        noisy = a * latents + s * noise  # DDPMScheduler.add_noise
         states = self.nets["text_encoder"](ids)[0]
         pred = self.nets["unet"](noisy, t, states).sample
-        snr = compute_snr(scheduler, t)
+        snr = self.snr[t]
         if cfg.prediction == "v_prediction":  # Min-SNR-gamma (Hang et al. 2023) for each target
-            target = scheduler.get_velocity(latents, noise, t)
+            target = a * noise - s * latents  # DDPMScheduler.get_velocity
             if cfg.zero_snr:  # min(snr, gamma) / (snr + 1) would be ~0 over the steps where the layout is decided
                 weights = torch.clamp(snr + 1, max=cfg.min_snr_gamma) / (snr + 1)  # plain v loss below gamma - 1
             else:
@@ -290,40 +318,76 @@ class DenoisingLoss:
         loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         return (loss * weights).mean(), ids.shape[1]
 
-    def _sd3(self, latents, captions, drop, g):
-        cfg = self.cfg
-        batch = latents.shape[0]
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        zeros = int(math.exp(torch.rand((), generator=g).item() * math.log(cfg.zero_tokens)))  # log-uniform, 1..max
-        embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None,
-                                                       do_classifier_free_guidance=False, max_sequence_length=zeros,
-                                                       device=torch.device(cfg.device))
-        noise = torch.randn(latents.shape, generator=g)
-        sigma = torch.sigmoid(torch.randn(batch, generator=g) + cfg.timestep_bias)  # logit-normal (SD3's choice)
-        latents, noise, sigma = (x.to(cfg.device) for x in (latents, noise, sigma))
-        s = sigma.view(batch, 1, 1, 1)
+    def _sd3(self, latents, ids, noise, sigma, zeros):
+        embeds, pooled = sd3_prompt_embeds(self.nets, ids, zeros)
+        s = sigma.view(-1, 1, 1, 1)
         noisy = (1 - s) * latents + s * noise
         pred = self.nets["transformer"](hidden_states=noisy, timestep=sigma * 1000, encoder_hidden_states=embeds,
                                         pooled_projections=pooled).sample
         return ((pred - (noise - latents)) ** 2).mean(), embeds.shape[1]
 
 
-def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Path, state: dict, vae=None):
-    """Train the denoiser and text encoders (`nets`, by component name) together; leaves the EMA weights in them."""
-    from diffusers.training_utils import EMAModel
+class Batches:
+    """The training data as ready tensors on the training device, and each step's random draws.
 
-    params = [p for net in nets.values() for p in net.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    ema = EMAModel(params, decay=cfg.ema_decay)  # decay min(ema_decay, (1 + k) / (10 + k)) at the k-th update
-    if "opt" in state:
-        for name, net in nets.items():
+    Every draw (scene indices, the latent sample's noise, dropped captions, the diffusion noise and timesteps, SD3's
+    zero-token count) comes from a CPU generator seeded by the step, so a resumed run and a run on another device see
+    the same data; only the draws move to the device, the dataset is moved once."""
+
+    def __init__(self, data: dict, cfg: TrainConfig):
+        self.cfg = cfg
+        device = cfg.device
+        self.mean, self.std = data["mean"].to(device), data["std"].to(device)  # (n, channels, h, w) fp16
+        self.ids = data["ids"].to(device)  # (n, text_length)
+        self.owner = data["owner"].to(device)  # (n, text_length) int8
+        self.masks = data["masks"].to(device)  # (n, objects, h, w) fp16
+        self.shift = data["shift_factor"] if cfg.family == "sd3" else 0.0
+        self.scaling = data["scaling_factor"]
+        self.total = build_train_scheduler().config.num_train_timesteps
+
+    def draw(self, step: int) -> dict:
+        cfg, batch = self.cfg, self.cfg.batch
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
+        idx = torch.randint(0, self.mean.shape[0], (batch,), generator=g)
+        sample = torch.randn(batch, *self.mean.shape[1:], generator=g)  # the autoencoder's posterior sample
+        drop = torch.rand(batch, generator=g) < cfg.uncond_prob
+        if cfg.family == "sd3":  # zero tokens where T5's would be: log-uniform from 1 up to (not including) the max
+            zeros = int(math.exp(torch.rand((), generator=g).item() * math.log(cfg.zero_tokens)))
+            noise = torch.randn(batch, *self.mean.shape[1:], generator=g)
+            t = torch.sigmoid(torch.randn(batch, generator=g) + cfg.timestep_bias)  # logit-normal (SD3's choice)
+        else:
+            zeros = 0
+            noise = torch.randn(batch, *self.mean.shape[1:], generator=g)
+            t = draw_timesteps(batch, self.total, cfg.timestep_bias, g)
+        idx, sample, drop, noise, t = (x.to(cfg.device, non_blocking=True) for x in (idx, sample, drop, noise, t))
+        latents = self.mean[idx].float() + self.std[idx].float() * sample
+        latents = (latents - self.shift) * self.scaling
+        return {"latents": latents, "ids": self.ids[idx], "drop": drop, "noise": noise, "t": t, "zeros": zeros,
+                "owner": self.owner[idx].long(), "masks": self.masks[idx].float()}
+
+
+TRAINER_FORMAT = 2  # checkpoints of the flat-parameter trainer (1: per-tensor AdamW and diffusers' EMAModel)
+
+
+def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Path, state: dict, vae=None):
+    """Train the denoiser and text encoders (`nets`, by component name) together; leaves the EMA weights in them.
+
+    The parameters live in one flat buffer (`optim.FlatParameters`): fused AdamW, the EMA and gradient clipping are a
+    few operations a step. Nothing is read back to the host but every `LOG_EVERY` steps (the logged losses)."""
+    if "opt" in state and state.get("trainer") != TRAINER_FORMAT:
+        raise P2PError(f"{out / 'checkpoint.pt'} was written by an older trainer (per-parameter optimiser state); "
+                       f"expected a checkpoint of trainer format {TRAINER_FORMAT}: start the run in a new --out")
+    for name, net in nets.items():
+        if name in state:
             net.load_state_dict(state[name])
+    flat = FlatParameters(nets)
+    opt = adamw(flat.param, cfg.lr, weight_decay=1e-2)
+    ema = EMA(flat.param, cfg.ema_decay)
+    if "opt" in state:
         opt.load_state_dict(state["opt"])
         ema.load_state_dict(state["ema"])
-        ema.to(cfg.device)  # the checkpoint's averages come back on the CPU
-    objective = DenoisingLoss(nets, tokenizer, cfg, vae)
-    n = data["mean"].shape[0]
-    shift = data["shift_factor"] if cfg.family == "sd3" else 0.0
+    objective = DenoisingLoss(nets, tokenizer, cfg)
+    batches = Batches(data, cfg)
     start = state.get("step", 0)
     for net in nets.values():
         net.train()
@@ -331,43 +395,41 @@ def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Pa
     grounded = bool(cfg.grounding_weight or cfg.coverage_weight)
     denoiser = nets.get("unet", nets.get("transformer"))
     recording = control(denoiser, grounding, prompts=cfg.batch) if grounded else contextlib.nullcontext()
+    names = ("loss", "grounding", "coverage") if grounded else ("loss",)
+    running = torch.zeros(len(names), device=cfg.device)  # sums since the last log row, read every LOG_EVERY steps
     with recording:
         bar = tqdm(range(start, cfg.steps), desc="diffusion", initial=start, total=cfg.steps)
         for step in bar:
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
-            idx = torch.randint(0, n, (cfg.batch,), generator=g)
-            latents = data["mean"][idx].float() + data["std"][idx].float() * torch.randn(
-                cfg.batch, *data["mean"].shape[1:], generator=g)
-            latents = (latents - shift) * data["scaling_factor"]
-            drop = torch.rand(cfg.batch, generator=g) < cfg.uncond_prob
-            captions = [data["captions"][i] for i in idx.tolist()] if "captions" in data else []
-            loss, text = objective(latents, data["ids"][idx], captions, drop, g)
-            diffusion = loss
+            opt.param_groups[0]["lr"] = lr
+            b = batches.draw(step)
+            loss, text = objective(b["latents"], b["ids"], b["drop"], b["noise"], b["t"], b["zeros"])
+            parts = [loss.detach()]
             if grounded:
-                owner = data["owner"][idx].long()
-                owner[drop] = -1  # a dropped caption names nothing
+                owner = b["owner"].masked_fill(b["drop"][:, None], -1)  # a dropped caption names nothing
                 owner = torch.nn.functional.pad(owner, (0, text - owner.shape[1]), value=-1)  # sd3: zero tokens
-                ground, cover = grounding.loss(owner.to(cfg.device), data["masks"][idx].float().to(cfg.device))
+                ground, cover = grounding.loss(owner, b["masks"])
                 covering = cfg.coverage_weight if step >= cfg.coverage_from else 0.0
                 loss = loss + cfg.grounding_weight * ground + covering * cover
-            opt.zero_grad(set_to_none=True)
+                parts += [ground.detach(), cover.detach()]
+            flat.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            flat.clip_grad_norm(1.0)
             opt.step()
-            ema.step(params)
-            logged = {"loss": diffusion.item(), **({"grounding": ground.item(), "coverage": cover.item()}
-                                                   if grounded else {})}
-            bar.set_postfix({k: f"{v:.4f}" for k, v in logged.items()})
-            if step % 25 == 0:
-                _log(out, stage="diffusion", step=step, lr=lr, **logged)
+            ema.step(flat.param)
+            running += torch.stack(parts)
+            if (step + 1 - start) % LOG_EVERY == 0 or step + 1 == cfg.steps:
+                seen = (step + 1 - start) % LOG_EVERY or LOG_EVERY
+                logged = dict(zip(names, (running / seen).tolist()))  # the one host read of the interval
+                running.zero_()
+                bar.set_postfix({k: f"{v:.4f}" for k, v in logged.items()})
+                _log(out, stage="diffusion", step=step, steps=seen, lr=lr, **logged)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 state.update({name: net.state_dict() for name, net in nets.items()}, opt=opt.state_dict(),
-                             ema=ema.state_dict(), step=step + 1)
+                             ema=ema.state_dict(), step=step + 1, trainer=TRAINER_FORMAT)
                 _save(out / "checkpoint.pt", state)
-    ema.copy_to(params)  # the EMA weights are the model we ship
+    ema.copy_to(flat.param)  # the EMA weights are the model we ship
+    flat.release()
 
 
 def save_pipeline(folder: Path, vae, nets: dict, tokenizer, data: dict, cfg: TrainConfig) -> Path:
@@ -487,15 +549,16 @@ def main(argv: list[str] | None = None) -> None:
         data = encode_dataset(vae, tokenizer, cfg)
         _save(data_path, data)
     if args.export:
-        from diffusers.training_utils import EMAModel
-
+        if state.get("trainer") != TRAINER_FORMAT:
+            parser.error(f"--export: expected a checkpoint of trainer format {TRAINER_FORMAT} in {out}, found "
+                         f"{'none' if 'step' not in state else 'an older one'}")
         for name, net in nets.items():
             net.load_state_dict(state[name])
-        params = [p for net in nets.values() for p in net.parameters()]
-        ema = EMAModel(params, decay=cfg.ema_decay)
+        flat = FlatParameters(nets)
+        ema = EMA(flat.param, cfg.ema_decay)
         ema.load_state_dict(state["ema"])
-        ema.to(cfg.device)
-        ema.copy_to(params)
+        ema.copy_to(flat.param)
+        flat.release()
         save_pipeline(Path(args.export), vae, nets, tokenizer, data, cfg)
         print(f"exported step {state['step']} to {args.export}")
         return
