@@ -5,12 +5,18 @@
     python benchmarks/speed.py --model sd3 --sizes 32  # SD3 medium's blocks (4 of 24), random weights, 256 px
     python benchmarks/speed.py --model flux --sizes 32 # Flux.1-dev's blocks (1 double, 4 single), random weights
     python benchmarks/speed.py --device cuda --fp16    # on a GPU
+    python benchmarks/speed.py --model tiny-sd3 --sizes 16 --steps 4   # a tiny pipeline of prompt2prompt.testing
 
 Configurations:
   stock-1 / stock-2   the unmodified pipeline with 1 and 2 prompts
   attend              1 prompt, recording cross-attention everywhere and self-attention at small maps (AttentionStore)
   edit+blend          2 prompts, replace edit with local blend (the default schedule)
   edit+blend explicit the same edit with every attention layer explicit (what the reference implementation does)
+
+Operations: aten operations per denoising step (the torch profiler on the CPU, every dispatched operation, nested ones
+included; a run of --steps steps minus one of half as many, so set-up, text encoding and decoding cancel), as a ratio to
+the stock pipeline's, in the timing process; "kernel ops" leaves out the operations that only make views or read
+metadata (`prompt2prompt.profiling.VIEW_OPS`). On a GPU each operation is a dispatch and most a kernel launch.
 
 Time: one process per latent size builds the pipeline once and runs the configurations interleaved, repeat after
 repeat (A B C D E, then E D C B A, ...), so a machine that slows down mid-run biases none of them. Each repeat gives a
@@ -171,23 +177,24 @@ def build_mmdit(model: str, size: int, dtype, device, layers: int):
 
 
 def build(model: str, size: int, dtype, device, layers: int = 4):
+    if model.startswith("tiny"):  # the tiny random pipelines of prompt2prompt.testing (tiny = tiny-sd1)
+        import tempfile
+
+        from prompt2prompt.testing import tiny_pipeline
+
+        pipe = tiny_pipeline(model.removeprefix("tiny").lstrip("-") or "sd1", tempfile.mkdtemp())
+        if hasattr(pipe, "unet"):
+            pipe.unet.register_to_config(sample_size=size)
+        return pipe.to(device, dtype)
     if model == "sd15":
         return build_sd15(size, dtype, device)
     if model == "sdxl":
         return build_sdxl(size, dtype, device)
     if model in ("sd3", "flux"):
         return build_mmdit(model, size, dtype, device, layers)
-    if model == "shapes":
-        from prompt2prompt.loading import load_pipeline
+    from prompt2prompt.loading import load_pipeline
 
-        return load_pipeline("shapes", device=device, dtype=dtype)
-    import tempfile
-
-    from prompt2prompt.testing import tiny_pipeline
-
-    pipe = tiny_pipeline("sd1", tempfile.mkdtemp())
-    pipe.unet.register_to_config(sample_size=size)
-    return pipe.to(device, dtype)
+    return load_pipeline(model, device=device, dtype=dtype)  # shapes
 
 
 def peak_memory(device) -> int:
@@ -236,7 +243,7 @@ class Runner:
             return Controllers(*edit.controllers, Everything()) if "explicit" in config else edit
         return None
 
-    def run(self, config: str) -> list[float]:
+    def run(self, config: str, steps: int | None = None) -> list[float]:
         import torch
 
         from prompt2prompt.attention import control
@@ -255,10 +262,10 @@ class Runner:
         ctl = self.controller(config, prompts)
         latent = initial_latent(pipe, self.options)
         latents = latent.expand(len(prompts), *latent.shape[1:]).to(args.device, self.dtype)
-        kwargs = dict(prompt=prompts, num_inference_steps=args.steps, guidance_scale=self.options.guidance,
+        kwargs = dict(prompt=prompts, num_inference_steps=steps or args.steps, guidance_scale=self.options.guidance,
                       latents=latents.clone(), output_type="latent", callback_on_step_end_tensor_inputs=["latents"],
                       height=self.options.height, width=self.options.width)
-        if args.model in ("sd3", "flux"):
+        if args.model in ("sd3", "flux", "tiny-sd3", "tiny-flux"):
             kwargs["max_sequence_length"] = args.text_tokens
         with torch.inference_mode():
             if ctl is None:
@@ -286,7 +293,14 @@ def timing_worker(args) -> None:
         rows.append({name: statistics.median(runner.run(name)) for name in order})
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items()),
               file=sys.stderr, flush=True)
-    print(json.dumps(rows))
+    ops = {}
+    if args.device == "cpu":  # the profiler counts what the CPU dispatches; on a GPU it would count launches too
+        from prompt2prompt.profiling import ops_per_step, view_ops
+
+        for name in names:
+            counts = ops_per_step(lambda steps, name=name: runner.run(name, steps), steps=max(2, args.steps))
+            ops[name] = {"all": sum(counts.values()), "kernel": sum(counts.values()) - view_ops(counts)}
+    print(json.dumps({"rounds": rows, "ops": ops}))
 
 
 def memory_worker(args) -> None:
@@ -309,10 +323,12 @@ def _call(args, extra: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="sd15", choices=["sd15", "sd3", "flux", "shapes", "tiny"],
-                        help="sd15: SD 1.5's architecture with random weights; sd3 / flux: SD3 medium's / Flux.1-dev's "
-                        "transformer blocks with random weights, cut to --layers; shapes: the bundled model; tiny: a "
-                        "toy pipeline (default: sd15)")
+    parser.add_argument("--model", default="sd15", choices=["sd15", "sdxl", "sd3", "flux", "shapes", "tiny",
+                                                             "tiny-sd1", "tiny-sdxl", "tiny-sd3", "tiny-flux"],
+                        help="sd15 / sdxl: SD 1.5's / SDXL base's architecture with random weights; sd3 / flux: SD3 "
+                        "medium's / Flux.1-dev's transformer blocks with random weights, cut to --layers; shapes: the "
+                        "bundled model; tiny-KIND: a tiny random pipeline of prompt2prompt.testing (tiny = tiny-sd1) "
+                        "(default: sd15)")
     parser.add_argument("--layers", type=int, default=4,
                         help="sd3: transformer blocks; flux: single-stream blocks (and a third as many double-stream "
                         "ones) (default: 4)")
@@ -344,12 +360,13 @@ def main() -> None:
           "interleaved repeats (median s/step; time ratio: median of the paired per-repeat ratios, and their range)",
           flush=True)
     print(f"{'latent':>6}  {'configuration':<20}{'s/step':>8}{'time/stock':>12}{'range':>15}{'peak GiB':>10}"
-          f"{'mem/stock':>11}", flush=True)
+          f"{'mem/stock':>11}{'ops/step':>10}{'ops/stock':>11}{'kernel ops/stock':>18}", flush=True)
     table = []
     for size in args.sizes:  # each size's rows printed (and the JSON written) as soon as they are measured
         args.size = size
         print(f"[{size}x{size}] timing, interleaved ...", file=sys.stderr, flush=True)
-        rounds = json.loads(_call(args, ["--timing"]))
+        measured = json.loads(_call(args, ["--timing"]))
+        rounds, ops = measured["rounds"], measured["ops"]
         memory = {}
         for name in CONFIGS:
             print(f"[{size}x{size}] memory of {name} ...", file=sys.stderr, flush=True)
@@ -362,10 +379,16 @@ def main() -> None:
                    "time_ratio": statistics.median(ratios), "time_ratio_min": min(ratios),
                    "time_ratio_max": max(ratios), "peak_gib": memory[name] / 2**30,
                    "memory_ratio": memory[name] / memory[base]}
+            if ops:
+                row.update(ops_step=ops[name]["all"], ops_ratio=ops[name]["all"] / ops[base]["all"],
+                           kernel_ops_step=ops[name]["kernel"],
+                           kernel_ops_ratio=ops[name]["kernel"] / ops[base]["kernel"])
             table.append(row)
             spread = f"{row['time_ratio_min']:.3f}-{row['time_ratio_max']:.3f}"
+            counted = (f"{row['ops_step']:>10.0f}{row['ops_ratio']:>11.3f}{row['kernel_ops_ratio']:>18.3f}" if ops
+                       else "")
             print(f"{size:>6}  {name:<20}{row['step_s']:>8.4f}{row['time_ratio']:>12.3f}{spread:>15}"
-                  f"{row['peak_gib']:>10.2f}{row['memory_ratio']:>11.3f}", flush=True)
+                  f"{row['peak_gib']:>10.2f}{row['memory_ratio']:>11.3f}{counted}", flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"model": args.model, "device": device, "steps": args.steps, "repeats": args.repeats,

@@ -280,7 +280,9 @@ def test_edits_keep_the_source_under_stochastic_schedulers(sd1, name):
         assert 0 < outside.sum() < outside.numel()
         torch.testing.assert_close(r.controlled.latents[1][:, outside], r.controlled.latents[0][:, outside],
                                    atol=0, rtol=0)
-        torch.testing.assert_close(r.controlled.latents[0], r.vanilla.latents[0], atol=1e-4, rtol=1e-4)
+        # float error only (explicit vs fused attention), which ancestral noise grows: 1.35e-4 in one element of 1024
+        # with transformers 5.25 (the code before the explicit path changed gave the same), hence 5e-4
+        torch.testing.assert_close(r.controlled.latents[0], r.vanilla.latents[0], atol=5e-4, rtol=1e-4)
     finally:
         sd1.scheduler = original
 

@@ -65,7 +65,8 @@ class AttentionController:
         return False
 
     def attention(self, probs: torch.Tensor, site: Site) -> torch.Tensor | None:
-        """probs: (prompts, heads, queries, keys) of the conditional half. Return a replacement, or None to keep."""
+        """probs: (prompts, heads, queries, keys) of the conditional half. Return a replacement, None to keep them,
+        or probs itself after changing it in place (allowed where it does not require grad)."""
         return None
 
     def begin(self, run: RunInfo) -> None:
@@ -166,6 +167,7 @@ class Router:
         self.run: RunInfo | None = None
         self.text_tokens = 0  # MM-DiT: text tokens in the joint sequence (Flux's single blocks get them concatenated)
         self._res: dict[int, tuple[int, int]] = {}
+        self._ids = None  # Flux: (the image ids tensor last seen, its grid), so the grid is read from it only once
 
     # -- hooks ----------------------------------------------------------------------------------------------------
     def _loop_length(self) -> int:
@@ -199,7 +201,9 @@ class Router:
             grid, packed = (latent[0] // patch, latent[1] // patch), False
         else:  # Flux: (batch, tokens, channels) packed latents; img_ids hold each token's (0, row, column)
             ids = kwargs["img_ids"]
-            grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+            if self._ids is None or self._ids[0] is not ids:  # read once: the pipeline passes one tensor every step
+                self._ids = (ids, (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1))
+            grid = self._ids[1]
             latent, packed = grid, True
         if self.run is None or self.run.grid != grid or self.run.batch != batch:
             prompts = self.prompts or (batch // 2 if batch % 2 == 0 else batch)
@@ -242,8 +246,9 @@ class Router:
         controller; returns the probabilities to use, changed where the controller said."""
         batch = probs.shape[0]
         free = batch - self.conditional(batch)
-        new = self.controller.attention(probs[free:] if free else probs, site)
-        if new is None:
+        rows = probs[free:] if free else probs
+        new = self.controller.attention(rows, site)
+        if new is None or new is rows:  # nothing changed, or changed in place
             return probs
         if free == 0:
             return new.to(probs.dtype)
@@ -272,6 +277,7 @@ class RoutedProcessor:
         self.layer = layer
         self.original = original
         self.stock = type(original).__name__ in STOCK_PROCESSORS  # whether `explicit` restates its arithmetic
+        self._cache = None  # (text tensor, its version, keys, values): a cross-attention layer's text projections
         # diffusers' Attention.forward keeps only the cross_attention_kwargs that `processor.__call__` declares. Show it
         # the original processor's signature (an instance attribute: calls still go through the class's __call__), so
         # that keyword arguments the original takes reach it.
@@ -295,23 +301,39 @@ class RoutedProcessor:
                            f"({', '.join(STOCK_PROCESSORS)})")
         return self.explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, site)
 
-    @staticmethod
-    def _probabilities(attn, query, key, attention_mask):
-        """softmax(q k^T * scale + mask) on (batch, heads, queries, head_dim), with diffusers' optional upcasts (its
-        get_attention_scores); the scale goes on the queries, the smaller tensor (as the fused kernel does)."""
-        dtype = query.dtype
+    def _text_keys(self, attn, encoder_hidden_states):
+        """(keys, values), each (batch * heads, keys, head_dim), of a cross-attention layer's text.
+
+        The text is the same tensor at every step of a generation (the pipeline encodes the prompts once), so its
+        projections are made once and reused while that tensor is unchanged (same object, same version); with
+        gradients on (training) they are always made anew."""
+        cached = self._cache
+        stamp = _version(encoder_hidden_states)
+        if cached is not None and cached[0] is encoder_hidden_states and cached[1] == stamp \
+                and not torch.is_grad_enabled():
+            return cached[2], cached[3]
+        text = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        key, value = self._heads(attn, attn.to_k(text)), self._heads(attn, attn.to_v(text))
+        if attn.norm_k is not None:
+            key = attn.norm_k(key.unflatten(0, (-1, attn.heads))).flatten(0, 1)
         if attn.upcast_attention:
-            query, key = query.float(), key.float()
-        scores = torch.matmul(query * attn.scale, key.transpose(-1, -2))  # (batch, heads, queries, keys)
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        if attn.upcast_softmax:
-            scores = scores.float()
-        return scores.softmax(dim=-1).to(dtype)
+            key = key.float()
+        if not torch.is_grad_enabled():
+            self._cache = (encoder_hidden_states, stamp, key, value)
+        return key, value
+
+    @staticmethod
+    def _heads(attn, x: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens, heads * head_dim) -> (batch * heads, tokens, head_dim), contiguous (one copy)."""
+        batch, tokens, width = x.shape
+        return x.view(batch, tokens, attn.heads, width // attn.heads).transpose(1, 2).reshape(
+            batch * attn.heads, tokens, width // attn.heads)
 
     def explicit(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, site: Site):
         # AttnProcessor2_0's arithmetic with the probabilities materialised (diffusers' get_attention_scores: scale,
-        # optional upcast, softmax) and passed through the router; heads stay a dimension, so nothing is copied.
+        # optional upcast, softmax) and passed through the router. Heads are folded into the batch (one copy per
+        # tensor), so each product is one bmm; a cross-attention layer's text keys and values are made once per
+        # generation (`_text_keys`).
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -319,50 +341,68 @@ class RoutedProcessor:
         if input_ndim == 4:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch, keys, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
+        cross = encoder_hidden_states is not None
+        batch, keys, _ = (encoder_hidden_states if cross else hidden_states).shape
+        heads = attn.heads
         if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+            attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)  # (batch * heads, 1|q, keys)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, queries, head_dim)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, keys, head_dim)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        query = self._heads(attn, attn.to_q(hidden_states))  # (batch * heads, queries, head_dim)
         if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+            query = attn.norm_q(query.unflatten(0, (-1, heads))).flatten(0, 1)
+        dtype = query.dtype
+        if cross:
+            key, value = self._text_keys(attn, encoder_hidden_states)
+        else:
+            key, value = self._heads(attn, attn.to_k(hidden_states)), self._heads(attn, attn.to_v(hidden_states))
+            if attn.norm_k is not None:
+                key = attn.norm_k(key.unflatten(0, (-1, heads))).flatten(0, 1)
+            key = key.float() if attn.upcast_attention else key
+        query = (query.float() if attn.upcast_attention else query) * attn.scale  # on the queries, as before
+        queries, head_dim = query.shape[1], value.shape[-1]
         # Controllers see only the conditional rows (`Router.route`). Where the attention is large, the unconditional
         # ones (classifier-free guidance's first half) take the fused kernel, as in the stock processor, and only the
         # rest is explicit; where it is small, one explicit pass over the whole batch costs less than two calls.
         free = batch - self.router.conditional(batch)
-        split = free if attn.heads * query.shape[2] * key.shape[2] >= SPLIT_ELEMENTS else 0
-        explicit = (query, key, value, attention_mask)
-        if split:  # (the mask broadcasts over the batch, or has a row per image)
-            explicit = tuple(None if t is None else t[split:] if t.shape[0] == batch else t for t in explicit)
-        probs = self._probabilities(attn, *explicit[:2], explicit[3])  # (batch - split, heads, queries, keys)
-        hidden_states = torch.matmul(self.router.route(probs, site), explicit[2])  # (.., heads, queries, head_dim)
+        split = free if heads * queries * keys >= SPLIT_ELEMENTS else 0
+        rows = slice(split * heads, None)  # the explicit rows of the (batch * heads) tensors
+        mask = attention_mask[rows] if attention_mask is not None and attention_mask.shape[0] > 1 else attention_mask
+        if mask is None:
+            scores = torch.bmm(query[rows], key[rows].transpose(1, 2))  # (rows, queries, keys)
+        else:
+            scores = torch.baddbmm(mask, query[rows], key[rows].transpose(1, 2))
+        probs = scores.float().softmax(-1) if attn.upcast_softmax and scores.dtype != torch.float32 \
+            else scores.softmax(-1)
+        probs = probs.to(dtype) if probs.dtype != dtype else probs
+        probs = self.router.route(probs.view(-1, heads, queries, keys), site)  # (batch - split, heads, q, keys)
+        value = value[rows] if value.dtype == probs.dtype else value[rows].to(probs.dtype)
+        hidden_states = torch.bmm(probs.view(-1, queries, keys), value)  # (rows, queries, head_dim)
         if split:
-            mask = None if attention_mask is None else attention_mask[:split] if attention_mask.shape[0] == batch \
-                else attention_mask
-            plain = F.scaled_dot_product_attention(query[:split], key[:split], value[:split], attn_mask=mask,
-                                                   scale=attn.scale)
-            hidden_states = torch.cat([plain, hidden_states.to(plain.dtype)])  # (batch, heads, queries, head_dim)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+            plain_mask = None if attention_mask is None else \
+                attention_mask[: split * heads].view(split, heads, -1, keys) if attention_mask.shape[0] > 1 \
+                else attention_mask.view(1, 1, -1, keys)
+            plain = F.scaled_dot_product_attention(  # the queries are already scaled
+                query[: split * heads].to(dtype).view(split, heads, queries, head_dim),
+                key[: split * heads].to(dtype).view(split, heads, keys, head_dim),
+                value[: split * heads].view(split, heads, keys, head_dim), attn_mask=plain_mask, scale=1.0)
+            hidden_states = torch.cat([plain.flatten(0, 1), hidden_states.to(plain.dtype)])
+        hidden_states = hidden_states.view(batch, heads, queries, head_dim).transpose(1, 2).reshape(
+            batch, queries, heads * head_dim)
+        if hidden_states.dtype != residual.dtype:
+            hidden_states = hidden_states.to(residual.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear, dropout
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return hidden_states / attn.rescale_output_factor if attn.rescale_output_factor != 1 else hidden_states
+
+
+def _version(t: torch.Tensor) -> int:
+    """A tensor's in-place version counter; -1 for an inference-mode tensor, which has none (the pipelines never
+    change their text embeddings in place: a callback that changes them hands over a new tensor)."""
+    return -1 if t.is_inference() else t._version
 
 
 def layer_info(unet, name: str) -> LayerInfo:

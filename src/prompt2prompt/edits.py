@@ -125,11 +125,10 @@ def _to(t: torch.Tensor | None, run: RunInfo) -> torch.Tensor | None:
 
 
 def _columns(weights: torch.Tensor, run: RunInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompts, tokens) 0/1 word positions -> (the columns any prompt uses, (prompts, columns) their weights), on
-    the run's device: a few columns picked cost less than a product over every token (a matrix-vector product is
-    slow on small maps)."""
+    """(prompts, tokens) 0/1 word positions -> (the columns any prompt uses, (prompts, 1, 1, columns) their weights),
+    on the run's device, made once per run: a few columns picked cost less than a product over every token."""
     columns = weights.amax(0).nonzero()[:, 0]
-    return columns.to(run.device), _to(weights[:, columns], run)
+    return columns.to(run.device), _to(weights[:, None, None, columns], run)
 
 
 def _accumulate(acc: torch.Tensor | None, probs: torch.Tensor, words: tuple[torch.Tensor, torch.Tensor],
@@ -137,7 +136,7 @@ def _accumulate(acc: torch.Tensor | None, probs: torch.Tensor, words: tuple[torc
     """acc + the head mean of the words' attention per pixel (prompts, h, w), in float32."""
     columns, weights = words
     picked = probs.index_select(-1, columns)  # (prompts, heads, pixels, columns)
-    summed = torch.matmul(picked, weights[:, None, :, None]).sum(1).view(-1, *res)  # (prompts, h, w), heads summed
+    summed = (picked * weights).sum((1, 3)).view(-1, *res)  # (prompts, h, w): heads and words summed
     if acc is None:
         return summed.float() / probs.shape[1]
     return acc.add_(summed, alpha=1 / probs.shape[1])
@@ -264,6 +263,7 @@ class PromptToPrompt(AttentionController):
 
     def _tables(self, steps: int) -> None:
         self.alpha = self.spans.table(steps, self.reference)  # (steps, targets, tokens)
+        self.alpha_on = self.alpha > 0  # the same as booleans, for torch.where
         self.cross_active = (self.alpha.flatten(1).amax(1) > 0).tolist()  # per step; plain bools for wants()
         self.cross_whole = (self.alpha.flatten(1).amin(1) > 0).tolist()  # per step: every token takes the source's
         self.self_range = step_range(self.options.self_steps, steps)
@@ -274,6 +274,7 @@ class PromptToPrompt(AttentionController):
         # moved to the UNet's device once per run, not per layer call
         for name in ("mapper", "weight", "alpha", "equalizer"):
             setattr(self, name, _to(getattr(self, name, None), run))
+        self.alpha_on = self.alpha_on.to(run.device)
         if self.mode == "refine":
             self.index = self.index.to(run.device)
 
@@ -287,10 +288,11 @@ class PromptToPrompt(AttentionController):
         return site.pixels <= self.self_pixels if self.self_pixels else max(site.res) <= self.self_side
 
     def attention(self, probs, site):
-        # probs: (prompts, heads, queries, keys); row 0 is the source
+        # probs: (prompts, heads, queries, keys); row 0 is the source. Written in place (and probs returned) unless
+        # autograd needs the original
         base, edited = probs[:1], probs[1:]
         if not site.layer.is_cross:
-            return torch.cat([base, base.expand_as(edited)])
+            return _rows(probs, base.expand_as(edited))
         if self.mode == "replace":
             # (targets or, for the identity, 1 to broadcast, heads, queries, tokens)
             mapped = base if self.identity else torch.matmul(base, self.mapper[:, None])
@@ -306,8 +308,16 @@ class PromptToPrompt(AttentionController):
         if self.equalizer is not None:
             mapped = mapped * self.equalizer[:, None, None, :]
         if not self.cross_whole[site.step]:  # alpha is 0/1 per token: the source's (mapped) where 1, its own where 0
-            mapped = torch.where(self.alpha[site.step][:, None, None, :] > 0, mapped, edited)
-        return torch.cat([base, mapped.expand_as(edited)])
+            mapped = torch.where(self.alpha_on[site.step][:, None, None, :], mapped, edited)
+        return _rows(probs, mapped.expand_as(edited))
+
+
+def _rows(probs: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+    """probs with rows 1: set to edited: in place where autograd allows (the router then keeps probs as it is)."""
+    if probs.requires_grad:
+        return torch.cat([probs[:1], edited])
+    probs[1:].copy_(edited)
+    return probs
 
 
 class LatentTrace(AttentionController):

@@ -56,6 +56,8 @@ class JointRoutedProcessor:
         self.kind = "sd3" if type(original).__name__ in SD3_PROCESSORS else \
             "flux" if type(original).__name__ in FLUX_PROCESSORS else None
         self.text_first = self.kind == "flux"
+        self._pads = None  # (layout, zero channels, text marker) for the fused call, made once per layout
+        self._zeros = None
 
         def call(*args, **kwargs):
             return self._call(*args, **kwargs)
@@ -93,7 +95,8 @@ class JointRoutedProcessor:
             out = self._explicit(query, key, value, text, image, text_site if want_text else None, image_site)
         else:
             out = self._text_only(query, key, value, text, image, text_site)
-        return self._finish(attn, out.to(query.dtype), hidden_states, encoder_hidden_states, text, image)
+        out = out if out.dtype == query.dtype else out.to(query.dtype)
+        return self._finish(attn, out, hidden_states, encoder_hidden_states, text, image)
 
     # -- the original processors' projections --------------------------------------------------------------------
     def _project(self, attn, hidden_states, encoder_hidden_states, kw):
@@ -158,48 +161,73 @@ class JointRoutedProcessor:
         return image_out, attn.to_add_out(out[:, text].contiguous())
 
     # -- attention with the controller in it ---------------------------------------------------------------------
+    def _padding(self, value: torch.Tensor, text: slice, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(zeros (1, 1, 1, pad), marker (1, 1, tokens, pad): 1 in its first channel on the text keys, 0 elsewhere),
+        made once per sequence layout and kept (no per-call fill, no host read)."""
+        key = (value.shape[2], text.start, text.stop, pad, value.dtype, value.device)
+        if self._pads is None or self._pads[0] != key:
+            marker = torch.zeros(1, 1, value.shape[2], pad, dtype=value.dtype, device=value.device)
+            marker[:, :, text, 0] = 1
+            self._pads = (key, torch.zeros(1, 1, 1, pad, dtype=value.dtype, device=value.device), marker)
+        return self._pads[1], self._pads[2]
+
     def _text_only(self, query, key, value, text: slice, image: slice, site: Site):
-        """Fused attention plus the image-to-text block: the conditional rows' values carry an extra channel that is
-        1 on the text keys, so the fused kernel also returns each query's total attention on the text."""
+        """Fused attention plus the image-to-text block: the values carry an extra channel that is 1 on the text keys,
+        so the fused kernel also returns each query's total attention on the text (one call for the whole batch)."""
         batch, heads, length, head_dim = value.shape
-        free = batch - self.router.conditional(batch)  # unconditional rows: the stock kernel, nothing to read
+        free = batch - self.router.conditional(batch)  # unconditional rows: nothing to read
         # The fused CPU / CUDA kernels need one head size for queries, keys and values: queries and keys get zero
         # channels (their dot products do not change), values the marker and zeros, 8 channels in all (keeping the
         # head size a multiple of 8); the softmax scale stays the real head size's.
-        pad = 8
-        q, k = (F.pad(t[free:], (0, pad)) for t in (query, key))
-        extra = torch.zeros(batch - free, heads, length, pad, dtype=value.dtype, device=value.device)
-        extra[:, :, text, 0] = 1
-        fused = F.scaled_dot_product_attention(q, k, torch.cat([value[free:], extra], -1),
-                                               scale=1 / math.sqrt(head_dim))
-        out, mass = fused[..., :head_dim], fused[..., head_dim]  # mass: (prompts, heads, tokens) attention on text
-        scores = torch.matmul(query[free:, :, image], key[free:, :, text].transpose(-1, -2)) / math.sqrt(head_dim)
-        block = scores.float().softmax(-1) * mass[:, :, image, None].float()  # (prompts, heads, image, text)
-        block = block.to(query.dtype)
+        zeros, marker = self._padding(value, text, 8)
+        zeros = zeros.expand(batch, heads, length, -1)
+        fused = F.scaled_dot_product_attention(
+            torch.cat([query, zeros], -1), torch.cat([key, zeros], -1),
+            torch.cat([value, marker.expand(batch, heads, -1, -1)], -1), scale=1 / math.sqrt(head_dim))
+        out = fused[..., :head_dim]  # (batch, heads, tokens, head_dim)
+        mass = fused[free:, :, image, head_dim:head_dim + 1]  # (prompts, heads, image, 1): attention on the text
+        # the image-to-text block of the joint softmax: a softmax over the text keys, times the text's share. Heads
+        # fold into the batch as views (the sequence slices keep a uniform batch stride), so each product is one bmm
+        prompts, heads = batch - free, query.shape[1]
+        scores = torch.baddbmm(self._zero(query), query[free:, :, image].flatten(0, 1),
+                               key[free:, :, text].flatten(0, 1).transpose(1, 2), beta=0,
+                               alpha=1 / math.sqrt(head_dim)).view(prompts, heads, -1, text.stop - text.start)
+
+        def text_block() -> torch.Tensor:  # (prompts, heads, image, text)
+            b = torch.softmax(scores, -1, dtype=torch.float32) * mass
+            return b if b.dtype == query.dtype else b.to(query.dtype)
+
+        block = text_block()
         new = self.router.controller.attention(block, site)
-        if new is not None:
-            out = out.clone()
-            out[:, :, image] += torch.matmul((new.to(block.dtype) - block), value[free:, :, text])
-        if free:
-            out = torch.cat([F.scaled_dot_product_attention(query[:free], key[:free], value[:free]), out])
+        if new is not None:  # the output moves by (new - old) @ V_text
+            old = text_block() if new is block else block  # a controller that wrote into the block: made again
+            change = new - old
+            change = change if change.dtype == value.dtype else change.to(value.dtype)
+            out = out.clone() if out.requires_grad else out
+            out[free:, :, image].add_(torch.bmm(change.flatten(0, 1), value[free:, :, text].flatten(0, 1)).view(
+                prompts, heads, -1, head_dim))
         return out
 
+    def _zero(self, like: torch.Tensor) -> torch.Tensor:
+        """A 0-d zero on the tensor's device and dtype (baddbmm's ignored addend), made once."""
+        if self._zeros is None or self._zeros.dtype != like.dtype or self._zeros.device != like.device:
+            self._zeros = torch.zeros((), dtype=like.dtype, device=like.device)
+        return self._zeros
+
     def _explicit(self, query, key, value, text: slice, image: slice, text_site: Site | None, image_site: Site):
-        """The joint attention with the conditional rows' probabilities materialised (prompts, heads, tokens,
-        tokens); the unconditional rows take the stock kernel."""
+        """The joint attention with the probabilities materialised (batch, heads, tokens, tokens), one product for
+        the whole batch (small grids only); the controller sees the conditional rows' blocks."""
         batch, head_dim = query.shape[0], query.shape[-1]
         free = batch - self.router.conditional(batch)
-        probs = (torch.matmul(query[free:], key[free:].transpose(-1, -2)) / math.sqrt(head_dim)).float().softmax(-1)
-        probs = probs.to(query.dtype)
+        scores = torch.matmul(query * (1 / math.sqrt(head_dim)), key.transpose(-1, -2))
+        probs = torch.softmax(scores, -1, dtype=torch.float32)
+        probs = probs if probs.dtype == query.dtype else probs.to(query.dtype)
         controller = self.router.controller
         for site, columns in ((text_site, text), (image_site, image)):
             if site is None:
                 continue
-            block = probs[:, :, image, columns]
+            block = probs[free:, :, image, columns]
             new = controller.attention(block, site)
-            if new is not None:
-                probs[:, :, image, columns] = new.to(probs.dtype)
-        out = torch.matmul(probs, value[free:])
-        if free:
-            out = torch.cat([F.scaled_dot_product_attention(query[:free], key[:free], value[:free]), out])
-        return out
+            if new is not None and new is not block:
+                probs[free:, :, image, columns] = new.to(probs.dtype)
+        return torch.matmul(probs, value)

@@ -62,13 +62,16 @@ class AttentionStore(AttentionController):
         o = self.options
         in_steps = o.steps is None or o.steps[0] <= site.step < o.steps[1]
         if in_steps and (site.layer.is_cross or max(site.res) in self._self_sides):
-            value = probs.detach() if site.layer.is_cross else probs.detach().mean(dim=1)
-            value = value.float()
+            value = probs.detach() if probs.requires_grad else probs
+            value = value if site.layer.is_cross else value.mean(dim=1)
             if name in self.sums:
-                self.sums[name] += value
+                self.sums[name] += value  # float32 sums, whatever the model's dtype
                 self.counts[name] += 1
             else:
-                self.sums[name] = value.clone()
+                # a cross map is the model's own tensor (a later controller may change it in place): copied
+                own = value.float() if value.dtype != torch.float32 else value if not site.layer.is_cross \
+                    else value.clone()
+                self.sums[name] = own
                 self.counts[name] = 1
                 self.layers[name] = site.layer
                 self.res[name] = site.res
