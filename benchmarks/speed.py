@@ -4,7 +4,7 @@
     python benchmarks/speed.py --model shapes --sizes 16 --steps 10 --repeats 7   # the bundled model
     python benchmarks/speed.py --model sd3 --sizes 32  # SD3 medium's blocks (4 of 24), random weights, 256 px
     python benchmarks/speed.py --model flux --sizes 32 # Flux.1-dev's blocks (1 double, 4 single), random weights
-    python benchmarks/speed.py --device cuda --fp16    # on a GPU
+    python benchmarks/speed.py --device cuda --dtype bf16   # on a GPU (benchmarks/gpu.sh: every model, both dtypes)
     python benchmarks/speed.py --model tiny-sd3 --sizes 16 --steps 4   # a tiny pipeline of prompt2prompt.testing
 
 Configurations:
@@ -16,7 +16,8 @@ Configurations:
 Operations: aten operations per denoising step (the torch profiler on the CPU, every dispatched operation, nested ones
 included; a run of --steps steps minus one of half as many, so set-up, text encoding and decoding cancel), as a ratio to
 the stock pipeline's, in the timing process; "kernel ops" leaves out the operations that only make views or read
-metadata (`prompt2prompt.profiling.VIEW_OPS`). On a GPU each operation is a dispatch and most a kernel launch.
+metadata (`prompt2prompt.profiling.VIEW_OPS`); "kernels/stock" is that ratio on the CPU and the ratio of CUDA kernel
+launches on a GPU (where peak memory is also measured per configuration inside the timing process).
 
 Time: one process per latent size builds the pipeline once and runs the configurations interleaved, repeat after
 repeat (A B C D E, then E D C B A, ...), so a machine that slows down mid-run biases none of them. Each repeat gives a
@@ -177,6 +178,13 @@ def build_mmdit(model: str, size: int, dtype, device, layers: int):
 
 
 def build(model: str, size: int, dtype, device, layers: int = 4):
+    import torch
+
+    with torch.device(device):  # random weights made where they run (fast on a GPU)
+        return _build(model, size, dtype, device, layers)
+
+
+def _build(model: str, size: int, dtype, device, layers: int):
     if model.startswith("tiny"):  # the tiny random pipelines of prompt2prompt.testing (tiny = tiny-sd1)
         import tempfile
 
@@ -218,7 +226,7 @@ class Runner:
         if args.threads:
             torch.set_num_threads(args.threads)
         self.args = args
-        self.dtype = torch.float16 if args.fp16 else torch.float32
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
         self.pipe = build(args.model, args.size, self.dtype, args.device, args.layers)
         self.pipe.set_progress_bar_config(disable=True)
         factor = self.pipe.vae_scale_factor
@@ -293,14 +301,19 @@ def timing_worker(args) -> None:
         rows.append({name: statistics.median(runner.run(name)) for name in order})
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items()),
               file=sys.stderr, flush=True)
-    ops = {}
-    if args.device == "cpu":  # the profiler counts what the CPU dispatches; on a GPU it would count launches too
-        from prompt2prompt.profiling import ops_per_step, view_ops
+    from prompt2prompt.profiling import ops_per_step, summary
 
-        for name in names:
-            counts = ops_per_step(lambda steps, name=name: runner.run(name, steps), steps=max(2, args.steps))
-            ops[name] = {"all": sum(counts.values()), "kernel": sum(counts.values()) - view_ops(counts)}
-    print(json.dumps({"rounds": rows, "ops": ops}))
+    ops, memory = {}, {}
+    for name in names:  # on a GPU, "launches" counts the kernels the host launched
+        counts = ops_per_step(lambda steps, name=name: runner.run(name, steps), steps=max(2, args.steps))
+        ops[name] = summary(counts)
+        if args.device == "cuda":  # peak memory per configuration, in this process (the weights included)
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            runner.run(name)
+            memory[name] = torch.cuda.max_memory_allocated()
+    print(json.dumps({"rounds": rows, "ops": ops, "memory": memory}))
 
 
 def memory_worker(args) -> None:
@@ -313,7 +326,7 @@ def _call(args, extra: list[str]) -> str:
     cmd = [sys.executable, __file__, "--size", str(args.size), "--model", args.model, "--steps", str(args.steps),
            "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads),
            "--layers", str(args.layers), "--text-tokens", str(args.text_tokens), *extra]
-    cmd += ["--fp16"] if args.fp16 else []
+    cmd += ["--dtype", args.dtype]
     out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if out.returncode:
@@ -337,13 +350,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="denoising steps per run (default: 3)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every configuration (default 3)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--fp16", action="store_true", help="half precision (GPU)")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="precision (default: fp32)")
+    parser.add_argument("--fp16", action="store_true", help="the same as --dtype fp16")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (default: torch's choice)")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     parser.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.fp16 and args.dtype not in (None, "fp16"):
+        parser.error(f"--fp16 is --dtype fp16, but --dtype {args.dtype} was given too")
+    args.dtype = "fp16" if args.fp16 else args.dtype or "fp32"
     if args.timing:
         timing_worker(args)
         return
@@ -356,19 +373,18 @@ def main() -> None:
         import torch
 
         device = torch.cuda.get_device_name()
-    print(f"\n{args.model}, {device}, {'fp16' if args.fp16 else 'fp32'}, {args.steps} steps, {args.repeats} "
+    print(f"\n{args.model}, {device}, {args.dtype}, {args.steps} steps, {args.repeats} "
           "interleaved repeats (median s/step; time ratio: median of the paired per-repeat ratios, and their range)",
           flush=True)
     print(f"{'latent':>6}  {'configuration':<20}{'s/step':>8}{'time/stock':>12}{'range':>15}{'peak GiB':>10}"
-          f"{'mem/stock':>11}{'ops/step':>10}{'ops/stock':>11}{'kernel ops/stock':>18}", flush=True)
+          f"{'mem/stock':>11}{'ops/step':>10}{'ops/stock':>11}{'kernels/stock':>15}", flush=True)
     table = []
     for size in args.sizes:  # each size's rows printed (and the JSON written) as soon as they are measured
         args.size = size
         print(f"[{size}x{size}] timing, interleaved ...", file=sys.stderr, flush=True)
         measured = json.loads(_call(args, ["--timing"]))
-        rounds, ops = measured["rounds"], measured["ops"]
-        memory = {}
-        for name in CONFIGS:
+        rounds, ops, memory = measured["rounds"], measured["ops"], measured["memory"]
+        for name in CONFIGS if not memory else ():  # on the CPU: peak RSS of a fresh process per configuration
             print(f"[{size}x{size}] memory of {name} ...", file=sys.stderr, flush=True)
             memory[name] = json.loads(_call(args, ["--memory", name]))["peak_bytes"]
         for name, (_, base) in CONFIGS.items():
@@ -380,12 +396,13 @@ def main() -> None:
                    "time_ratio_max": max(ratios), "peak_gib": memory[name] / 2**30,
                    "memory_ratio": memory[name] / memory[base]}
             if ops:
+                kernel = "launches" if "launches" in ops[name] else "kernel"  # CUDA launches where they were counted
                 row.update(ops_step=ops[name]["all"], ops_ratio=ops[name]["all"] / ops[base]["all"],
-                           kernel_ops_step=ops[name]["kernel"],
-                           kernel_ops_ratio=ops[name]["kernel"] / ops[base]["kernel"])
+                           kernel_ops_step=ops[name][kernel], kernel_ops_ratio=ops[name][kernel] / ops[base][kernel],
+                           kernel_ops_are=kernel)
             table.append(row)
             spread = f"{row['time_ratio_min']:.3f}-{row['time_ratio_max']:.3f}"
-            counted = (f"{row['ops_step']:>10.0f}{row['ops_ratio']:>11.3f}{row['kernel_ops_ratio']:>18.3f}" if ops
+            counted = (f"{row['ops_step']:>10.0f}{row['ops_ratio']:>11.3f}{row['kernel_ops_ratio']:>15.3f}" if ops
                        else "")
             print(f"{size:>6}  {name:<20}{row['step_s']:>8.4f}{row['time_ratio']:>12.3f}{spread:>15}"
                   f"{row['peak_gib']:>10.2f}{row['memory_ratio']:>11.3f}{counted}", flush=True)

@@ -372,12 +372,12 @@ class RoutedProcessor:
             scores = torch.bmm(query[rows], key[rows].transpose(1, 2))  # (rows, queries, keys)
         else:
             scores = torch.baddbmm(mask, query[rows], key[rows].transpose(1, 2))
-        probs = scores.float().softmax(-1) if attn.upcast_softmax and scores.dtype != torch.float32 \
-            else scores.softmax(-1)
-        probs = probs.to(dtype) if probs.dtype != dtype else probs
+        # the softmax in float32 whatever the model's precision (as the fused kernels accumulate): controllers see
+        # float32 probabilities, and maps are summed from them; the product with the values is in the model's
+        probs = scores.softmax(-1) if scores.dtype == torch.float32 else torch.softmax(scores, -1, dtype=torch.float32)
         probs = self.router.route(probs.view(-1, heads, queries, keys), site)  # (batch - split, heads, q, keys)
-        value = value[rows] if value.dtype == probs.dtype else value[rows].to(probs.dtype)
-        hidden_states = torch.bmm(probs.view(-1, queries, keys), value)  # (rows, queries, head_dim)
+        probs = probs if probs.dtype == value.dtype else probs.to(value.dtype)
+        hidden_states = torch.bmm(probs.view(-1, queries, keys), value[rows])  # (rows, queries, head_dim)
         if split:
             plain_mask = None if attention_mask is None else \
                 attention_mask[: split * heads].view(split, heads, -1, keys) if attention_mask.shape[0] > 1 \

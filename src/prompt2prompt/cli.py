@@ -65,11 +65,24 @@ def _machine(p: argparse.ArgumentParser, out: str, out_is: str = "output folder"
                    help=f"bundled model name, local diffusers folder, or cached hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N or mps (default: cuda if "
                    "available, else cpu)")
-    p.add_argument("--fp16", action="store_true", help="half precision (needs a GPU device)")
+    _precision(p)
     p.add_argument("--out", default=out, help=f"{out_is} (default: {out}); a folder is replaced whole, and one "
                    "holding files p2p did not write is refused" if out_is == "output folder" else
                    f"{out_is} (default: {out})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _precision(p: argparse.ArgumentParser) -> None:
+    """--dtype (and --fp16, its old spelling) and --offload."""
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="precision of the weights and the computation: fp32, fp16 (GPU only) or bf16 (SD3's and "
+                   "Flux's native precision; also on the CPU); maps and blend masks are summed in fp32 whatever it is "
+                   "(default: fp32)")
+    p.add_argument("--fp16", action="store_true", help="the same as --dtype fp16")
+    p.add_argument("--offload", default=None, choices=["model", "sequential"],
+                   help="keep weights on the CPU and move them to the GPU as they run: model (each component; "
+                   "diffusers' enable_model_cpu_offload) or sequential (each layer: least memory, slowest); needs a "
+                   "GPU device (default: none)")
 
 
 def _sampling(p: argparse.ArgumentParser, seed: bool = True, guidance: float | None = 7.5,
@@ -115,15 +128,15 @@ def _warn_truncated(pipe, prompts, quiet: bool) -> None:
 
 
 def _device(args):
-    """The device and dtype, checked before anything is loaded."""
-    import torch
+    """(device, dtype, offload), checked before anything is loaded."""
+    from .loading import check_offload, resolve_device, resolve_dtype
 
-    from .loading import resolve_device
-
+    if args.fp16 and args.dtype not in (None, "fp16"):
+        raise P2PError(f"--fp16 is --dtype fp16, but --dtype {args.dtype} was given too: give one of them")
     device = resolve_device(args.device)
-    if args.fp16 and device.type == "cpu":
-        raise P2PError("--fp16 needs a GPU device (--device cuda or mps); on the CPU run in full precision")
-    return device, torch.float16 if args.fp16 else torch.float32
+    dtype = resolve_dtype("fp16" if args.fp16 else args.dtype or "fp32", device)
+    check_offload(args.offload, device)
+    return device, dtype, args.offload
 
 
 def _pipe(args, device):
@@ -140,7 +153,7 @@ def _pipe(args, device):
         diffusers.utils.logging.disable_progress_bar()
     if not args.quiet:
         print(f"loading {args.model} on {device[0]}", file=sys.stderr)
-    return load_pipeline(args.model, device=device[0], dtype=device[1])
+    return load_pipeline(args.model, device=device[0], dtype=device[1], offload=device[2])
 
 
 def _folder(args) -> None:
@@ -303,7 +316,8 @@ def cmd_sweep(args) -> None:
     load(args.study)  # a bad study is refused here, before any process starts
     if args.processes > 1:
         extra = [*(["--threads", str(args.threads)] if args.threads else []),
-                 *(["--retry-failed"] if args.retry_failed else []), *(["--quiet"] if args.quiet else [])]
+                 *(["--retry-failed"] if args.retry_failed else []), *(["--quiet"] if args.quiet else []),
+                 *(["--offload", args.offload] if args.offload else [])]
         code = launch(args.study, args.out, args.processes, extra)
         if code:
             raise InputError(f"the sweep's processes stopped with exit code {code} (their messages are above); run "
@@ -317,12 +331,13 @@ def cmd_ui(args) -> None:
         import gradio  # noqa: F401
     except ImportError:
         raise P2PError("p2p ui needs gradio: pip install -e '.[ui]'") from None
-    from .loading import resolve, resolve_device
+    from .loading import resolve
     from .ui import serve
 
+    device, dtype, offload = _device(args)
     resolve(args.model)  # a missing model is refused before the server starts
     print(f"p2p ui: http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
-    serve(args.model, args.host, args.port, args.share, resolve_device(args.device))
+    serve(args.model, args.host, args.port, args.share, device, dtype=dtype, offload=offload)
 
 
 def cmd_swap(args) -> None:
@@ -421,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=whole(1), default=7860, help="port (default: 7860)")
     p.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    _precision(p)
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("invert", help="invert a real image (null-text, DDIM, negative-prompt, direct; FireFlow or "

@@ -20,6 +20,7 @@ from .attention import AttentionController, Controllers, RunInfo, Site
 from .errors import PromptError
 from .generation import Generation, GenerationOptions, generate
 from .joint import JOINT_PLACES
+from .loading import execution_device
 from .schedule import Span, check_span, resolve_cross, step_range
 from .tokens import PromptTokens, prompt_tokens
 
@@ -121,7 +122,8 @@ def _word_positions(prompts: list[PromptTokens], words: tuple[str, ...], what: s
 
 
 def _to(t: torch.Tensor | None, run: RunInfo) -> torch.Tensor | None:
-    return None if t is None else t.to(run.device, run.dtype)
+    """A table of the edit on the run's device, in float32: the probabilities controllers see are float32."""
+    return None if t is None else t.to(run.device, torch.float32)
 
 
 def _columns(weights: torch.Tensor, run: RunInfo) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,7 +371,7 @@ def _source_pooled(pipe, prompts: list[str], generation: GenerationOptions) -> d
     """SDXL with pooled="source": every prompt's pooled text embedding replaced by the source's (pipeline kwargs)."""
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompts, device=pipe.unet.device, num_images_per_prompt=1,
+            prompt=prompts, device=execution_device(pipe), num_images_per_prompt=1,
             do_classifier_free_guidance=generation.guidance > 1,
             negative_prompt=[generation.negative_prompt] * len(prompts) if generation.negative_prompt else None)
     kwargs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled[:1].expand_as(pooled).clone()}

@@ -101,12 +101,14 @@ def flow_scheduler(pipe, method: str):
 def velocity(pipe, prompt: str, guidance: float, max_sequence_length: int | None = None):
     """v(x, t) under the caption, with classifier-free guidance as the SD3 pipeline applies it (one batch [uncond,
     cond])."""
-    net = pipe.transformer
+    from .loading import execution_device
+
+    net, device = pipe.transformer, execution_device(pipe)
     kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     guided = guidance > 1
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, prompt_3=None, do_classifier_free_guidance=guided, device=net.device,
+            prompt=prompt, prompt_2=None, prompt_3=None, do_classifier_free_guidance=guided, device=device,
             **kwargs)
     if guided:
         embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
@@ -114,7 +116,7 @@ def velocity(pipe, prompt: str, guidance: float, max_sequence_length: int | None
     @torch.no_grad()
     def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         inp = torch.cat([x, x]) if guided else x
-        out = net(hidden_states=inp, timestep=t.to(net.device).expand(inp.shape[0]), encoder_hidden_states=embeds,
+        out = net(hidden_states=inp, timestep=t.to(device).expand(inp.shape[0]), encoder_hidden_states=embeds,
                   pooled_projections=pooled, return_dict=False)[0]
         if guided:
             uncond, cond = out.chunk(2)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from .attention import AttentionController, Controllers, control, denoiser, exclusive
 from .errors import InputError
+from .loading import execution_device
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def generate(
         raise InputError("expected at least one prompt, got none")
     generator = torch.Generator("cpu").manual_seed(options.seed)
     latent = initial_latent(pipe, options, generator) if latent is None else latent
-    device, dtype = denoiser(pipe).device, denoiser(pipe).dtype
+    device, dtype = execution_device(pipe), denoiser(pipe).dtype
     if latent.shape[0] not in (1, len(prompts)):
         raise InputError(f"expected one initial latent or one per prompt ({len(prompts)}), got {latent.shape[0]}")
     latents = latent.expand(len(prompts), *latent.shape[1:]).to(device, dtype).clone()

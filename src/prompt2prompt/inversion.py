@@ -42,6 +42,7 @@ from .attention import exclusive
 from .errors import InputError, ModelError, PromptError
 from .flow import FLOW_METHODS, is_flow
 from .generation import native_size, size_multiple
+from .loading import execution_device
 from .metrics import psnr  # noqa: F401  (re-exported: inversion.psnr is public)
 
 DDIM_METHODS = ("null-text", "ddim", "negative-prompt", "direct")
@@ -215,7 +216,7 @@ def _shift(pipe) -> float:
 @torch.no_grad()
 def encode(pipe, image: Image.Image) -> torch.Tensor:
     """The image's latent as the pipeline's denoiser sees it: (mean - shift_factor) * scaling_factor."""
-    x = image_to_tensor(pipe, image).to(pipe.vae.device, pipe.vae.dtype)
+    x = image_to_tensor(pipe, image).to(execution_device(pipe), pipe.vae.dtype)
     return (pipe.vae.encode(x).latent_dist.mean - _shift(pipe)) * pipe.vae.config.scaling_factor
 
 
@@ -352,7 +353,7 @@ class _Text:
         from .loading import family
 
         self.unet = pipe.unet
-        device = self.unet.device
+        device = self.device = execution_device(pipe)
         with torch.no_grad():
             if family(pipe) == "sdxl":
                 self.cond, self.null, self.pooled, self.null_pooled = pipe.encode_prompt(

@@ -193,9 +193,8 @@ class JointRoutedProcessor:
                                key[free:, :, text].flatten(0, 1).transpose(1, 2), beta=0,
                                alpha=1 / math.sqrt(head_dim)).view(prompts, heads, -1, text.stop - text.start)
 
-        def text_block() -> torch.Tensor:  # (prompts, heads, image, text)
-            b = torch.softmax(scores, -1, dtype=torch.float32) * mass
-            return b if b.dtype == query.dtype else b.to(query.dtype)
+        def text_block() -> torch.Tensor:  # (prompts, heads, image, text), float32 whatever the model's precision
+            return torch.softmax(scores, -1, dtype=torch.float32) * mass
 
         block = text_block()
         new = self.router.controller.attention(block, site)
@@ -220,8 +219,7 @@ class JointRoutedProcessor:
         batch, head_dim = query.shape[0], query.shape[-1]
         free = batch - self.router.conditional(batch)
         scores = torch.matmul(query * (1 / math.sqrt(head_dim)), key.transpose(-1, -2))
-        probs = torch.softmax(scores, -1, dtype=torch.float32)
-        probs = probs if probs.dtype == query.dtype else probs.to(query.dtype)
+        probs = torch.softmax(scores, -1, dtype=torch.float32)  # float32 whatever the model's precision
         controller = self.router.controller
         for site, columns in ((text_site, text), (image_site, image)):
             if site is None:
@@ -230,4 +228,4 @@ class JointRoutedProcessor:
             new = controller.attention(block, site)
             if new is not None and new is not block:
                 probs[free:, :, image, columns] = new.to(probs.dtype)
-        return torch.matmul(probs, value)
+        return torch.matmul(probs if probs.dtype == value.dtype else probs.to(value.dtype), value)

@@ -104,12 +104,52 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype names
+OFFLOADS = ("model", "sequential")  # diffusers' enable_model_cpu_offload / enable_sequential_cpu_offload
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of a --dtype name, checked against the device: fp16 needs a GPU (on the CPU many of its
+    kernels are missing or slow); bf16 (SD3's and Flux's native precision) runs on the CPU too."""
+    if name not in DTYPES:
+        raise ModelError(f"unknown precision {name!r}: expected one of {', '.join(DTYPES)}")
+    if name == "fp16" and device.type == "cpu":
+        raise ModelError("fp16 needs a GPU device (--device cuda or mps); on the CPU use fp32 or bf16")
+    return DTYPES[name]
+
+
+def check_offload(offload: str | None, device: torch.device) -> None:
+    """Offloading keeps weights on the CPU and moves each part to the accelerator when it runs: it needs one."""
+    if offload is None:
+        return
+    if offload not in OFFLOADS:
+        raise ModelError(f"unknown offload {offload!r}: expected one of {', '.join(OFFLOADS)}")
+    if device.type == "cpu":
+        has = "" if torch.cuda.is_available() else " (this machine has none)"
+        raise ModelError(f"offload {offload!r} keeps weights on the CPU and runs each part on an accelerator, but the "
+                         f"device is the CPU{has}: run without offload, or with --device cuda")
+
+
+def execution_device(pipe) -> torch.device:
+    """Where the pipeline computes: its execution device (under offload the weights wait on the CPU), or a bare
+    network's device."""
+    device = getattr(pipe, "_execution_device", None)
+    if device is None:
+        from .attention import denoiser
+
+        device = denoiser(pipe).device
+    return torch.device(device)
+
+
 def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32):
+                  dtype: torch.dtype = torch.float32, offload: str | None = None):
     """A Stable Diffusion 1.x / 2.x / XL / 3 / 3.5 or Flux.1 pipeline, offline: bundled name, local folder, or cached
-    hub id."""
+    hub id. offload: "model" (each component moved to the device while it runs) or "sequential" (each layer: the
+    least memory, the slowest), diffusers' own CPU offloading; None keeps every component on the device."""
     from diffusers import DiffusionPipeline
 
+    device = torch.device(device)
+    check_offload(offload, device)
     folder = resolve(name_or_path)
     try:
         index = json.loads((folder / "model_index.json").read_text())
@@ -134,4 +174,10 @@ def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.
     except Exception as e:
         raise ModelError(f"could not load the pipeline in {folder}: {type(e).__name__}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
+    if offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)

@@ -40,12 +40,20 @@ VIEW_OPS = frozenset((
 
 
 def aten_counts(run: Callable[[], object]) -> Counter:
-    """Every aten operation `run()` dispatches on the CPU, by name (the profiler's count, nested ones included)."""
+    """Every aten operation `run()` dispatches, by name (the profiler's count, nested ones included); with CUDA, also
+    the kernel launches the host issued, under the key "launches"."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         run()
-    return Counter({e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")})
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    counts = Counter({e.key: e.count for e in events if e.key.startswith("aten::")})
+    if cuda:
+        counts["launches"] = sum(e.count for e in events if "LaunchKernel" in e.key)
+    return counts
 
 
 def ops_per_step(run: Callable[[int], object], steps: int = 4) -> Counter:
@@ -58,6 +66,16 @@ def ops_per_step(run: Callable[[int], object], steps: int = 4) -> Counter:
 def view_ops(counts: Counter) -> float:
     """How many of the counted operations only make views or read metadata (no kernel)."""
     return sum(v for k, v in counts.items() if k in VIEW_OPS)
+
+
+def summary(counts: Counter) -> dict:
+    """{"all": aten ops, "kernel": aten ops that are not views or metadata, "launches": CUDA kernel launches (only
+    where CUDA ran)} of a per-step count."""
+    ops = {k: v for k, v in counts.items() if k.startswith("aten::")}
+    out = {"all": sum(ops.values()), "kernel": sum(ops.values()) - view_ops(counts)}
+    if "launches" in counts:
+        out["launches"] = counts["launches"]
+    return out
 
 
 class _Counting(TorchDispatchMode):

@@ -1,6 +1,7 @@
 """A study: one YAML or JSON file naming a model, edits and a grid of settings, checked in full before anything runs.
 
     model: shapes                       # bundled name, pipeline folder or cached hub id
+    dtype: fp32                         # precision: fp32 (default), fp16 (GPU) or bf16
     generation: {steps: 20}             # GenerationOptions fields shared by every case
     options: {threshold: 0.3}           # EditOptions fields shared by every case
     edits:                              # each: source, target (or targets: one case each), its own options and
@@ -44,7 +45,8 @@ from .generation import GenerationOptions
 
 MEASURES = ("truth", "blend", "drift")
 CONTROLS = ("p2p", "none")
-TOP_KEYS = ("model", "generation", "options", "edits", "grid", "measures", "name")
+TOP_KEYS = ("model", "dtype", "generation", "options", "edits", "grid", "measures", "name")
+DTYPES = ("fp32", "fp16", "bf16")
 EDIT_FIELDS = tuple(f.name for f in fields(EditOptions))
 GENERATION_FIELDS = tuple(f.name for f in fields(GenerationOptions))
 FACTORS = (*EDIT_FIELDS, *GENERATION_FIELDS, "control", "local_blend")
@@ -59,19 +61,22 @@ class Case:
     options: EditOptions
     generation: GenerationOptions
     control: str  # "p2p" or "none"
+    model: str = "shapes"  # the study's model and precision: part of what makes the pictures
+    dtype: str = "fp32"
 
     @property
     def id(self) -> str:
-        """A name derived from everything that makes the case's pictures (not its position): a re-run of an edited
-        study finds the cases it already has."""
+        """A name derived from everything that makes the case's pictures (not its position), the model and its
+        precision included: a re-run of an edited study finds the cases it already has, and only those."""
         key = json.dumps({"source": self.source, "target": self.target, "options": self.options.to_dict(),
-                          "generation": self.generation.to_dict(), "control": self.control}, sort_keys=True,
-                         default=str)
+                          "generation": self.generation.to_dict(), "control": self.control, "model": self.model,
+                          "dtype": self.dtype}, sort_keys=True, default=str)
         return hashlib.sha1(key.encode()).hexdigest()[:12]
 
     def settings(self) -> dict:
         return {"id": self.id, "index": self.index, "source": self.source, "target": self.target,
-                "factors": self.factors, "control": self.control, "options": self.options.to_dict(),
+                "model": self.model, "dtype": self.dtype, "factors": self.factors, "control": self.control,
+                "options": self.options.to_dict(),
                 "generation": self.generation.to_dict()}
 
 
@@ -83,6 +88,7 @@ class Study:
     factors: tuple[str, ...]  # the grid's factor names, in file order
     name: str
     raw: dict  # the file's content, as read
+    dtype: str = "fp32"  # fp32, fp16 or bf16
 
     def words(self) -> list[tuple[Case, list[str]]]:
         """Each distinct (prompts, options) once, for the word checks that need the model's tokenizer."""
@@ -145,6 +151,9 @@ def parse(data: dict, where: str = "the study") -> Study:
     model = data.get("model", "shapes")
     if not isinstance(model, str) or not model:
         raise _fail(where, f"model must be a bundled name, a folder or a hub id, got {model!r}")
+    dtype = data.get("dtype", "fp32")
+    if dtype not in DTYPES:
+        raise _fail(where, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     base_gen = data.get("generation") or {}
     _known(base_gen, GENERATION_FIELDS, f"{where}, generation")
     base_opts = data.get("options") or {}
@@ -199,7 +208,7 @@ def parse(data: dict, where: str = "the study") -> Study:
                     raise _fail(label, str(err)) from None
                 except TypeError as err:
                     raise _fail(label, f"a value has the wrong type ({err})") from None
-                case = Case(len(cases), spec["source"], target, combo, options, generation, control)
+                case = Case(len(cases), spec["source"], target, combo, options, generation, control, model, dtype)
                 if control == "none" and case.id in ids:
                     continue  # the same plain pictures as a case already listed
                 if case.id in ids:
@@ -207,7 +216,7 @@ def parse(data: dict, where: str = "the study") -> Study:
                                 "or grid value)")
                 cases.append(case)
                 ids.add(case.id)
-    return Study(model, tuple(cases), tuple(measures), tuple(grid), name, data)
+    return Study(model, tuple(cases), tuple(measures), tuple(grid), name, data, dtype)
 
 
 def load(path: str | Path) -> Study:

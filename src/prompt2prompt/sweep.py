@@ -165,14 +165,20 @@ def write_case(out: Path, case: Case, images, measures: dict | None, error: str 
 # -- the whole sweep ------------------------------------------------------------------------------------------------
 def run_sweep(study: Study, out: str | Path, pipe=None, rank: int = 0, world_size: int = 1, device: str = "cpu",
               progress: bool = True, retry_failed: bool = False,
-              on_case: Callable[[Case], None] | None = None) -> dict:
+              on_case: Callable[[Case], None] | None = None, offload: str | None = None) -> dict:
     """Run this process's share of the study's cases into out (skipping those already there), then, if every case is
     done, write the tables and the contact sheet. Returns {"computed": n, "skipped": n, "failed": n, "complete": bool}.
 
     on_case: called after each case this process computes (tests use it to interrupt a sweep).
+    offload: diffusers' CPU offloading for the model (see `loading.load_pipeline`); needs a GPU device.
     """
+    import torch
     from tqdm import tqdm
 
+    from .loading import check_offload, resolve_dtype
+
+    dtype = resolve_dtype(study.dtype, torch.device(device))  # checked before anything is written
+    check_offload(offload, torch.device(device))
     out = check_sweep_folder(out)
     mine = [c for c in study.cases if c.index % world_size == rank]
     todo = [c for c in mine if not done(out, c, retry_failed)]
@@ -184,7 +190,7 @@ def run_sweep(study: Study, out: str | Path, pipe=None, rank: int = 0, world_siz
         if pipe is None:
             from .loading import load_pipeline
 
-            pipe = load_pipeline(study.model, device=device)
+            pipe = load_pipeline(study.model, device=device, dtype=dtype, offload=offload)
             pipe.set_progress_bar_config(disable=True)
         check_words(pipe, study)
         from .loading import BUNDLED
@@ -368,6 +374,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: the machine's cores "
                    "divided among the processes); the same number gives the same pictures on 1 or N processes")
     p.add_argument("--retry-failed", action="store_true", help="compute the cases recorded as failed again")
+    p.add_argument("--offload", default=None, choices=["model", "sequential"],
+                   help="keep the model's weights on the CPU and move them to the GPU as they run (diffusers' model or "
+                   "sequential CPU offload; needs a GPU) (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -403,7 +412,7 @@ def run_from_args(args) -> dict:
     rank, world_size, device = distributed()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
     counts = run_sweep(study, args.out, rank=rank, world_size=world_size, device=device, progress=not args.quiet,
-                       retry_failed=args.retry_failed)
+                       retry_failed=args.retry_failed, offload=args.offload)
     if not args.quiet:
         state = "complete: results.csv, results.jsonl, index.html written" if counts["complete"] else \
             "other processes still running"

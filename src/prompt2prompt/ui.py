@@ -383,14 +383,17 @@ def build(app: App):
 
 
 def serve(model: str = "shapes", host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          device=None, block: bool = True):
-    """Load the model, build the page and start it; returns the gradio app (for tests, with block=False)."""
+          device=None, block: bool = True, dtype=None, offload: str | None = None):
+    """Load the model (dtype: a torch dtype, default float32; offload: see `loading.load_pipeline`), build the page
+    and start it; returns the gradio app (for tests, with block=False)."""
     import os
+
+    import torch
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from .loading import load_pipeline
 
-    pipe = load_pipeline(model, device=device or "cpu")
+    pipe = load_pipeline(model, device=device or "cpu", dtype=dtype or torch.float32, offload=offload)
     page = build(App(pipe, model))
     page.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_BYTES,
                 prevent_thread_lock=not block, quiet=not block, show_error=False)
