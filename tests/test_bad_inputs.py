@@ -57,7 +57,7 @@ CASES = [  # (argv, substrings of the message: what was expected and what was gi
     (["attend", E, "--device", "cuda:7"], ["no CUDA GPU", "'cuda:7'"], False),
     (["attend", E, "--device", "mps"], ["MPS", "'mps'"], False),
     (["attend", E, "--device", "bogus"], ["expected cpu, cuda, cuda:N or mps", "'bogus'"], False),
-    (["attend", E, "--fp16"], ["--fp16 needs a GPU"], False),
+    (["attend", E, "--fp16"], ["fp16 needs a GPU"], False),
     (["attend", ""], ["at least one word", "''"], False),
     (["attend", "   "], ["at least one word"], False),
     (["attend", E, "--height", "50"], ["multiples of", "50x32"], True),

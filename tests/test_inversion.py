@@ -10,7 +10,8 @@ from prompt2prompt.cli import main
 from prompt2prompt.edits import EditOptions, edit
 from prompt2prompt.errors import InputError, PromptError
 from prompt2prompt.generation import GenerationOptions, generate
-from prompt2prompt.inversion import Inversion, InversionOptions, encode, invert, prepare_image, psnr
+from prompt2prompt.images import prepare_image
+from prompt2prompt.inversion import Inversion, InversionOptions, encode, invert, psnr
 from prompt2prompt.shapes import world
 
 STEPS = 5

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 from .errors import InputError, P2PError
 from .loading import DEFAULT_MODEL
@@ -157,7 +158,7 @@ def _pipe(args, device):
 
 
 def _folder(args) -> None:
-    from .report import check_output_folder
+    from .outputs import check_output_folder
 
     check_output_folder(args.out)
 
@@ -261,17 +262,17 @@ def cmd_edit(args) -> None:
 
 def cmd_invert(args) -> None:
     from .generation import GenerationOptions, generate
+    from .images import read_image
     from .inversion import (
         InversionOptions,
         autoencoder_reconstruction,
         invert,
         psnr,
-        read_image,
         sampler,
         sampling_kwargs,
     )
     from .loading import samples_by_flow
-    from .report import check_output_file
+    from .outputs import check_output_file, png_info, png_owned, staged_file
 
     _prompts(args.caption)
     method = args.method
@@ -281,8 +282,16 @@ def cmd_invert(args) -> None:
                                inner_steps=args.inner_steps, offsets=tuple(args.offsets), height=args.height,
                                width=args.width)
     device = _device(args)
-    check_output_file(args.out)  # a folder given as --out is refused as such
-    path = check_output_file(args.out if args.out.endswith(".safetensors") else args.out + ".safetensors")
+    from .inversion import is_inversion_file
+
+    # the file and its reconstruction beside it: new, or written by p2p (an inversion file, a p2p picture), and never
+    # a link; both refused here, before any work
+    if Path(args.out).expanduser().is_dir():
+        raise InputError(f"--out {args.out} is a folder; expected a file name such as inversion.safetensors")
+    name = args.out if args.out.endswith(".safetensors") else args.out + ".safetensors"
+    path = check_output_file(name, owned=is_inversion_file)
+    rec_path = check_output_file(path.with_name(path.stem + "_reconstruction.png"), owned=png_owned,
+                                 what="the reconstruction")
     image = read_image(args.image)  # before the model loads: a missing or unreadable image fails at once
     pipe = _pipe(args, device)
     _warn_truncated(pipe, [args.caption], args.quiet)
@@ -295,14 +304,10 @@ def cmd_invert(args) -> None:
         rec = generate(pipe, [args.caption], None, again, progress=not args.quiet, **sampling_kwargs(inv)).images[0]
     ae = autoencoder_reconstruction(pipe, inv.image)
     inv.settings.update(psnr_vs_input=psnr(rec, inv.image), psnr_vs_autoencoder=psnr(rec, ae))
-    rec_path = path.with_name(path.stem + "_reconstruction.png")
-    partial = rec_path.with_name("." + rec_path.name + ".part")
-    try:
-        rec.save(partial, format="PNG")
-        path = inv.save(path)  # itself written to a temporary name and renamed
-        partial.replace(rec_path)
-    finally:
-        partial.unlink(missing_ok=True)
+    # both written to fresh temporary files beside them and renamed at the end: whole, or not at all
+    with staged_file(path) as f, staged_file(rec_path) as r:
+        f.write(inv.to_bytes())
+        rec.save(r, format="PNG", pnginfo=png_info())
     print(f"{inv.options.method} inversion in {inv.settings['seconds']:.1f} s: reconstruction PSNR "
           f"{inv.settings['psnr_vs_input']:.2f} dB against the input, {inv.settings['psnr_vs_autoencoder']:.2f} dB "
           f"against the autoencoder's own reconstruction")
@@ -477,15 +482,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .outputs import Terminated, terminate_like_interrupt
+
     args = build_parser().parse_args(argv)
+    terminate_like_interrupt()  # SIGTERM unwinds as Ctrl-C does: temporary files and folders are removed
     try:
         args.func(args)
     except P2PError as e:
         print(f"p2p {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"p2p {args.command}: interrupted; no unfinished output was kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signal = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"p2p {args.command}: {signal}; no unfinished output was kept", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     return 0
 
 

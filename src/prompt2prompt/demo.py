@@ -23,7 +23,8 @@ from .figures import attention_figures, edit_grid, swap_figures
 from .generation import GenerationOptions
 from .loading import family
 from .measure import EditPair, run_pairs, sample_pairs, score_edit
-from .report import Section, page, staged, write_json
+from .outputs import staged
+from .report import Section, page, write_json
 
 SOURCE = "a red circle and a blue square"
 SWAPPED = "a red circle and a blue triangle"

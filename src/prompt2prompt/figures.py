@@ -11,7 +11,8 @@ from .analysis import SwapAnalysis
 from .attend import AttendResult
 from .edits import EditResult
 from .maps import CrossAttentionMaps, HeatMap
-from .report import Section, page, staged, write_json
+from .outputs import staged
+from .report import Section, page, write_json
 
 CAPTIONS = {
     "image": "generated image",

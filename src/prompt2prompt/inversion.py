@@ -29,19 +29,20 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from .attention import exclusive
 from .errors import InputError, ModelError, PromptError
 from .flow import FLOW_METHODS, is_flow
 from .generation import native_size, size_multiple
+from .images import prepare_image
 from .loading import execution_device
 from .metrics import psnr  # noqa: F401  (re-exported: inversion.psnr is public)
 
@@ -103,27 +104,34 @@ class Inversion:
     path: torch.Tensor | None = None  # direct: (steps, channels, h, w) the latent after each sampling step
     uncond_pooled: torch.Tensor | None = None  # SDXL: (1, width) the pooled embedding of the unconditional rows
 
-    def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+    def to_bytes(self) -> bytes:
+        """The inversion as one safetensors file's bytes (tensors float32 on the CPU; metadata as JSON)."""
+        from safetensors.torch import save
 
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_suffix(".safetensors")
-        meta = {"kind": "p2p_inversion", "prompt": self.prompt, "options": asdict(self.options),
-                "settings": self.settings}
+        meta = {"kind": KIND, "prompt": self.prompt, "options": asdict(self.options), "settings": self.settings}
         tensors = {"latent": self.latent.float().cpu().contiguous(), "uncond": self.uncond.float().cpu().contiguous(),
                    "image": torch.from_numpy(np.array(self.image.convert("RGB"))).contiguous()}
         for name in ("path", "uncond_pooled"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name).float().cpu().contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"p2p": json.dumps(meta)})
-        tmp.replace(path)
+        return save(tensors, metadata={"p2p": json.dumps(meta)})
+
+    def save(self, path: str | Path) -> Path:
+        """Write to path (".safetensors" added if missing): a missing folder is created; an existing file is replaced
+        only if it is an inversion file (`is_inversion_file`); written whole or not at all (`outputs.staged_file`)."""
+        from .outputs import check_output_file, staged_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_suffix(".safetensors")
+        check_output_file(path, owned=is_inversion_file, what="the inversion file")
+        with staged_file(path) as f:
+            f.write(self.to_bytes())
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Inversion:
+        """Read an inversion file, every field and shape checked (`check_file`) before it is used."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -131,73 +139,95 @@ class Inversion:
             raise InputError(f"no inversion file at {path}: expected the .safetensors file `p2p invert` writes")
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("p2p", "{}"))
+                raw = (f.metadata() or {}).get("p2p", "{}")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
-            raise InputError(f"{path} is not a safetensors file: {e}") from e
-        if meta.get("kind") != "p2p_inversion":
-            raise InputError(f"{path} holds no prompt2prompt inversion")
-        opts = meta.get("options", {})
-        opts["offsets"] = tuple(opts.get("offsets", (0, 0, 0, 0)))
-        if not {"latent", "uncond", "image"} <= set(tensors):
-            raise InputError(f"{path} is a prompt2prompt inversion file without its tensors (latent, uncond, image)")
-        options = InversionOptions(**opts)
-        if options.method == "direct" and "path" not in tensors:
-            raise InputError(f"{path} is a direct inversion without its latent path (tensor 'path')")
-        image = Image.fromarray(tensors["image"].numpy())
-        return cls(tensors["latent"], tensors["uncond"], meta["prompt"], options, image, meta["settings"],
-                   tensors.get("path"), tensors.get("uncond_pooled"))
+            raise InputError(f"{path} is not a safetensors file ({type(e).__name__}: {e}); expected the file "
+                             "`p2p invert` writes") from None
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            raise InputError(f"{path}: its p2p metadata is not JSON; expected the file `p2p invert` writes") from None
+        return check_file(meta, tensors, path)
 
 
-MAX_UPSCALE = 4  # an image is refused when inverting it would enlarge it more than this (it would invent detail)
+KIND = "p2p_inversion"  # the metadata "kind" of an inversion file
 
 
-def read_image(image: str | Path | Image.Image) -> Image.Image:
-    """An image file (any format PIL reads, EXIF rotation applied) or a PIL image; a clear error otherwise."""
-    if isinstance(image, Image.Image):
-        return image
-    path = Path(image)
-    if not path.is_file():
-        raise InputError(f"no image file at {path}")
+def is_inversion_file(path: Path) -> bool:
+    """Whether a file is an inversion file this tool wrote (its safetensors metadata), read from its header only."""
+    from safetensors import safe_open
+
     try:
-        with Image.open(path) as im:
-            image = ImageOps.exif_transpose(im)
-            image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"cannot read {path} as an image ({e}); expected a PNG, JPEG or another image") from e
-    return image
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("p2p", "{}")).get("kind") == KIND
+    except Exception:
+        return False
 
 
-def prepare_image(image: str | Path | Image.Image, size: tuple[int, int],
-                  offsets: tuple[int, int, int, int] = (0, 0, 0, 0), notes: list[str] | None = None) -> Image.Image:
-    """Any image file or PIL image, any mode: offsets cut, centre-cropped to size's aspect, resized to size (h, w).
+_OPTION_FIELDS = tuple(f.name for f in fields(InversionOptions))
 
-    notes: if given, receives one line per conversion done (mode, transparency, crop, resize). An image that would
-    have to be enlarged more than MAX_UPSCALE times is refused.
-    """
-    image = read_image(image)
-    notes = [] if notes is None else notes
-    mode = image.mode
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-        notes.append(f"{mode} image: transparent pixels composited on white")
-    elif mode != "RGB":
-        notes.append(f"converted from mode {mode} to RGB")
-    image = image.convert("RGB")
-    left, right, top, bottom = offsets
-    w, h = image.size
-    if left + right >= w or top + bottom >= h:
-        raise InputError(f"offsets {offsets} leave nothing of a {w}x{h} image")
-    image = image.crop((left, top, w - right, h - bottom))
-    w, h = image.size
-    scale = max(size[0] / h, size[1] / w)  # ImageOps.fit scales the cropped part up or down by this at least
-    if scale > MAX_UPSCALE:
-        raise InputError(f"the image is {w}x{h} pixels (after offsets); inverting it at {size[1]}x{size[0]} would "
-                         f"enlarge it {scale:.1f} times (at most {MAX_UPSCALE} is allowed): expected at least "
-                         f"{-(-size[1] // MAX_UPSCALE)}x{-(-size[0] // MAX_UPSCALE)} pixels")
-    if (w, h) != (size[1], size[0]):
-        notes.append(f"centre-cropped and resized from {w}x{h} to {size[1]}x{size[0]}")
-    return ImageOps.fit(image, (size[1], size[0]), Image.LANCZOS)
+
+def check_file(meta, tensors: dict, path: Path) -> Inversion:
+    """An `Inversion` from a file's metadata and tensors, each checked (types, option values, tensor dtypes and
+    shapes, and that they agree with each other), or one sentence saying what is wrong."""
+    def bad(what: str) -> InputError:
+        return InputError(f"{path} is not a usable inversion file: {what}")
+
+    if not isinstance(meta, dict) or meta.get("kind") != KIND:
+        raise InputError(f"{path} holds no prompt2prompt inversion (no p2p metadata of kind {KIND!r})")
+    prompt, opts, settings = meta.get("prompt"), meta.get("options"), meta.get("settings", {})
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise bad(f"expected its caption (prompt) as text, got {prompt!r}")
+    if not isinstance(opts, dict):
+        raise bad(f"expected its options as a mapping, got {type(opts).__name__}")
+    unknown = sorted(set(opts) - set(_OPTION_FIELDS))
+    if unknown:
+        raise bad(f"unknown option(s) {', '.join(map(repr, unknown))}; expected some of {', '.join(_OPTION_FIELDS)}")
+    if not isinstance(settings, dict):
+        raise bad(f"expected its settings as a mapping, got {type(settings).__name__}")
+    opts = dict(opts)
+    offsets = opts.get("offsets", (0, 0, 0, 0))
+    if not isinstance(offsets, (list, tuple)):
+        raise bad(f"expected offsets as four whole numbers, got {offsets!r}")
+    opts["offsets"] = tuple(offsets)
+    try:
+        options = InversionOptions(**opts)
+    except (InputError, TypeError) as e:
+        raise bad(str(e)) from None
+    if options.method == "auto" or options.guidance is None:
+        raise bad(f"expected the method and guidance it was made with, got method {options.method!r} and guidance "
+                  f"{options.guidance!r}")
+    missing = {"latent", "uncond", "image"} - set(tensors)
+    if missing:
+        raise bad(f"it lacks the tensor(s) {', '.join(sorted(missing))}")
+
+    def tensor(name: str, ndim: int, floating: bool = True) -> torch.Tensor | None:
+        t = tensors.get(name)
+        if t is None:
+            return None
+        if t.ndim != ndim or (floating and not t.is_floating_point()) or (not floating and t.dtype != torch.uint8):
+            raise bad(f"tensor {name!r} is {t.dtype} with shape {tuple(t.shape)}; expected {ndim} dimensions of "
+                      f"{'floats' if floating else 'uint8 pixels'}")
+        if floating and not torch.isfinite(t).all():
+            raise bad(f"tensor {name!r} holds non-finite values")
+        return t
+
+    latent, uncond, path_t, pooled = tensor("latent", 4), tensor("uncond", 3), tensor("path", 4), \
+        tensor("uncond_pooled", 2)
+    image = tensor("image", 3, floating=False)
+    if latent.shape[0] != 1:
+        raise bad(f"tensor 'latent' has shape {tuple(latent.shape)}; expected one image (1, channels, h, w)")
+    if image.shape[-1] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise bad(f"tensor 'image' has shape {tuple(image.shape)}; expected (height, width, 3) RGB pixels")
+    if options.method not in FLOW_METHODS and uncond.shape[0] != options.steps:
+        raise bad(f"tensor 'uncond' has {uncond.shape[0]} steps; expected one per step ({options.steps})")
+    if options.method == "direct" and path_t is None:
+        raise bad("a direct inversion needs its latent path (tensor 'path')")
+    if path_t is not None and (path_t.shape[0] != options.steps or path_t.shape[1:] != latent.shape[1:]):
+        raise bad(f"tensor 'path' has shape {tuple(path_t.shape)}; expected ({options.steps}, "
+                  f"{', '.join(map(str, latent.shape[1:]))})")
+    return Inversion(latent, uncond, prompt, options, Image.fromarray(image.numpy()), settings, path_t, pooled)
 
 
 def image_to_tensor(pipe, image: Image.Image) -> torch.Tensor:
@@ -269,6 +299,13 @@ def check_inversion(pipe, inversion: Inversion, source: str | None = None) -> No
         raise InputError(f"the inversion was made with {made} pipeline, {recorded!r}: pass --model {recorded}")
     net = pipe.transformer if flow else pipe.unet
     channels = net.config.in_channels
+    factor, multiple = int(pipe.vae_scale_factor), size_multiple(pipe)
+    side = tuple(int(n) * factor for n in inversion.latent.shape[2:])
+    if side != (inversion.image.height, inversion.image.width) or side[0] % multiple or side[1] % multiple:
+        raise InputError(f"the inversion's latent {tuple(inversion.latent.shape)} does not fit its "
+                         f"{inversion.image.width}x{inversion.image.height} image on this model (latent sides times "
+                         f"{factor}, multiples of {multiple} pixels): the file was changed or made for another model "
+                         f"({recorded!r})")
     if flow:
         if inversion.latent.shape[1] != channels:
             raise InputError(f"the inversion was made with the model {recorded!r} (latent channels "

@@ -43,7 +43,7 @@ MARKER = ".p2p-sweep"  # in every sweep folder: a re-run with this --out continu
 
 def check_sweep_folder(out: str | Path) -> Path:
     """A new or empty folder, or one a sweep wrote (continued); anything else is refused before any work."""
-    from .report import _check_writable
+    from .outputs import _check_writable
 
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
@@ -386,11 +386,18 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
+    from .outputs import Terminated, terminate_like_interrupt
+
+    terminate_like_interrupt()
     try:
         run_from_args(args)
     except P2PError as err:
         print(f"p2p sweep: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"p2p sweep: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; every finished case is "
+              "kept, run the same command again to continue", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     return 0
 
 

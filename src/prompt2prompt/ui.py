@@ -20,9 +20,9 @@ from types import SimpleNamespace
 from PIL import Image
 
 from .errors import InputError, P2PError
+from .images import MAX_PIXELS  # an upload with more pixels is refused before decoding (a decompression bomb guard)
 
 MAX_UPLOAD_BYTES = 20 * 2**20  # an uploaded image larger than this is refused
-MAX_PIXELS = 40_000_000  # ... and one with more pixels than this (a decompression bomb guard)
 
 
 def _words(text: str | None) -> tuple[str, ...]:
@@ -42,24 +42,16 @@ def _sides(text: str | None) -> tuple[int, ...] | None:
 
 
 def check_upload(path: str | Path | None) -> Image.Image:
-    """An uploaded image within the limits, read; a clear error otherwise."""
-    from PIL import UnidentifiedImageError
-
-    from .inversion import read_image
+    """An uploaded image within the limits (bytes, then pixels before decoding: `images.read_image`), read; a clear
+    error otherwise."""
+    from .images import read_image
 
     if not path:
         raise InputError("upload an image first")
     size = Path(path).stat().st_size
     if size > MAX_UPLOAD_BYTES:
         raise InputError(f"the image is {size / 2**20:.1f} MB; at most {MAX_UPLOAD_BYTES / 2**20:.0f} MB is accepted")
-    try:
-        with Image.open(path) as probe:  # the header only: the size is known before anything is decoded
-            width, height = probe.size
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise InputError(f"cannot read the upload as an image ({err}); expected a PNG, JPEG or another image") from None
-    if width * height > MAX_PIXELS:
-        raise InputError(f"the image has {width}x{height} pixels; at most {MAX_PIXELS:,} are accepted")
-    return read_image(path)
+    return read_image(path, max_pixels=MAX_PIXELS)
 
 
 def user_errors(fn):

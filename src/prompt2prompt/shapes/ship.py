@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..loading import BUNDLED
-from ..report import staged
+from ..outputs import staged
 from .evaluate import BARS, MEASURES
 
 MAX_BYTES = 25 * 2**20
