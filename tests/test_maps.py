@@ -107,7 +107,9 @@ def test_save_and_load_round_trip(result, tmp_path):
 
 def test_token_indices_are_checked(result):
     maps = result.maps()
-    assert maps.word(50).label == "<pad>" and maps.token(50).label == "<pad>"  # padding positions exist
+    assert maps.token(50).label == "<pad>"  # padding positions exist, read by token()
+    with pytest.raises(P2PError, match="token index 50 is padding"):  # word() takes the prompt's own tokens only
+        maps.word(50)
     assert maps.token(2).label == "red"
     for bad in (77, -1):
         with pytest.raises(P2PError, match="outside 0..76"):

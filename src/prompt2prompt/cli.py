@@ -122,9 +122,10 @@ def _warn_truncated(pipe, prompts, quiet: bool) -> None:
     from .tokens import prompt_tokens
 
     for prompt in prompts:
-        cut = prompt_tokens(pipe, prompt).truncated
+        tokens = prompt_tokens(pipe, prompt)
+        cut = tokens.truncated
         if cut:
-            print(f"p2p: warning: the prompt is longer than the model's {pipe.tokenizer.model_max_length} tokens; "
+            print(f"p2p: warning: the prompt is longer than the model's {tokens.limit()}; "
                   f"it is cut before {cut[:60]!r}{'...' if len(cut) > 60 else ''}", file=sys.stderr)
 
 
@@ -318,8 +319,11 @@ def cmd_sweep(args) -> None:
     from .study import load
     from .sweep import launch, run_from_args
 
-    load(args.study)  # a bad study is refused here, before any process starts
+    study = load(args.study)  # a bad study is refused here, before any process starts
     if args.processes > 1:
+        from .loading import resolve
+
+        resolve(study.model)  # a missing model too, before the processes start
         extra = [*(["--threads", str(args.threads)] if args.threads else []),
                  *(["--retry-failed"] if args.retry_failed else []), *(["--quiet"] if args.quiet else []),
                  *(["--offload", args.offload] if args.offload else [])]
@@ -328,7 +332,7 @@ def cmd_sweep(args) -> None:
             raise InputError(f"the sweep's processes stopped with exit code {code} (their messages are above); run "
                              "the same command again to continue")
     else:
-        run_from_args(args)
+        run_from_args(args, study)
 
 
 def cmd_ui(args) -> None:
@@ -337,9 +341,10 @@ def cmd_ui(args) -> None:
     except ImportError:
         raise P2PError("p2p ui needs gradio: pip install -e '.[ui]'") from None
     from .loading import resolve
-    from .ui import serve
+    from .ui import check_address, serve
 
     device, dtype, offload = _device(args)
+    check_address(args.host, args.port)  # a busy port or a foreign address, before the model loads
     resolve(args.model)  # a missing model is refused before the server starts
     print(f"p2p ui: http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
     serve(args.model, args.host, args.port, args.share, device, dtype=dtype, offload=offload)
@@ -438,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default: {DEFAULT_MODEL})")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=whole(1), default=7860, help="port (default: 7860)")
+    p.add_argument("--port", type=whole(1), default=7860, help="port, 1 to 65535 (default: 7860)")
     p.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     _precision(p)

@@ -116,8 +116,14 @@ def _word_positions(prompts: list[PromptTokens], words: tuple[str, ...], what: s
                 weights[k, list(match)] = 1.0
                 found = True
         if not found:
-            raise PromptError(f"the {what} word {word!r} is in none of the prompts: "
-                              + " | ".join(f"{p.prompt!r}" for p in prompts))
+            cut = [k for k, p in enumerate(prompts) if p.cut_off(word)]
+            if cut:
+                p = prompts[cut[0]]
+                raise PromptError(f"the {what} word {word!r} is in the part of prompt {cut[0] + 1} the model never "
+                                  f"sees: it is longer than the model's {p.limit()} and is cut before "
+                                  f"{p.truncated[:40]!r}")
+            shown = " | ".join(repr(p.prompt) if len(p.prompt) <= 80 else repr(p.prompt[:80]) + "..." for p in prompts)
+            raise PromptError(f"the {what} word {word!r} is in none of the prompts: {shown}")
     return weights
 
 

@@ -13,6 +13,15 @@ from .attention import AttentionController, Controllers, control, denoiser, excl
 from .errors import InputError
 from .loading import execution_device
 
+MAX_SIDE = 4096  # pixels: an image side above this is refused (8192 x 8192 took 8 GB of latents and activations)
+
+
+def check_size(height: int | None, width: int | None) -> None:
+    """Image sides of at most MAX_SIDE pixels (None: the model's own)."""
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_SIDE:
+            raise InputError(f"{name} {value} is over {MAX_SIDE} pixels; expected at most {MAX_SIDE}")
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -35,6 +44,7 @@ class GenerationOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InputError(f"{name} must be a positive whole number, got {value!r}")
+        check_size(self.height, self.width)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -35,16 +35,18 @@ def _to_8bit(image: Image.Image) -> tuple[Image.Image, str | None]:
     return image, None
 
 
-def read_image(image: str | Path | Image.Image, notes: list[str] | None = None,
-               max_pixels: int = MAX_PIXELS) -> Image.Image:
+def read_image(image: str | Path | Image.Image, notes: list[str] | None = None, max_pixels: int = MAX_PIXELS,
+               label: str | None = None) -> Image.Image:
     """An image file (any format PIL reads, EXIF rotation applied, at most max_pixels pixels, checked before
-    decoding) or a PIL image, in an 8-bit mode; a clear error otherwise. notes receives a line per conversion."""
+    decoding) or a PIL image, in an 8-bit mode; a clear error otherwise. notes receives a line per conversion;
+    label names the file in messages (default: its path)."""
     notes = [] if notes is None else notes
     if isinstance(image, Image.Image):
         converted, note = _to_8bit(image)
         notes += [note] if note else []
         return converted
     path = Path(image)
+    name = label or str(path)
     if not path.is_file():
         raise InputError(f"no image file at {path}")
     try:
@@ -53,15 +55,15 @@ def read_image(image: str | Path | Image.Image, notes: list[str] | None = None,
             with Image.open(path) as im:
                 width, height = im.size
                 if width * height > max_pixels:
-                    raise InputError(f"{path} is {width}x{height} pixels; at most {max_pixels:,} pixels are accepted "
+                    raise InputError(f"{name} is {width}x{height} pixels; at most {max_pixels:,} pixels are accepted "
                                      "(it is refused before decoding)")
                 image = ImageOps.exif_transpose(im)
                 image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InputError(f"{path} is too large to decode safely ({e}); at most {max_pixels:,} pixels are "
+        raise InputError(f"{name} is too large to decode safely ({e}); at most {max_pixels:,} pixels are "
                          "accepted") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-        raise InputError(f"cannot read {path} as an image ({e}); expected a PNG, JPEG or another image") from None
+        raise InputError(f"cannot read {name} as an image ({e}); expected a PNG, JPEG or another image") from None
     converted, note = _to_8bit(image)
     notes += [note] if note else []
     return converted

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from .attention import exclusive
 from .errors import InputError, ModelError, PromptError
 from .flow import FLOW_METHODS, is_flow
-from .generation import native_size, size_multiple
+from .generation import check_size, native_size, size_multiple
 from .images import prepare_image
 from .loading import execution_device
 from .metrics import psnr  # noqa: F401  (re-exported: inversion.psnr is public)
@@ -91,6 +91,7 @@ class InversionOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InputError(f"{name.replace('_', ' ')} must be a positive number of {unit}, got {value!r}")
+        check_size(self.height, self.width)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import InputError, P2PError
+from .errors import InputError, P2PError, PromptError
 from .store import AttentionStore
 from .tokens import PromptTokens
 
@@ -77,6 +77,11 @@ class CrossAttentionMaps:
         """
         tokens = self._tokens(prompt)
         part = self.settings.get("text_part") if part == "default" else part
+        if isinstance(word, int) and not isinstance(word, bool) and word not in tokens.real_positions(start=True):
+            tokens.check_index(word)  # outside the sequence: that error; inside but padding: this one
+            raise PromptError(f"token index {word} is padding, not a token of the prompt {tokens.prompt!r} (its tokens "
+                              f"are at {', '.join(map(str, tokens.real_positions(start=True)))}); token({word}) reads "
+                              "a padding position")
         positions = list(tokens.positions(word, occurrence, part if tokens.parts else None))
         label = word if isinstance(word, str) else tokens.label(word)
         return HeatMap(self.values[prompt, :, :, positions].sum(-1), str(label))

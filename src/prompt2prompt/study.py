@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -125,21 +126,50 @@ def _value(name: str, value):
     return value
 
 
+MAX_STUDY_BYTES = 1_000_000  # a study file larger than this is refused unread
+MAX_CASES = 10_000  # a study that expands to more cases is refused before any case is built
+
+
+def _yaml_loader():
+    """PyYAML's safe loader without aliases (`*name`): a few bytes of nested aliases expand to gigabytes."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, f"found the alias *{event.anchor}: a study file may not "
+                                                  "use YAML aliases", event.start_mark)
+            return super().compose_node(parent, index)
+
+    return NoAliases
+
+
 def read(path: str | Path) -> dict:
-    """The study file's content (YAML or JSON by extension; YAML also reads JSON)."""
+    """The study file's content (YAML or JSON by extension; YAML also reads JSON): UTF-8 (or UTF-16 with its byte
+    order mark), at most MAX_STUDY_BYTES, no YAML aliases."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no study file at {path}: expected a YAML or JSON file")
-    text = path.read_text()
+    size = path.stat().st_size
+    if size > MAX_STUDY_BYTES:
+        raise InputError(f"the study {path} is {size:,} bytes; expected a study file of at most {MAX_STUDY_BYTES:,}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-16") if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"the study {path} is not UTF-8 text ({e.reason} at byte {e.start}); expected a YAML or JSON "
+                         "file saved as UTF-8") from None
     try:
         if path.suffix == ".json":
             data = json.loads(text)
         else:
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506  (a safe loader, without aliases)
     except Exception as e:  # the parsers' own messages name the line
-        raise InputError(f"cannot read the study {path}: {e}") from None
+        message = " ".join(str(e).split())
+        raise InputError(f"cannot read the study {path}: {message}") from None
     if not isinstance(data, dict):
         raise InputError(f"the study {path} must be a mapping (model, edits, grid, ...), got {type(data).__name__}")
     return data
@@ -173,6 +203,13 @@ def parse(data: dict, where: str = "the study") -> Study:
         raise _fail(where, f"measures must be a non-empty list of {', '.join(MEASURES)}, got {measures!r}")
     name = str(data.get("name") or "study")
 
+    combinations = math.prod(len(v) for v in grid.values())
+    targets_per_edit = [len(e["targets"]) if isinstance(e, dict) and isinstance(e.get("targets"), list) else 1
+                        for e in edits]
+    total = combinations * sum(targets_per_edit)
+    if total > MAX_CASES:
+        raise _fail(where, f"it expands to {total:,} cases ({sum(targets_per_edit)} edits x {combinations:,} grid "
+                    f"combinations); expected at most {MAX_CASES:,}: split it into several studies")
     cases, ids = [], set()
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
     for e, spec in enumerate(edits):

@@ -32,6 +32,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError, P2PError
@@ -48,7 +49,7 @@ def check_sweep_folder(out: str | Path) -> Path:
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; expected a folder for the sweep")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (out / MARKER).exists():
         raise InputError(f"--out {out} holds files that p2p did not write; expected a new or empty folder, or one "
                          "an earlier sweep wrote (to continue it)")
     _check_writable(out.parent if not out.exists() else out, out)
@@ -60,10 +61,75 @@ def case_folder(out: Path, case: Case) -> Path:
 
 
 def done(out: Path, case: Case, retry_failed: bool = False) -> bool:
+    """Whether the case is in out already (a record that cannot be read counts as missing: it is computed again)."""
     record = case_folder(out, case) / "case.json"
-    if not record.exists():
+    try:
+        status = json.loads(record.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
         return False
-    return not (retry_failed and json.loads(record.read_text()).get("status") != "ok")
+    return not (retry_failed and status != "ok")
+
+
+LOCK = ".p2p-sweep.lock"  # held (flock) by the sweep writing the folder: a second sweep on it is refused
+HELD = "P2P_SWEEP_LOCK_HELD"  # set by `p2p sweep --processes N` for its processes: it holds the lock for them
+
+
+@contextmanager
+def locked(out: Path, rank: int = 0):
+    """Hold the folder's lock for the block (rank 0 only: the other processes of one sweep share it); a folder
+    another sweep holds is refused."""
+    import fcntl
+
+    if rank != 0 or os.environ.get(HELD) == str(out.resolve()):
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"another sweep is writing to {out}; wait for it to finish, or choose another "
+                             "--out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove temporary case folders a killed process left (their names carry its pid; none of a live process)."""
+    for tmp in (out / CASES).glob(".*-p*-*"):
+        pid = tmp.name.split("-p")[-1].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_settings(pipe, study: Study) -> None:
+    """Every case's generation settings fit the model (image sides its multiples): refused up front, as the command
+    line refuses them, instead of failing case by case."""
+    from .generation import initial_latent
+
+    seen = set()
+    for case in study.cases:
+        key = (case.generation.height, case.generation.width)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            initial_latent(pipe, case.generation)
+        except P2PError as err:
+            raise InputError(f"the study's case {case.source!r} -> {case.target!r} ({case.generation.height}x"
+                             f"{case.generation.width}): {err}") from None
 
 
 def check_words(pipe, study: Study) -> None:
@@ -148,7 +214,7 @@ def write_case(out: Path, case: Case, images, measures: dict | None, error: str 
     """The case's folder, whole or not at all (written beside and renamed)."""
     final = case_folder(out, case)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{case.id}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{case.id}-p{os.getpid()}-", dir=final.parent))
     try:
         for name, image in zip(("source", "target"), images or []):
             image.save(tmp / f"{name}.png")
@@ -173,18 +239,32 @@ def run_sweep(study: Study, out: str | Path, pipe=None, rank: int = 0, world_siz
     offload: diffusers' CPU offloading for the model (see `loading.load_pipeline`); needs a GPU device.
     """
     import torch
-    from tqdm import tqdm
 
     from .loading import check_offload, resolve_dtype
 
     dtype = resolve_dtype(study.dtype, torch.device(device))  # checked before anything is written
     check_offload(offload, torch.device(device))
     out = check_sweep_folder(out)
+    fresh = not out.exists()
+    try:
+        with locked(out, rank):
+            return _run(study, out, pipe, rank, world_size, device, dtype, offload, progress, retry_failed, on_case)
+    except BaseException:
+        if rank == 0 and not (out / MARKER).exists():  # refused before the study was accepted: nothing is left
+            (out / LOCK).unlink(missing_ok=True)
+            if fresh:
+                try:
+                    out.rmdir()
+                except OSError:
+                    pass
+        raise
+
+
+def _run(study, out, pipe, rank, world_size, device, dtype, offload, progress, retry_failed, on_case) -> dict:
+    from tqdm import tqdm
+
     mine = [c for c in study.cases if c.index % world_size == rank]
     todo = [c for c in mine if not done(out, c, retry_failed)]
-    (out / CASES).mkdir(parents=True, exist_ok=True)
-    (out / MARKER).touch()
-    _write_atomic(out / "study.json", json.dumps(study.raw, indent=2, default=str))
     counts = {"computed": 0, "skipped": len(mine) - len(todo), "failed": 0}
     if todo:
         if pipe is None:
@@ -193,6 +273,13 @@ def run_sweep(study: Study, out: str | Path, pipe=None, rank: int = 0, world_siz
             pipe = load_pipeline(study.model, device=device, dtype=dtype, offload=offload)
             pipe.set_progress_bar_config(disable=True)
         check_words(pipe, study)
+        check_settings(pipe, study)
+    # the study is accepted: now the folder is the sweep's
+    (out / CASES).mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
+    _clean_leftovers(out)
+    _write_atomic(out / "study.json", json.dumps(study.raw, indent=2, default=str))
+    if todo:
         from .loading import BUNDLED
 
         measures = tuple(m for m in study.measures if m != "truth" or study.model in BUNDLED)
@@ -357,22 +444,37 @@ def distributed() -> tuple[int, int, str]:
 
 
 def launch(study_path: str, out: str, processes: int, extra: list[str]) -> int:
-    """`p2p sweep --processes N`: the same sweep through `accelerate launch` with N processes."""
+    """`p2p sweep --processes N`: the same sweep through `accelerate launch` with N processes; this process holds the
+    folder's lock for them."""
     import subprocess
 
+    folder = check_sweep_folder(out)
     # --multi_gpu also on a CPU-only machine: it starts N processes (gloo); `--cpu` would start one
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prompt2prompt.sweep",
            study_path, "--out", out, *extra]
-    return subprocess.run(cmd).returncode
+    fresh = not folder.exists()
+    try:
+        with locked(folder):
+            return subprocess.run(cmd, env={**os.environ, HELD: str(folder.resolve())}).returncode
+    finally:
+        if not (folder / MARKER).exists():  # the processes refused the study: nothing is left
+            (folder / LOCK).unlink(missing_ok=True)
+            if fresh:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", help="the study file (YAML or JSON): model, edits, grid, measures (see study.py)")
     p.add_argument("--out", required=True, help="folder for the cases, tables and contact sheet (a re-run with the "
                    "same folder continues where it stopped)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: the machine's cores "
-                   "divided among the processes); the same number gives the same pictures on 1 or N processes")
+    from .cli import whole
+
+    p.add_argument("--threads", type=whole(0), default=0, help="torch threads per process (default: the machine's "
+                   "cores divided among the processes); the same number gives the same pictures on 1 or N processes")
     p.add_argument("--retry-failed", action="store_true", help="compute the cases recorded as failed again")
     p.add_argument("--offload", default=None, choices=["model", "sequential"],
                    help="keep the model's weights on the CPU and move them to the GPU as they run (diffusers' model or "
@@ -401,13 +503,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_from_args(args) -> dict:
-    """Load the study, join the processes if launched as several, run this process's share; print a summary."""
+def run_from_args(args, study: Study | None = None) -> dict:
+    """Load the study (unless given, already read), join the processes if launched as several, run this process's
+    share; print a summary."""
     import torch
 
     from .study import load
 
-    study = load(args.study)
+    study = study or load(args.study)
     if args.quiet:  # library notices and weight-loading bars too
         import diffusers
         import transformers

@@ -107,6 +107,19 @@ class PromptTokens:
     def word_list(self) -> list[str]:
         return [w.text for w in self.words]
 
+    def limit(self) -> str:
+        """The model's text limit in words: "77 tokens", or per part of a joint sequence ("77 clip and 256 t5
+        tokens")."""
+        if self.parts:
+            return " and ".join(f"{p.length} {name}" for name, _, p in self.parts) + " tokens"
+        return f"{self.length} tokens"
+
+    def cut_off(self, query: str) -> bool:
+        """Whether a word is in the part of the prompt the model never sees (cut off by the token limit)."""
+        wanted = [m.group().lower() for m in _WORD.finditer(query)]
+        cut = [m.group().lower() for m in _WORD.finditer(self.truncated)]
+        return bool(wanted) and any(cut[i : i + len(wanted)] == wanted for i in range(len(cut) - len(wanted) + 1))
+
     def find(self, query: str) -> list[tuple[int, ...]]:
         """Token positions of every occurrence of query (one or more words, any case), in prompt order."""
         wanted = [m.group().lower() for m in _WORD.finditer(query)]
@@ -141,8 +154,12 @@ class PromptTokens:
             return tuple(t + offset for t in p.positions(query, occurrence))
         found = self.find(query)
         if not found:
+            if self.cut_off(query):
+                raise PromptError(f"{query!r} is in the part of the prompt the model never sees: the prompt is longer "
+                                  f"than its {self.limit()} and is cut before {self.truncated[:40]!r}")
             raise PromptError(
-                f"{query!r} is not a word of the prompt {self.prompt!r}; its words are: {', '.join(self.word_list())}"
+                f"{query!r} is not a word of the prompt {_short(self.prompt)}; its words are: "
+                f"{_short(', '.join(self.word_list()), 200, quote=False)}"
             )
         if occurrence is None:
             return tuple(t for f in found for t in f)
@@ -169,6 +186,12 @@ class PromptTokens:
         parts = tuple((name, int(offset), cls.from_dict(p)) for name, offset, p in d.get("parts", ()))
         return cls(d["prompt"], tuple(d["tokens"]), words, int(d["length"]), tuple(d.get("ids", ())),
                    d.get("truncated", ""), parts)
+
+
+def _short(text: str, limit: int = 80, quote: bool = True) -> str:
+    """A prompt (or a list of words) for a message, quoted, cut to about limit characters."""
+    shown = (repr if quote else str)(text[:limit])
+    return shown if len(text) <= limit else shown + f" (and {len(text) - limit} more characters)"
 
 
 def _readable(tokenizer, piece: str, token_id: int) -> str:

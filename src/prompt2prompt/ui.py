@@ -23,6 +23,7 @@ from .errors import InputError, P2PError
 from .images import MAX_PIXELS  # an upload with more pixels is refused before decoding (a decompression bomb guard)
 
 MAX_UPLOAD_BYTES = 20 * 2**20  # an uploaded image larger than this is refused
+MAX_TARGETS = 8  # edited prompts in one request
 
 
 def _words(text: str | None) -> tuple[str, ...]:
@@ -51,7 +52,27 @@ def check_upload(path: str | Path | None) -> Image.Image:
     size = Path(path).stat().st_size
     if size > MAX_UPLOAD_BYTES:
         raise InputError(f"the image is {size / 2**20:.1f} MB; at most {MAX_UPLOAD_BYTES / 2**20:.0f} MB is accepted")
-    return read_image(path, max_pixels=MAX_PIXELS)
+    return read_image(path, max_pixels=MAX_PIXELS, label="the upload")
+
+
+def check_address(host: str, port: int) -> None:
+    """The page can listen on host:port (a port from 1 to 65535, free, on an address of this machine)."""
+    import socket
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InputError(f"--port must be from 1 to 65535, got {port!r}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise InputError(f"--host {host!r} is not an address of this machine ({err})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as err:
+            why = "is in use" if err.errno in (98, 48) else f"cannot be used ({err.strerror})"
+            raise InputError(f"{host}:{port} {why}; expected a free port on an address of this machine (--host, "
+                             "--port)") from None
 
 
 def user_errors(fn):
@@ -144,6 +165,9 @@ class App:
         prompts = [t.strip() for t in (targets or "").splitlines() if t.strip()]
         if not (source or "").strip() or not prompts:
             raise InputError("give a source prompt and at least one edited prompt (one per line)")
+        if len(prompts) > MAX_TARGETS:
+            raise InputError(f"{len(prompts)} edited prompts were given; at most {MAX_TARGETS} at once are accepted "
+                             "(the page runs one generation at a time for everyone)")
         options = self.edit_options(**controls)
         gen = self._generation(seed, steps, guidance)
         r = edit(self.pipe, source, prompts, options, gen, vanilla=inversion is None, progress=True,
@@ -318,7 +342,9 @@ def build(app: App):
         with gr.Tab("Real image"):
             state = gr.State(None)
             with gr.Row():
-                upload = gr.Image(type="filepath", sources=["upload"], label="image", elem_id="real-upload", height=256)
+                # a file, not gr.Image: gradio would decode the upload before the limits are checked
+                upload = gr.File(file_types=["image"], type="filepath", label="image", elem_id="real-upload",
+                                 height=256)
                 reconstruction = gr.Image(label="reconstruction from the inversion", type="pil", elem_id="real-rec",
                                           height=256)
             caption = gr.Textbox(label="caption of the image", value="a red circle and a blue square",
@@ -385,6 +411,7 @@ def serve(model: str = "shapes", host: str = "127.0.0.1", port: int = 7860, shar
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from .loading import load_pipeline
 
+    check_address(host, port)  # before the model loads
     pipe = load_pipeline(model, device=device or "cpu", dtype=dtype or torch.float32, offload=offload)
     page = build(App(pipe, model))
     page.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_BYTES,
