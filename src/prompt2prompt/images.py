@@ -7,7 +7,9 @@ otherwise clip to white). `prepare_image` then crops and resizes for a model.
 
 from __future__ import annotations
 
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,21 @@ def _to_8bit(image: Image.Image) -> tuple[Image.Image, str | None]:
     return image, None
 
 
+_PIL_LIMIT = threading.Lock()
+
+
+@contextmanager
+def _header_only():
+    """Pillow's own pixel limit lifted while a header is read (this module checks the size itself, before decoding,
+    and says what it found); restored at once."""
+    with _PIL_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def read_image(image: str | Path | Image.Image, notes: list[str] | None = None, max_pixels: int = MAX_PIXELS,
                label: str | None = None) -> Image.Image:
     """An image file (any format PIL reads, EXIF rotation applied, at most max_pixels pixels, checked before
@@ -52,7 +69,9 @@ def read_image(image: str | Path | Image.Image, notes: list[str] | None = None, 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with _header_only():
+                im = Image.open(path)  # reads the header: the size, before any pixel is decoded
+            with im:
                 width, height = im.size
                 if width * height > max_pixels:
                     raise InputError(f"{name} is {width}x{height} pixels; at most {max_pixels:,} pixels are accepted "
