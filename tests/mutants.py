@@ -2,6 +2,7 @@
 that cover it are run; a mistake that leaves them green is reported. Not collected by pytest; run it by hand:
 
     python tests/mutants.py            # every mistake (a few minutes on 2 CPU cores)
+    python tests/mutants.py --fast     # the subset CI runs (each caught within seconds)
     python tests/mutants.py blend-pool # one of them
 
 The working tree is never modified: the mistake goes into a temporary copy of src/ put first on PYTHONPATH.
@@ -56,7 +57,56 @@ MUTANTS = {
         "schedule.py", "n = steps + 1 if reference else steps", "n = steps", ["tests/test_reference.py"]),
     "pipeline-scheduler-kept": (
         "inversion.py", "        pipe.scheduler = original\n", "        pass\n", ["tests/test_inversion.py"]),
+    # input checks (issue "hostile inputs")
+    "foreign-file-replaced": (
+        "outputs.py", "if path.exists() and not (owned is not None and owned(path)):", "if False:",
+        ["tests/test_hostile.py::test_invert_never_touches_the_users_files"]),
+    "link-followed": (
+        "outputs.py", "    if path.is_symlink():\n        raise InputError(f\"{what}", "    if False:\n        raise "
+        "InputError(f\"{what}", ["tests/test_hostile.py::test_invert_never_touches_the_users_files"]),
+    "pixels-unchecked": (
+        "images.py", "if width * height > max_pixels:", "if False:",
+        ["tests/test_hostile.py::test_ui_refuses_too_many_targets_and_bad_uploads"]),
+    "sixteen-bits-clipped": (
+        "images.py", "if mode.startswith(\"I;16\") or mode == \"I\":", "if False:",
+        ["tests/test_hostile.py::test_images_of_high_bit_depth_are_scaled_not_clipped"]),
+    "inversion-tensors-unchecked": (
+        "inversion.py", "if t.ndim != ndim or (floating and not t.is_floating_point())",
+        "if False and (t.ndim != ndim)",
+        ["tests/test_hostile.py::test_a_spoiled_inversion_file_is_one_sentence_before_the_model_loads"]),
+    "yaml-aliases-allowed": (
+        "study.py", "if self.check_event(yaml.AliasEvent):", "if False:",
+        ["tests/test_hostile.py::test_a_refused_study_leaves_nothing"]),
+    "case-limit-ignored": (
+        "study.py", "if total > MAX_CASES:", "if False:",
+        ["tests/test_study.py::test_a_study_over_the_case_limit_is_refused_before_its_cases_are_built"]),
+    "sweep-unlocked": (
+        "sweep.py", "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass", ["tests/test_hostile.py::"
+        "test_sweeps_resume_past_a_corrupt_record_and_a_killed_case_and_refuse_a_second_writer"]),
+    "sigterm-default": (
+        "outputs.py", "        signal.signal(signal.SIGTERM, handler)", "        pass",
+        ["tests/test_hostile.py::test_sigterm_while_writing_exits_143_and_leaves_nothing"]),
+    # the engine's other modules
+    "joint-text-marker-lost": (
+        "joint.py", "marker[:, :, text, 0] = 1", "pass", ["tests/test_joint.py"]),
+    "joint-edit-change-lost": (
+        "joint.py", "old = text_block() if new is block else block", "old = block", ["tests/test_joint.py"]),
+    "fireflow-as-euler": (
+        "flow.py", "end = x - d / 2 * self._velocity + d * v", "end = x + d * v", ["tests/test_flow.py"]),
+    "word-tokens-overreach": (
+        "tokens.py", "if e > s and s < m.end() and e > m.start()", "if e > s and s < m.end()",
+        ["tests/test_tokens.py", "tests/test_alignment.py"]),
+    "refine-off-by-one": (
+        "alignment.py", "index[j + 1], weight[j + 1] = i + 1, 1.0", "index[j + 1], weight[j + 1] = i, 1.0",
+        ["tests/test_alignment.py"]),
+    "store-counts-frozen": (
+        "store.py", "                self.counts[name] += 1", "                pass", ["tests/test_attention.py"]),
+    "flux-grid-read-every-step": (
+        "attention.py", "if self._ids is None or self._ids[0] is not ids:", "if True:",
+        ["tests/test_syncs.py::test_controlled_loops_read_nothing_on_the_host_that_stock_does_not"]),
 }
+FAST = ("foreign-file-replaced", "sixteen-bits-clipped", "yaml-aliases-allowed", "case-limit-ignored",
+        "word-tokens-overreach", "refine-off-by-one", "fireflow-as-euler")  # the CI's subset: each caught in seconds
 
 
 def run(name: str) -> bool:
@@ -83,7 +133,7 @@ def run(name: str) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    names = argv or list(MUTANTS)
+    names = list(FAST) if argv == ["--fast"] else argv or list(MUTANTS)
     missed = [n for n in names if not run(n)]
     print(f"{len(names) - len(missed)} of {len(names)} mistakes caught")
     return 1 if missed else 0

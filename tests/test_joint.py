@@ -172,3 +172,14 @@ def test_demo_runs_on_a_saved_sd3_folder(joint, tmp_path):
     numbers = json.loads((out / "demo.json").read_text())
     assert set(numbers) >= {"swap", "blend", "sweep", "swap_analysis", "pairs"}
     assert (out / "index.html").read_text().count("data:image/png;base64,") >= 12
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_replacement_changes_the_edited_image_and_never_the_source(joint, kind):
+    """Taking the source's image-to-text block moves the edited prompt's output (its attention output changes by
+    (new - old) @ V_text), and the source row is the plain source."""
+    pipe, _ = joint[kind]
+    r = edit(pipe, "a red circle", "a red square", EditOptions(cross_steps=1.0, self_steps=0.0), OPTS,
+             progress=False)
+    torch.testing.assert_close(r.controlled.latents[0], r.vanilla.latents[0], atol=1e-5, rtol=1e-5)
+    assert (r.controlled.latents[1] - r.vanilla.latents[1]).abs().max() > 1e-3

@@ -88,3 +88,15 @@ def test_examples_load_and_the_demo_study_is_the_demos_pairs():
                  (p.source, p.target, p.seed, "p2p", p.blend)}
     assert got == want and len(study.cases) == 3 * demo.pairs
     assert {(c.generation.steps, c.generation.guidance) for c in study.cases} == {(demo.steps, demo.guidance)}
+
+
+def test_a_study_over_the_case_limit_is_refused_before_its_cases_are_built(monkeypatch):
+    from prompt2prompt import study as study_module
+
+    monkeypatch.setattr(study_module, "MAX_CASES", 10)
+    data = {"edits": [{"source": "a red circle", "targets": ["a red square", "a red cross"]}],
+            "grid": {"seed": [0, 1, 2], "steps": [1, 2]}}
+    with pytest.raises(InputError, match=r"expands to 12 cases \(2 edits x 6 grid combinations\); expected at most 10"):
+        parse(data)
+    data["grid"]["steps"] = [1]
+    assert len(parse(data).cases) == 6

@@ -34,8 +34,14 @@ def _options(pipe):
 def _reads(pipe, what: str):
     options = _options(pipe)
     with LoopWatch(options.steps) as watch:
-        if what == "stock":
-            generate(pipe, PROMPTS, watch, options, progress=False)
+        if what == "stock":  # the pipeline alone (no processor of ours): the window opened by its own callback
+            def window(pipe_, step, timestep, kwargs):
+                watch.step_end(step, timestep, kwargs["latents"])
+                return {}
+
+            kwargs = {"max_sequence_length": options.max_sequence_length} if hasattr(pipe, "transformer") else {}
+            pipe(PROMPTS, num_inference_steps=options.steps, height=options.height, width=options.width,
+                 output_type="latent", callback_on_step_end=window, **kwargs)
         elif what == "attend":
             generate(pipe, PROMPTS[:1], Controllers(AttentionStore(), watch), options, progress=False)
         else:
