@@ -212,6 +212,8 @@ def truth_pair(case: Case):
 
 def write_case(out: Path, case: Case, images, measures: dict | None, error: str | None = None) -> None:
     """The case's folder, whole or not at all (written beside and renamed)."""
+    from .outputs import publish
+
     final = case_folder(out, case)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{case.id}-p{os.getpid()}-", dir=final.parent))
@@ -221,6 +223,7 @@ def write_case(out: Path, case: Case, images, measures: dict | None, error: str 
         record = {**case.settings(), "status": "ok" if error is None else "error", "measures": measures or {},
                   "error": error}
         (tmp / "case.json").write_text(json.dumps(record, indent=2, default=str))
+        publish(tmp)  # the umask's permissions, not mkdtemp's 0700
         if final.exists():  # a failed case computed again
             shutil.rmtree(final)
         tmp.replace(final)
@@ -338,10 +341,10 @@ def _cell(value):
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    from .outputs import staged_file
+
+    with staged_file(path) as fh:
+        fh.write(text.encode())
 
 
 def factor_grids(study: Study, out: Path, rows: list[dict]) -> list[tuple[str, object]]:
