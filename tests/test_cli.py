@@ -113,3 +113,21 @@ def test_demo_quick_writes_a_report_with_finite_numbers(sd1_folder, tmp_path):
                     "4. How long to inject", "5. Refine and re-weight", "6. Why one word moves everything",
                     "7. Measured over"):
         assert section in page
+
+
+def test_reweight_takes_one_prompt_and_every_title_names_the_mode_and_words(sd1_folder, tmp_path, capsys):
+    from prompt2prompt.figures import edit_title
+
+    out = tmp_path / "reweight"
+    code = main(["edit", "a red circle and a blue square", "--reweight", "blue=0", "--model", str(sd1_folder),
+                 "--steps", "2", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["prompts"] == ["a red circle and a blue square"] * 2 and settings["requested_mode"] == "reweight"
+    assert edit_title(settings) == "mode reweight: blue x0"
+    assert "mode reweight: blue x0" in (out / "index.html").read_text()
+    assert edit_title({"mode": "replace", "requested_mode": "auto", "reweight": [["red", 2.0]],
+                       "prompts": ["a red circle", "a red square"]}) == "mode replace, re-weighted red x2"
+    code = main(["edit", "a red circle", "--model", str(sd1_folder), "--out", str(tmp_path / "none"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "or --reweight WORD=FACTOR to re-weight the source prompt itself" in err

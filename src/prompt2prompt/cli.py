@@ -246,6 +246,12 @@ def cmd_edit(args) -> None:
     from .figures import write_edit
     from .inversion import Inversion, check_inversion
 
+    if not args.targets:  # re-weighting the prompt itself: the edited prompt is the source
+        if not (args.reweight or args.mode == "reweight"):
+            raise P2PError("expected one or more edited prompts after the source prompt, or --reweight WORD=FACTOR to "
+                           "re-weight the source prompt itself")
+        args.targets = [args.source]
+        args.mode = "reweight"
     _prompts(args.source, *args.targets)
     options, generation, device = _edit_options(args), _options(args), _device(args)
     _folder(args)
@@ -403,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "and with Prompt-to-Prompt attention control; write a labelled grid, each image, the settings "
                        "as JSON and an HTML page.")
     p.add_argument("source", help="the source prompt")
-    p.add_argument("targets", nargs="+", help="one or more edited prompts")
+    p.add_argument("targets", nargs="*", help="one or more edited prompts (none with --reweight: the source "
+                   "prompt re-weighted)")
     p.add_argument("--from", dest="from_inversion", default=None, metavar="INVERSION",
                    help="edit a real image: an inversion file from `p2p invert` (its caption must be the source; "
                    "its steps and guidance are used)")

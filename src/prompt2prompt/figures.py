@@ -89,6 +89,21 @@ def changed_words(prompts: list[str]) -> list[list[tuple[str, bool]]]:
     return runs
 
 
+def edit_title(settings: dict) -> str:
+    """'mode replace', 'mode refine', 'mode reweight: blue x0, circle x2', with a replace or refine that also
+    re-weights naming its words too."""
+    requested, mode = settings.get("requested_mode", settings["mode"]), settings["mode"]
+    words = ", ".join(f"{w} x{f:g}" for w, f in settings.get("reweight") or ())
+    if requested == "reweight" or (words and requested == "auto" and _same_prompts(settings)):
+        return f"mode reweight: {words}"
+    return f"mode {mode}" + (f", re-weighted {words}" if words else "")
+
+
+def _same_prompts(settings: dict) -> bool:
+    prompts = settings.get("prompts") or []
+    return len(set(prompts)) == 1
+
+
 def edit_grid(result: EditResult, cell: int = 160, inversion=None) -> Image.Image:
     """Columns: the prompts (changed words highlighted). Rows: vanilla (same seed, no control) and Prompt-to-Prompt."""
     prompts = [p.prompt for p in result.prompts]
@@ -98,10 +113,11 @@ def edit_grid(result: EditResult, cell: int = 160, inversion=None) -> Image.Imag
         images = list(result.vanilla.images) + images
         rows = ["vanilla", "p2p"]
     labels = changed_words(prompts) * len(rows)
+    mode = edit_title(result.settings)
     if inversion is not None:
-        title = f"edit of a real image ({inversion.options.method} inversion), mode {result.settings['mode']}"
+        title = f"edit of a real image ({inversion.options.method} inversion), {mode}"
     else:
-        title = f"mode {result.settings['mode']}, seed {result.settings['seed']}"
+        title = f"{mode}, seed {result.settings['seed']}"
     return plot.grid(images, labels, columns=len(prompts), cell=cell, row_labels=rows, title=title)
 
 
@@ -157,7 +173,8 @@ def write_edit(result: EditResult, out, model: str = "", inversion=None) -> dict
                           "(greyed) is the source's", mask_grid))
         write_json(tmp / "settings.json", settings)
         files["settings"] = "settings.json"
-        title = "prompt2prompt: edit of a real image" if inversion is not None else "prompt2prompt: edit"
+        title = ("prompt2prompt: edit of a real image" if inversion is not None else "prompt2prompt: edit") + \
+            f" ({edit_title(result.settings)})"
         (tmp / "index.html").write_text(page(title, [*sections, Section("Edit", "", shown)], page_settings))
         files["html"] = "index.html"
     return {k: Path(out) / v for k, v in files.items()}
