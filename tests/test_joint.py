@@ -183,3 +183,31 @@ def test_replacement_changes_the_edited_image_and_never_the_source(joint, kind):
              progress=False)
     torch.testing.assert_close(r.controlled.latents[0], r.vanilla.latents[0], atol=1e-5, rtol=1e-5)
     assert (r.controlled.latents[1] - r.vanilla.latents[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_marker_channel_fallback_gives_the_same_block(joint, kind, monkeypatch):
+    """Without the kernel's logsumexp (gradients on, another device) the text-marker channel gives the same block."""
+    from prompt2prompt import joint as joint_module
+
+    pipe, _ = joint[kind]
+    prompts = ["a red circle and a blue square"]
+    fast = Probe(cross=True)
+    generate(pipe, prompts, fast, OPTS, progress=False)
+    monkeypatch.setattr(joint_module, "attention_with_lse", lambda *a, **k: None)
+    marker = Probe(cross=True)
+    generate(pipe, prompts, marker, OPTS, progress=False)
+    assert len(fast.seen) == len(marker.seen) > 0
+    for (_, a), (_, b) in zip(fast.seen, marker.seen):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_with_lse_is_the_softmax_denominator():
+    from prompt2prompt.joint import attention_with_lse
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(3))
+    out, lse = attention_with_lse(q, k, v, 8**-0.5)
+    scores = q @ k.transpose(-1, -2) * 8**-0.5
+    torch.testing.assert_close(lse, scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, scores.softmax(-1) @ v, atol=1e-5, rtol=1e-5)

@@ -31,6 +31,32 @@ FLUX_PROCESSORS = ("FluxAttnProcessor", "FluxAttnProcessor2_0")
 JOINT_PLACES = ("joint", "single")  # places whose cross site is a block of a joint softmax
 
 
+def attention_with_lse(query, key, value, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(output, logsumexp) of softmax attention from the fused kernel itself: output as scaled_dot_product_attention's,
+    logsumexp (batch, heads, queries) float32, the log of each query's softmax denominator. Inference only (the
+    kernels give no gradient through the logsumexp). None where this torch has no such kernel for these tensors: the
+    caller then falls back to a marker channel (`JointRoutedProcessor._text_only`)."""
+    device = query.device.type
+    try:
+        if device == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, 0.0, False, attn_mask=None, scale=scale)[:2]
+        elif device == "cuda" and query.dtype in (torch.float16, torch.bfloat16):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+                query, key, value, 0.0, False, False, scale=scale)[:2]
+        elif device == "cuda":
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                query, key, value, None, True, 0.0, False, scale=scale)[:2]
+        else:
+            return None
+    except (RuntimeError, TypeError, NotImplementedError, AttributeError):
+        return None
+    lse = lse[..., : query.shape[2]]  # the memory-efficient kernel pads its statistics' length
+    if tuple(out.shape) != (*query.shape[:-1], value.shape[-1]) or tuple(lse.shape) != tuple(query.shape[:-1]):
+        return None
+    return out, lse.float()
+
+
 def joint_layers(name: str, module) -> tuple[LayerInfo, LayerInfo]:
     """(text site, image site) of one attention module of an MM-DiT."""
     parts = name.split(".")
@@ -172,29 +198,43 @@ class JointRoutedProcessor:
         return self._pads[1], self._pads[2]
 
     def _text_only(self, query, key, value, text: slice, image: slice, site: Site):
-        """Fused attention plus the image-to-text block: the values carry an extra channel that is 1 on the text keys,
-        so the fused kernel also returns each query's total attention on the text (one call for the whole batch)."""
+        """Fused attention plus the image-to-text block of the joint softmax, without the (tokens x tokens) matrix.
+
+        The block is exp(scores - logsumexp) over the text keys, where the logsumexp of each query's joint softmax is
+        the fused kernel's own statistic (`attention_with_lse`: one call for the whole batch, the stock call's cost).
+        Where the kernel cannot give it (gradients on, as in training; another device), the values carry an extra
+        channel that is 1 on the text keys, so the fused kernel returns each query's total attention on the text,
+        and the block is a softmax over the text keys times that share."""
         batch, heads, length, head_dim = value.shape
         free = batch - self.router.conditional(batch)  # unconditional rows: nothing to read
-        # The fused CPU / CUDA kernels need one head size for queries, keys and values: queries and keys get zero
-        # channels (their dot products do not change), values the marker and zeros, 8 channels in all (keeping the
-        # head size a multiple of 8); the softmax scale stays the real head size's.
-        zeros, marker = self._padding(value, text, 8)
-        zeros = zeros.expand(batch, heads, length, -1)
-        fused = F.scaled_dot_product_attention(
-            torch.cat([query, zeros], -1), torch.cat([key, zeros], -1),
-            torch.cat([value, marker.expand(batch, heads, -1, -1)], -1), scale=1 / math.sqrt(head_dim))
-        out = fused[..., :head_dim]  # (batch, heads, tokens, head_dim)
-        mass = fused[free:, :, image, head_dim:head_dim + 1]  # (prompts, heads, image, 1): attention on the text
-        # the image-to-text block of the joint softmax: a softmax over the text keys, times the text's share. Heads
-        # fold into the batch as views (the sequence slices keep a uniform batch stride), so each product is one bmm
-        prompts, heads = batch - free, query.shape[1]
+        prompts, scale = batch - free, 1 / math.sqrt(head_dim)
+        # image x text scores of the conditional rows; heads fold into the batch as views (the sequence slices keep a
+        # uniform batch stride), so the product is one bmm
         scores = torch.baddbmm(self._zero(query), query[free:, :, image].flatten(0, 1),
                                key[free:, :, text].flatten(0, 1).transpose(1, 2), beta=0,
-                               alpha=1 / math.sqrt(head_dim)).view(prompts, heads, -1, text.stop - text.start)
+                               alpha=scale).view(prompts, heads, -1, text.stop - text.start)
+        fast = None if torch.is_grad_enabled() and query.requires_grad else \
+            attention_with_lse(query, key, value, scale)
+        if fast is not None:
+            out, lse = fast  # (batch, heads, tokens, head_dim), (batch, heads, tokens) float32
+            lse = lse[free:, :, image, None]
 
-        def text_block() -> torch.Tensor:  # (prompts, heads, image, text), float32 whatever the model's precision
-            return torch.softmax(scores, -1, dtype=torch.float32) * mass
+            def text_block() -> torch.Tensor:  # (prompts, heads, image, text), float32 whatever the model's precision
+                return torch.exp(scores.float() - lse)
+        else:
+            # The fused CPU / CUDA kernels need one head size for queries, keys and values: queries and keys get zero
+            # channels (their dot products do not change), values the marker and zeros, 8 channels in all (keeping
+            # the head size a multiple of 8); the softmax scale stays the real head size's.
+            zeros, marker = self._padding(value, text, 8)
+            zeros = zeros.expand(batch, heads, length, -1)
+            fused = F.scaled_dot_product_attention(
+                torch.cat([query, zeros], -1), torch.cat([key, zeros], -1),
+                torch.cat([value, marker.expand(batch, heads, -1, -1)], -1), scale=scale)
+            out = fused[..., :head_dim]  # (batch, heads, tokens, head_dim)
+            mass = fused[free:, :, image, head_dim:head_dim + 1]  # (prompts, heads, image, 1): attention on the text
+
+            def text_block() -> torch.Tensor:  # (prompts, heads, image, text), float32 whatever the model's precision
+                return torch.softmax(scores, -1, dtype=torch.float32) * mass
 
         block = text_block()
         new = self.router.controller.attention(block, site)
