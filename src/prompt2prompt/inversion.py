@@ -214,6 +214,9 @@ def check_file(meta, tensors: dict, path: Path) -> Inversion:
             raise bad(f"tensor {name!r} holds non-finite values")
         return t
 
+    flow = options.method in FLOW_METHODS
+    if flow and tensors["uncond"].numel() == 0:
+        tensors = {**tensors, "uncond": tensors["uncond"].reshape(0, 0, 0)}  # flow inversions keep no null text
     latent, uncond, path_t, pooled = tensor("latent", 4), tensor("uncond", 3), tensor("path", 4), \
         tensor("uncond_pooled", 2)
     image = tensor("image", 3, floating=False)
@@ -221,7 +224,7 @@ def check_file(meta, tensors: dict, path: Path) -> Inversion:
         raise bad(f"tensor 'latent' has shape {tuple(latent.shape)}; expected one image (1, channels, h, w)")
     if image.shape[-1] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
         raise bad(f"tensor 'image' has shape {tuple(image.shape)}; expected (height, width, 3) RGB pixels")
-    if options.method not in FLOW_METHODS and uncond.shape[0] != options.steps:
+    if not flow and uncond.shape[0] != options.steps:
         raise bad(f"tensor 'uncond' has {uncond.shape[0]} steps; expected one per step ({options.steps})")
     if options.method == "direct" and path_t is None:
         raise bad("a direct inversion needs its latent path (tensor 'path')")
@@ -454,7 +457,7 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
         with exclusive(pipe):
             v = velocity(pipe, prompt, options.guidance, options.max_sequence_length)
             noise = invert_flow(pipe, encode(pipe, prepared), v, options.steps, options.method, progress)
-        uncond, path, pooled = torch.zeros(0), None, None  # sampling uses the empty caption, as the inversion did
+        uncond, path, pooled = torch.zeros(0, 0, 0), None, None  # sampling uses the empty caption, as the inversion did
     else:
         noise, uncond, losses, path, pooled = _ddim_family(pipe, prepared, prompt, options, progress)
     settings = {"model": str(model), "size": list(prepared.size), "seconds": time.perf_counter() - start,
