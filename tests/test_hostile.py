@@ -365,6 +365,23 @@ def test_ui_checks_its_address_before_loading(tmp_path, capsys, monkeypatch, arg
     assert code == 2 and message in one_sentence(err), err
 
 
+def test_ui_without_gradio_says_how_to_install_it_after_checking_its_flags(capsys, monkeypatch):
+    import socket
+    import sys
+
+    from prompt2prompt import loading
+
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError, as without the extra
+    code, err = run(["ui", "--port", "99999"], capsys)
+    assert code == 2 and "--port must be from 1 to 65535" in one_sentence(err)
+    with socket.socket() as probe:  # a port free now
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    code, err = run(["ui", "--port", free], capsys)
+    assert code == 2 and "p2p ui needs gradio: pip install -e '.[ui]'" in one_sentence(err)
+
+
 def test_ui_refuses_a_busy_port(capsys, monkeypatch):
     from prompt2prompt import loading
 

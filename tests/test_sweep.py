@@ -119,8 +119,36 @@ def test_words_and_folders_are_checked_before_any_case(shapes, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("keep me")
-    with pytest.raises(InputError, match="did not write"):
+    with pytest.raises(InputError, match=r"did not write \(thesis.tex\)"):
         run_sweep(parse(STUDY), foreign, pipe=shapes, progress=False)
+
+
+def test_a_process_starting_beside_another_sees_its_folder_as_the_sweeps(shapes, tmp_path, monkeypatch):
+    """The processes of one sweep check the folder as they start, while the first may already be writing: its
+    writability probe and lock are not foreign files, and a sweep's file never appears before its marker."""
+    from prompt2prompt.outputs import PROBE
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / sweep_module.LOCK).touch()
+    (out / f"{PROBE}x1y2").touch()  # another process's probe, caught between its creation and removal
+    assert sweep_module.check_sweep_folder(out) == out
+    (out / "cases").mkdir()
+    with pytest.raises(InputError, match=r"did not write \(cases\)"):
+        sweep_module.check_sweep_folder(out)
+    (out / sweep_module.MARKER).touch()
+    assert sweep_module.check_sweep_folder(out) == out
+    fresh, seen = tmp_path / "fresh", []
+    real_mkdir = type(out).mkdir
+
+    def mkdir(self, *args, **kwargs):  # what a starting process would see as each folder of the sweep appears
+        if self.parent == fresh:
+            seen.append((self.name, (fresh / sweep_module.MARKER).exists()))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(out), "mkdir", mkdir)
+    run_sweep(parse(STUDY), fresh, pipe=shapes, progress=False)
+    assert seen and all(marked for _, marked in seen), seen
 
 
 def test_two_processes_through_accelerate_equal_one(shapes, tmp_path, capsys):

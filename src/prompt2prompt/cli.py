@@ -342,15 +342,15 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_ui(args) -> None:
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise P2PError("p2p ui needs gradio: pip install -e '.[ui]'") from None
     from .loading import resolve
     from .ui import check_address, serve
 
     device, dtype, offload = _device(args)
     check_address(args.host, args.port)  # a busy port or a foreign address, before the model loads
+    try:  # after the flags: a wrong flag is reported whether or not gradio is installed
+        import gradio  # noqa: F401
+    except ImportError:
+        raise P2PError("p2p ui needs gradio: pip install -e '.[ui]'") from None
     resolve(args.model)  # a missing model is refused before the server starts
     print(f"p2p ui: http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
     serve(args.model, args.host, args.port, args.share, device, dtype=dtype, offload=offload)

@@ -57,6 +57,9 @@ def publish(path: Path) -> None:
     os.chmod(path, mode)
 
 
+PROBE = ".p2p-probe-"  # a writability probe, made and removed at once (another process may see one meanwhile)
+
+
 def _check_writable(folder: Path, asked: Path) -> None:
     """The folder (or, if it does not exist yet, its nearest existing ancestor) accepts a new file."""
     probe = folder
@@ -67,7 +70,7 @@ def _check_writable(folder: Path, asked: Path) -> None:
     if not probe.is_dir():
         raise InputError(f"cannot write {asked}: {probe} is a file, not a folder")
     try:
-        fd, name = tempfile.mkstemp(prefix=".p2p-probe-", dir=probe)
+        fd, name = tempfile.mkstemp(prefix=PROBE, dir=probe)
     except OSError as e:
         raise InputError(f"cannot write {asked}: {probe} does not accept new files ({e.strerror})") from None
     os.close(fd)

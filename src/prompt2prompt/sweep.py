@@ -44,14 +44,17 @@ MARKER = ".p2p-sweep"  # in every sweep folder: a re-run with this --out continu
 
 def check_sweep_folder(out: str | Path) -> Path:
     """A new or empty folder, or one a sweep wrote (continued); anything else is refused before any work."""
-    from .outputs import _check_writable
+    from .outputs import PROBE, _check_writable
 
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; expected a folder for the sweep")
-    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (out / MARKER).exists():
-        raise InputError(f"--out {out} holds files that p2p did not write; expected a new or empty folder, or one "
-                         "an earlier sweep wrote (to continue it)")
+    foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK and not p.name.startswith(PROBE)) \
+        if out.is_dir() else []  # the lock, and the other processes' probes, are not the user's
+    if foreign and not (out / MARKER).exists():
+        raise InputError(f"--out {out} holds files that p2p did not write ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); expected a new or empty folder, or one an earlier "
+                         "sweep wrote (to continue it)")
     _check_writable(out.parent if not out.exists() else out, out)
     return out
 
@@ -277,9 +280,11 @@ def _run(study, out, pipe, rank, world_size, device, dtype, offload, progress, r
             pipe.set_progress_bar_config(disable=True)
         check_words(pipe, study)
         check_settings(pipe, study)
-    # the study is accepted: now the folder is the sweep's
-    (out / CASES).mkdir(parents=True, exist_ok=True)
+    # the study is accepted: now the folder is the sweep's. The marker comes first: the other processes of the sweep
+    # check the folder as they start, and must never see a file of ours without it
+    out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).touch()
+    (out / CASES).mkdir(exist_ok=True)
     _clean_leftovers(out)
     _write_atomic(out / "study.json", json.dumps(study.raw, indent=2, default=str))
     if todo:
