@@ -8,7 +8,8 @@ more, i.e. as many model calls as fireflow): reconstruction PSNR against the inp
 reconstruction (the ceiling of any inversion), model calls and seconds per image. Then, from each method's inversion,
 a replace edit (one object's shape swapped) with local blend: PSNR against the input over the unedited object and the
 background, i.e. outside both the edited object's true mask and its new shape's region in the edit (colour
-segmentation), grown by 2 pixels, and whether the edited object shows the new shape.
+segmentation), grown by 2 pixels, and whether the edited object shows the new shape; both as decoded and with the
+input's background kept outside the blend mask (`p2p edit --from` does that by default; background.py).
 
     python benchmarks/inversion.py --cost sd15 [--cost-size 32] [--steps 5]   # or --cost sdxl
 
@@ -31,6 +32,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from prompt2prompt.background import keep_background
 from prompt2prompt.edits import EditOptions, edit
 from prompt2prompt.flow import is_flow
 from prompt2prompt.generation import GenerationOptions, generate, native_size
@@ -156,7 +158,8 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     compared = methods(pipe, args.steps, args.guidance, args.max_sequence_length)
     labels = [label for label, _, _ in compared]
-    rows = {m: {"psnr_input": [], "psnr_ae": [], "seconds": [], "edit_outside": [], "edit_ok": []} for m in labels}
+    rows = {m: {"psnr_input": [], "psnr_ae": [], "seconds": [], "edit_outside": [], "edit_ok": [], "kept_outside": [],
+                "kept_ok": []} for m in labels}
     ae_psnr = []  # the autoencoder's own reconstruction against the input: the ceiling of any inversion
     edits = {m: [] for m in labels}
     items = scenes(args.images, args.seed)
@@ -177,35 +180,41 @@ def main() -> None:
             rows[method]["psnr_ae"].append(psnr(rec, ae))
             rows[method]["seconds"].append(seconds)
             target, shape = swapped(scene)
-            r = edit(pipe, scene.caption, target, EditOptions(blend=(scene.objects[1].shape, shape)), again,
+            r = edit(pipe, scene.caption, target, EditOptions(blend=(scene.objects[1].shape, shape),
+                                                              keep_background=False), again,
                      vanilla=False, progress=False, inversion=inv)
-            edited = r.controlled.images[1]
+            decoded = r.controlled.images[1]
+            (kept,), _ = keep_background([decoded], inv.image, r.mask[1:], int(pipe.vae_scale_factor))
             old = np.asarray(Image.fromarray(scene.masks()[1]).resize(image.size, Image.NEAREST))
-            new = segment(np.asarray(edited, dtype=np.float32) / 255).get(scene.objects[1].colour)
-            outside = ~grow(old | new) if new is not None else ~grow(old)
-            ok = new is not None and classify_shape(new)[0] == shape
-            rows[method]["edit_outside"].append(psnr(edited, image, outside))
-            rows[method]["edit_ok"].append(float(ok))
-            edits[method].append({"caption": scene.caption, "target": target, "edit_ok": ok,
+            for key, edited in (("edit", decoded), ("kept", kept)):
+                new = segment(np.asarray(edited, dtype=np.float32) / 255).get(scene.objects[1].colour)
+                outside = ~grow(old | new) if new is not None else ~grow(old)
+                rows[method][f"{key}_outside"].append(psnr(edited, image, outside))
+                rows[method][f"{key}_ok"].append(float(new is not None and classify_shape(new)[0] == shape))
+            edits[method].append({"caption": scene.caption, "target": target, "edit_ok": rows[method]["edit_ok"][-1],
                                   "psnr_outside": rows[method]["edit_outside"][-1],
+                                  "psnr_outside_kept": rows[method]["kept_outside"][-1],
+                                  "kept_ok": rows[method]["kept_ok"][-1],
                                   "psnr_source_vs_input": psnr(r.controlled.images[0], image)})
         print(f"[{n + 1}/{len(items)}] " + "  ".join(
-            f"{m}: {rows[m]['psnr_input'][-1]:.1f} dB, edit outside {rows[m]['edit_outside'][-1]:.1f} dB"
+            f"{m}: {rows[m]['psnr_input'][-1]:.1f} dB, edit outside {rows[m]['edit_outside'][-1]:.1f} dB "
+            f"(kept {rows[m]['kept_outside'][-1]:.1f})"
             for m in labels), flush=True)
     guidance = args.guidance or "the method's"
     print(f"\n{len(items)} rendered images, {args.steps} steps, guidance {guidance}, model {args.model}")
     print(f"{'method':<20}{'PSNR vs input':>15}{'PSNR vs AE':>12}{'calls':>7}{'s/image':>10}"
-          f"{'edit: PSNR out':>16}{'edit ok':>9}")
+          f"{'edit: PSNR out':>16}{'edit ok':>9}{'kept: PSNR out':>16}{'kept ok':>9}")
     summary = {}
     for m, _, calls in compared:
         s = {k: float(np.mean(v)) for k, v in rows[m].items()}
         summary[m] = {**s, "model_calls": calls}
         print(f"{m:<20}{s['psnr_input']:>15.2f}{s['psnr_ae']:>12.2f}{calls or '':>7}{s['seconds']:>10.2f}"
-              f"{s['edit_outside']:>16.2f}{s['edit_ok']:>9.0%}")
+              f"{s['edit_outside']:>16.2f}{s['edit_ok']:>9.0%}{s['kept_outside']:>16.2f}{s['kept_ok']:>9.0%}")
     ae_ceiling = float(np.mean(ae_psnr))
     print(f"autoencoder reconstruction vs input (the ceiling): {ae_ceiling:.2f} dB")
     print("edit: replace + local blend from each inversion; PSNR outside the edited object against the input, and the "
-          "share of edits that show the new shape")
+          "share of edits that show the new shape; kept: the same edit with the input's background kept outside the "
+          "blend mask (the default of `p2p edit --from`)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"settings": vars(args), "summary": summary, "autoencoder_psnr": ae_ceiling, "edits": edits,

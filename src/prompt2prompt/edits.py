@@ -45,6 +45,8 @@ class EditOptions:
     threshold: float = 0.3  # local blend: mask threshold on the max-normalised attention, in (0, 1)
     blend_start: float = 0.2  # local blend: fraction of the loop before blending starts
     blend_res: int | None = None  # local blend: map side to use; None: the model's map side (16 at SD's 64 latents)
+    keep_background: bool = True  # local blend from an inversion: the input's own pixels outside the mask
+    feather: int | None = None  # keep_background: pixels over which the edit fades out; None: the autoencoder's factor
     pooled: str = "own"  # SDXL: each prompt's own pooled text embedding, or the source's for every prompt ("source")
     joint: str = "raw"  # MM-DiT: the source's image-to-text block as it is ("raw"), or rescaled to the target's own
     # total text attention ("renormalize"); raw kept more layout on the trained flow model (BENCHMARKS.md)
@@ -69,6 +71,11 @@ class EditOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise PromptError(f"{name} must be a positive number of pixels per side or None, got {value!r}")
+        if not isinstance(self.keep_background, bool):
+            raise PromptError(f"keep_background must be true or false, got {self.keep_background!r}")
+        if self.feather is not None and (isinstance(self.feather, bool) or not isinstance(self.feather, int)
+                                         or not 0 <= self.feather <= 64):
+            raise PromptError(f"feather must be a whole number of pixels from 0 to 64 or None, got {self.feather!r}")
         if self.pooled not in POOLED:
             raise PromptError(f"pooled must be one of {', '.join(POOLED)}, got {self.pooled!r}")
         if self.joint not in JOINT:
@@ -346,6 +353,8 @@ class EditResult:
     vanilla: Generation | None  # the same prompts and seed without control
     settings: dict = field(default_factory=dict)
     mask: torch.Tensor | None = None  # (prompts, 1, h, w) the last local-blend mask
+    kept: torch.Tensor | None = None  # (targets, 1, H, W) where the input's background was kept: the edit's weight
+    # per pixel (1 inside the mask, 0 where the pixel is the input's; `background.keep_background`)
 
 
 def edit_controllers(pipe, prompts: list[str], options: EditOptions, steps: int = 0,
@@ -419,6 +428,18 @@ def edit(pipe, source: str, targets: list[str] | str, options: EditOptions = Edi
         plain = generate(pipe, prompts, None, generation, progress=progress, **pipe_kwargs) if vanilla else None
     settings = {"prompts": prompts, **options.to_dict(), "mode": p2p.mode, "requested_mode": options.mode,
                 **generation.to_dict()}
+    kept = None
     if inversion is not None:
         settings["inversion"] = {"method": inversion.options.method, **inversion.settings}
-    return EditResult(tokens, controlled, plain, settings, blend.mask if blend else None)
+        if blend is not None and blend.mask is not None:
+            settings["background"] = {"kept": options.keep_background}
+        if blend is not None and blend.mask is not None and options.keep_background:
+            from .background import keep_background
+
+            radius = int(pipe.vae_scale_factor) if options.feather is None else options.feather
+            images, kept = keep_background(controlled.images[1:], inversion.image, blend.mask[1:], radius)
+            controlled = replace(controlled, images=[controlled.images[0], *images])
+            settings["background"].update(
+                feather=radius, what=f"each edited image is the input image outside its last local-blend mask (the "
+                f"input's pixels, exactly, beyond {radius} px of the mask; blended linearly within them)")
+    return EditResult(tokens, controlled, plain, settings, blend.mask if blend else None, kept)

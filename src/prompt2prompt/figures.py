@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from . import plot
@@ -169,8 +170,17 @@ def write_edit(result: EditResult, out, model: str = "", inversion=None) -> dict
                                   title="local-blend mask over each edited image")
             mask_grid.save(tmp / "blend_mask.png")
             files["blend_mask"] = "blend_mask.png"
-            shown.append(("local-blend mask at the last step: inside (bright, red outline) may change, outside "
-                          "(greyed) is the source's", mask_grid))
+            if result.kept is not None:
+                feather = result.settings["background"]["feather"]
+                outside = (f"outside (greyed) is the input image's own pixels, exactly beyond {feather} px of the "
+                           "mask (--no-keep-background shows the decoded pixels instead)")
+            elif inversion is not None:
+                outside = ("outside (greyed) the latents are the source's, but the decoded pixels there may shift "
+                           "(the input's background was not kept)")
+            else:
+                outside = "outside (greyed) is the source's"
+            shown.append((f"local-blend mask at the last step: inside (bright, red outline) may change, {outside}",
+                          mask_grid))
         write_json(tmp / "settings.json", settings)
         files["settings"] = "settings.json"
         title = ("prompt2prompt: edit of a real image" if inversion is not None else "prompt2prompt: edit") + \
@@ -186,9 +196,11 @@ def swap_figures(result: SwapAnalysis) -> dict[str, Image.Image]:
     maps = result.first_step_maps
     pictures = {}
     for k in range(2):
-        words = word_index_map(maps, k).numpy()
-        names = {i: w.text for i, w in enumerate(maps.prompts[k].words)}
-        picture = plot.argmax_image(words, names)
+        words = maps.prompts[k].words
+        first = np.array([w.tokens[0] for w in words] + [-1])  # each word's first token position; -1: none
+        positions = first[word_index_map(maps, k).numpy()]  # (h, w) as the attention figures number tokens
+        names = {w.tokens[0]: f"{w.tokens[0]}: {w.text}" for w in words}  # repeated words told apart
+        picture = plot.argmax_image(positions, names)
         pictures[f"argmax_step0_{k}"] = plot.titled(picture, f"step 0, “{result.prompts[k]}”: most-attended word")
     pictures["drift"] = plot.line_plot(
         {"vanilla": result.drift_vanilla, "p2p controlled": result.drift_controlled}, "denoising step",
