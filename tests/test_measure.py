@@ -1,6 +1,6 @@
 import numpy as np
 
-from prompt2prompt.measure import EditPair, grow, sample_pairs, score_edit, summarize
+from prompt2prompt.measure import EditPair, grow, sample_pairs, sample_refine_pairs, score_edit, summarize
 from prompt2prompt.shapes import world
 
 
@@ -79,3 +79,38 @@ def test_run_pairs_splits_by_kind(sd1):
             assert part["pairs"] == kinds.count(kind)
             expected = [s["outside_psnr"] for s, k in zip(per, kinds) if k == kind]
             assert np.isclose(part["outside_psnr"], np.mean(expected))
+
+
+def test_refine_pairs_name_one_colour_more():
+    pairs = sample_refine_pairs(40, seed=5)
+    assert len(pairs) == 40 and pairs == sample_refine_pairs(40, seed=5) and {p.edited for p in pairs} == {0, 1}
+    for p in pairs:
+        specs, target = world.parse_caption(p.source), world.parse_caption(p.target)
+        assert specs[p.edited] == (None, target[p.edited][1]) and target[p.edited][0] == p.new
+        assert specs[1 - p.edited] == target[1 - p.edited] and specs[1 - p.edited][0] is not None
+        assert len(p.target.split()) == len(p.source.split()) + 1 and p.blend == (target[p.edited][1],)
+
+
+def test_refine_edit_scores():
+    pair = EditPair("a red circle and a square", "a red circle and a blue square", 1, "refine", "", "blue",
+                    ("square",), 0)
+    source = render([obj("circle", "red", 16, 16), obj("square", "yellow", 46, 46)])  # the model chose yellow
+    edited = render([obj("circle", "red", 16, 16), obj("square", "blue", 46, 46)])
+    s = score_edit(pair, source, edited)
+    assert s.keep_iou == 1.0 and s.edit_ok and s.outside_mad == 0.0  # the yellow square's place is the edit's
+    moved = render([obj("circle", "red", 46, 16), obj("triangle", "blue", 16, 46)])
+    s = score_edit(pair, source, moved)
+    assert s.keep_iou == 0.0 and not s.edit_ok  # layout lost, and a triangle is not the square
+
+
+def test_run_pairs_names_refine_variants(sd1):
+    from prompt2prompt.edits import edit
+    from prompt2prompt.generation import GenerationOptions
+    from prompt2prompt.measure import run_pairs
+
+    pairs = sample_refine_pairs(2, seed=1)
+    assert edit(sd1, pairs[0].source, pairs[0].target, generation=GenerationOptions(steps=1), vanilla=False,
+                progress=False).settings["mode"] == "refine"
+    result = run_pairs(sd1, pairs, GenerationOptions(steps=2), progress=False)
+    assert list(result["summary"]) == ["vanilla", "refine", "refine+blend"] and list(result["by_kind"]) == ["refine"]
+    assert result["summary"]["refine"]["pairs"] == 2 and set(result["pairs"][0]) == {"pair", *result["summary"]}

@@ -1,6 +1,7 @@
 """Did an edit do what it claims? Measurements on the shapes world, where colour segmentation gives the truth.
 
-For a two-object caption whose one object is edited (its shape or its colour swapped):
+For a two-object caption whose one object is edited (its shape or its colour swapped, or, for refine, its colour
+named where the source left it out):
 - layout kept: IoU of the *unchanged* object's region in the source image and in the edited image;
 - edit done: the edited object shows the target shape (in its colour's region) or the target colour;
 - change outside the edited object: PSNR and mean absolute difference between source and edit, over the pixels
@@ -27,8 +28,8 @@ class EditPair:
     source: str  # "a red circle and a blue square"
     target: str  # "a red circle and a blue triangle"
     edited: int  # which object of the caption changes (0 or 1)
-    kind: str  # "shape" or "colour"
-    old: str  # the word replaced
+    kind: str  # "shape" or "colour" (word swaps, replace), or "refine" (a colour added)
+    old: str  # the word replaced ("" for refine)
     new: str  # the word put in
     blend: tuple[str, ...]  # local-blend words: the changed words, or the object's noun for a colour change
     seed: int
@@ -57,6 +58,22 @@ def sample_pairs(count: int, seed: int = 0) -> list[EditPair]:
         if len(target.split()) != len(source.split()):  # "a"/"an" never changes the word count, but be sure
             continue
         pairs.append(EditPair(source, target, k, kind, old, new, blend, seed * 100_003 + len(pairs)))
+    return pairs
+
+
+def sample_refine_pairs(count: int, seed: int = 0) -> list[EditPair]:
+    """Seeded two-object captions where one object's colour is not named, and the same caption naming it: "a red
+    circle and a square" -> "a red circle and a blue square" (refine: the edited prompt has a word more)."""
+    rng = random.Random(seed)
+    pairs = []
+    for n in range(count):
+        shapes = rng.sample(world.SHAPES, 2)
+        colours = rng.sample(sorted(world.COLOURS), 2)
+        objects = tuple(world.WorldObject(s, c, (0.0, 0.0), 1.0) for s, c in zip(shapes, colours))
+        k = rng.randrange(2)
+        source = world.caption_for(objects, tuple(i != k for i in range(2)))
+        target = world.caption_for(objects, (True, True))
+        pairs.append(EditPair(source, target, k, "refine", "", colours[k], (shapes[k],), seed * 100_003 + n))
     return pairs
 
 
@@ -97,6 +114,10 @@ def score_edit(pair: EditPair, source: Image.Image, edited: Image.Image) -> Edit
     edited_area = regions_src.get(old_colour, empty) | regions_out.get(new_colour, empty)
     if pair.kind == "colour":
         edited_area = edited_area | regions_out.get(old_colour, empty)
+    if pair.kind == "refine":  # the source left the object's colour open: whatever it drew besides the kept object
+        for colour, region in regions_src.items():
+            if colour != kept_colour:
+                edited_area = edited_area | region
     outside = ~grow(edited_area)
     diff = np.abs(src - out)[outside]
     return EditScore(keep, bool(ok), psnr(src, out, outside), float(diff.mean()) if diff.size else 0.0)
@@ -114,14 +135,15 @@ def summarize(scores: list[EditScore]) -> dict:
     }
 
 
-VARIANTS = ("vanilla", "replace", "replace+blend")
+VARIANTS = ("vanilla", "replace", "replace+blend")  # word-swap pairs; refine pairs: vanilla, refine, refine+blend
 
 
 def run_pairs(pipe, pairs: list[EditPair], generation, options=None, progress: bool = True) -> dict:
-    """Each pair three ways from its seed: vanilla, controlled replace, controlled replace with local blend.
+    """Each pair three ways from its seed: vanilla, controlled (replace for word swaps, refine for refine pairs), and
+    controlled with local blend.
 
-    Returns {"summary": {variant: summarize(...)}, "by_kind": {"shape" | "colour": {variant: summarize(...)}},
-    "pairs": [...per pair scores...], "images": {...first pair...}}.
+    Returns {"summary": {variant: summarize(...)}, "by_kind": {kind: {variant: summarize(...)}}, "pairs": [...per pair
+    scores...], "images": {...first pair...}}, with only the variants and kinds the pairs have.
     """
     from dataclasses import replace
 
@@ -130,28 +152,30 @@ def run_pairs(pipe, pairs: list[EditPair], generation, options=None, progress: b
     from .edits import EditOptions, edit
 
     options = options or EditOptions()
-    scores = {v: [] for v in VARIANTS}
+    scores: dict[str, list[tuple[EditPair, EditScore]]] = {}
     rows, first = [], {}
     for pair in tqdm(pairs, desc="edit pairs", disable=not progress):
         gen = replace(generation, seed=pair.seed)
+        mode = "refine" if pair.kind == "refine" else "replace"
         plain = edit(pipe, pair.source, pair.target, replace(options, blend=()), gen, vanilla=True, progress=False)
         blended = edit(pipe, pair.source, pair.target, replace(options, blend=pair.blend), gen, vanilla=False,
                        progress=False)
         source = plain.vanilla.images[0]
-        outputs = {"vanilla": plain.vanilla.images[1], "replace": plain.controlled.images[1],
-                   "replace+blend": blended.controlled.images[1]}
+        outputs = {"vanilla": plain.vanilla.images[1], mode: plain.controlled.images[1],
+                   f"{mode}+blend": blended.controlled.images[1]}
         row = {"pair": asdict(pair)}
         for variant, image in outputs.items():
             s = score_edit(pair, source, image)
-            scores[variant].append(s)
+            scores.setdefault(variant, []).append((pair, s))
             row[variant] = s.to_dict()
         rows.append(row)
         if not first:
             first = {"source": source, **outputs}
-    by_kind = {kind: {v: summarize([s for s, p in zip(scores[v], pairs) if p.kind == kind]) for v in VARIANTS}
-               for kind in ("shape", "colour")}
-    return {"summary": {v: summarize(s) for v, s in scores.items()}, "by_kind": by_kind, "pairs": rows,
-            "images": first}
+    kinds = sorted({p.kind for p in pairs}, key=("shape", "colour", "refine").index)
+    by_kind = {kind: {v: summarize([s for p, s in got if p.kind == kind]) for v, got in scores.items()
+                      if any(p.kind == kind for p, _ in got)} for kind in kinds}
+    return {"summary": {v: summarize([s for _, s in got]) for v, got in scores.items()}, "by_kind": by_kind,
+            "pairs": rows, "images": first}
 
 
 def sweep(pipe, pairs: list[EditPair], generation, fractions=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
