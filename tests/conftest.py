@@ -9,16 +9,26 @@ from prompt2prompt.testing import tiny_pipeline
 torch.set_num_threads(int(os.environ.get("P2P_TEST_THREADS", "2")))
 
 
-@pytest.fixture(scope="session")
-def pipes(tmp_path_factory):
-    """Tiny random SD 1.x, 2.x and XL pipelines, built once per test session."""
-    root = tmp_path_factory.mktemp("pipes")
+def build_tiny(root, kinds) -> dict:
+    """Tiny random pipelines of the kinds (`prompt2prompt.testing.tiny_pipeline`), progress bars off."""
     built = {}
-    for kind in ("sd1", "sd2", "sdxl"):
+    for kind in kinds:
         pipe = tiny_pipeline(kind, root / kind)
         pipe.set_progress_bar_config(disable=True)
         built[kind] = pipe
     return built
+
+
+@pytest.fixture(scope="session")
+def pipes(tmp_path_factory):
+    """Tiny random SD 1.x, 2.x and XL pipelines, built once per test session."""
+    return build_tiny(tmp_path_factory.mktemp("pipes"), ("sd1", "sd2", "sdxl"))
+
+
+@pytest.fixture(scope="session")
+def joint_pipes(tmp_path_factory):
+    """Tiny random SD3 and Flux pipelines (MM-DiTs), built once per test session."""
+    return build_tiny(tmp_path_factory.mktemp("joint-pipes"), ("sd3", "flux"))
 
 
 @pytest.fixture(scope="session")

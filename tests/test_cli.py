@@ -113,6 +113,15 @@ def test_demo_quick_writes_a_report_with_finite_numbers(sd1_folder, tmp_path):
                     "4. How long to inject", "5. Refine and re-weight", "6. Why one word moves everything",
                     "7. Measured over"):
         assert section in page
+    # the texts say what the pictures' measurements say
+    import html
+
+    text = html.unescape(page)
+    for w, area in numbers["reweight"].items():
+        assert f"{area:.1%} at x{w}" in text
+    drawn = [f for f, s in numbers["sweep"].items() if s["edit_ok"]]
+    assert ("no fraction drew the triangle" in text) == (not drawn)
+    assert f"IoU {numbers['refine']['objects_iou']['refine']:.2f}" in text
 
 
 def test_reweight_takes_one_prompt_and_every_title_names_the_mode_and_words(sd1_folder, tmp_path, capsys):
@@ -131,3 +140,23 @@ def test_reweight_takes_one_prompt_and_every_title_names_the_mode_and_words(sd1_
     code = main(["edit", "a red circle", "--model", str(sd1_folder), "--out", str(tmp_path / "none"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "or --reweight WORD=FACTOR to re-weight the source prompt itself" in err
+
+
+def test_self_max_side_reaches_the_edit(sd1_folder, tmp_path):
+    out = tmp_path / "edit"
+    assert main(["edit", "a red circle", "a red square", "--model", str(sd1_folder), "--steps", "2",
+                 "--self-max-side", "16", "--out", str(out), "--quiet"]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["self_max_side"] == 16 and settings["keep_background"] is True and settings["feather"] is None
+
+
+def test_words_the_bundled_model_never_saw_are_named(shapes, sd1_folder, tmp_path, capsys):
+    assert main(["attend", "a pink hexagon and a red circle", "--steps", "1", "--out", str(tmp_path / "a"),
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "'hexagon', 'pink' are outside them" in err and "'red'" not in err and "'circle'" not in err
+    assert main(["attend", "a red circle", "--steps", "1", "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert "outside them" not in capsys.readouterr().err  # the world's own words: no warning
+    assert main(["attend", "a pink hexagon", "--model", str(sd1_folder), "--steps", "1", "--out", str(tmp_path / "c"),
+                 "--quiet"]) == 0
+    assert "outside them" not in capsys.readouterr().err  # another model's vocabulary is not the shapes world's

@@ -13,7 +13,6 @@ from prompt2prompt.edits import EditOptions, edit, edit_controller, edit_control
 from prompt2prompt.generation import GenerationOptions, generate
 from prompt2prompt.loading import family, load_pipeline
 from prompt2prompt.store import AttentionStore
-from prompt2prompt.testing import tiny_pipeline
 from prompt2prompt.tokens import prompt_tokens
 
 OPTS = GenerationOptions(steps=3, seed=1, height=32, width=32, max_sequence_length=24)
@@ -21,15 +20,11 @@ KINDS = ["sd3", "flux"]
 
 
 @pytest.fixture(scope="module")
-def joint(tmp_path_factory):
+def joint(joint_pipes, tmp_path_factory):
     root = tmp_path_factory.mktemp("joint")
-    built = {}
     for kind in KINDS:
-        pipe = tiny_pipeline(kind, root / kind)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.save_pretrained(root / f"{kind}-saved")
-        built[kind] = (pipe, root / f"{kind}-saved")
-    return built
+        joint_pipes[kind].save_pretrained(root / f"{kind}-saved")
+    return {kind: (joint_pipes[kind], root / f"{kind}-saved") for kind in KINDS}
 
 
 class Everything(AttentionController):

@@ -62,6 +62,40 @@ def test_a_sweep_writes_every_case_the_tables_and_the_sheet(shapes, tmp_path):
     assert not list((out / "cases").glob(".*"))  # no half-written case left
 
 
+def test_the_sheets_grids_show_each_rows_source_and_name_its_edit(shapes, tmp_path, monkeypatch):
+    from prompt2prompt import plot
+
+    study = parse(STUDY)
+    out = tmp_path / "out"
+    run_sweep(study, out, pipe=shapes, progress=False)
+    drawn = {}
+    real = plot.grid
+    monkeypatch.setattr(plot, "grid", lambda images, labels, **kw: drawn.setdefault(kw["title"].split(":")[0], (
+        images, labels, kw)) and real(images, labels, **kw))
+    sweep_module.factor_grids(study, out, sweep_module.records(study, out))
+    images, labels, kw = drawn["control"]  # not a generation setting: one source per row, first
+    assert kw["columns"] == 3 and labels[:3] == ["source", "control=none", "control=p2p"]
+    assert kw["row_labels"] == ["square->triangle; seed=0", "square->triangle; seed=1", "green->yellow; seed=0",
+                                "green->yellow; seed=1"]
+    first = next(c for c in study.cases if c.factors == {"seed": 0, "control": "none"})
+    assert np.array_equal(np.asarray(images[0]), np.asarray(Image.open(case_folder(out, first) / "source.png")))
+    images, labels, kw = drawn["seed"]  # the source changes with the seed: a row of sources above the edits
+    assert kw["columns"] == 2 and labels[:4] == ["source, seed=0", "source, seed=1", "seed=0", "seed=1"]
+    assert kw["row_labels"][:2] == ["square->triangle; control=none: source", "square->triangle; control=none: edit"]
+    page = (out / "index.html").read_text()
+    assert "<div class='wide'><table id='cases'>" in page  # the table scrolls inside the page, not past it
+
+
+@pytest.mark.parametrize("source, target, name", [
+    ("a red circle", "a red square", "circle->square"),
+    ("a circle and a square", "a green circle and a blue square", "+green +blue"),
+    ("a red circle", "a red circle", "same prompt"),
+    ("a big red circle", "a circle", "-big -red"),
+])
+def test_edit_names(source, target, name):
+    assert sweep_module.edit_name(source, target) == name
+
+
 def test_an_interrupted_sweep_finishes_with_every_case_once(shapes, tmp_path, monkeypatch):
     study = parse(STUDY)
     out = tmp_path / "out"

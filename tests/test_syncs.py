@@ -17,14 +17,8 @@ PROMPTS = ["a red circle and a blue square", "a red circle and a blue cross"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syncs")
-    built = {}
-    for kind in KINDS:
-        pipe = tiny_pipeline(kind, root / kind)
-        pipe.set_progress_bar_config(disable=True)
-        built[kind] = pipe
-    return built
+def tiny(pipes, joint_pipes):
+    return {kind: {**pipes, **joint_pipes}[kind] for kind in KINDS}
 
 
 def _options(pipe):

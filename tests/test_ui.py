@@ -38,23 +38,40 @@ def scene_png(tmp_path_factory):
 
 
 def test_maps_one_picture_per_word_and_files(app):
-    gallery, overlays, argmax, files = app.maps(SOURCE, seed=2, steps=4)
+    image, gallery, overlays, argmax, files = app.maps(SOURCE, seed=2, steps=4)
+    assert image.size == (64, 64)
     assert [label for _, label in gallery] == ["a", "red", "circle", "and", "blue", "square"]
     assert len(overlays) == len(gallery) and argmax.size[0] > 0
     assert sorted(Path(f).name for f in files) == ["image.png", "maps.json", "maps.safetensors"]
     sixteen = app.maps(SOURCE, seed=2, steps=4, sides="16", places=["up"], heads="0", step_from=0.5)
-    assert len(sixteen[0]) == 6
+    assert len(sixteen[1]) == 6
     for bad, match in [(dict(prompt=" "), "type a prompt"), (dict(sides="x"), "whole numbers"),
                        (dict(step_from=0.8, step_to=0.2), "0 <= from < to <= 1"), (dict(steps=2.5), "whole number")]:
         with pytest.raises(InputError, match=match):
             app.maps(**{"prompt": SOURCE, "steps": 4, **bad})
 
 
+def test_words_the_bundled_model_never_saw_are_warned_about(app):
+    app.warnings.clear()
+    app.maps("a pink hexagon and a red circle", seed=2, steps=1)
+    assert len(app.warnings) == 1 and "'hexagon', 'pink' are outside them" in app.warnings[0]
+    assert "'red'" not in app.warnings[0]
+    app.edit(SOURCE, TARGET, seed=2, steps=1)
+    assert len(app.warnings) == 1  # the world's own words: nothing more said
+    app.why(SOURCE, SOURCE.replace("square", "star"), seed=2, steps=1)
+    assert len(app.warnings) == 2 and "'star' is outside them" in app.warnings[1]
+    app.warnings.clear()
+
+
 def test_edit_vanilla_and_controlled_rows_and_the_mask(app):
-    grid, vanilla, controlled, mask = app.edit(SOURCE, TARGET + "\n", seed=2, steps=4, blend="square triangle",
-                                               per_word="triangle=0.4", reweight="blue=1.5")
-    assert [c for _, c in vanilla] == [SOURCE, TARGET] == [c for _, c in controlled]
-    assert mask is not None and grid.size[1] > 2 * 100
+    second = TARGET.replace("triangle", "cross")
+    grid, vanilla, controlled, masks = app.edit(SOURCE, TARGET + "\n" + second, seed=2, steps=4,
+                                                blend="square triangle cross", per_word="triangle=0.4",
+                                                reweight="blue=1.5")
+    assert [c for _, c in vanilla] == [SOURCE, TARGET, second] == [c for _, c in controlled]
+    assert [c for _, c in masks] == [TARGET, second] and grid.size[1] > 2 * 100  # one mask per edit
+    assert not np.array_equal(np.asarray(masks[0][0]), np.asarray(masks[1][0]))
+    assert app.edit(SOURCE, TARGET, seed=2, steps=2)[3] == []  # no blend, no mask
     with pytest.raises(P2PError, match="hexagon"):
         app.edit(SOURCE, TARGET, steps=4, blend="hexagon")
     with pytest.raises(InputError, match="at least one edited prompt"):
@@ -73,8 +90,8 @@ def test_errors_reach_the_page_as_one_sentence(app):
 def test_invert_upload_then_edit_it(app, scene_png, tmp_path):
     rec, message, inv = app.invert(str(scene_png), SOURCE, method="ddim", steps=4)
     assert "dB against the input" in message and rec.size == inv.image.size
-    grid, controlled, mask = app.edit_real(inv, TARGET, blend="square triangle")
-    assert [c for _, c in controlled] == [SOURCE, TARGET] and mask is not None
+    grid, controlled, masks = app.edit_real(inv, TARGET, blend="square triangle")
+    assert [c for _, c in controlled] == [SOURCE, TARGET] and [c for _, c in masks] == [TARGET]
     with pytest.raises(InputError, match="invert an image first"):
         app.edit_real(None, TARGET)
     junk = tmp_path / "junk.png"
@@ -133,6 +150,7 @@ def test_the_page_in_a_real_browser(browser, scene_png, tmp_path):
         page.click("#maps-run")
         page.wait_for_function("document.querySelectorAll('#maps-gallery img').length >= 6", timeout=120_000)
         assert page.locator("#maps-gallery img").count() == 6  # a, green, cross, and, yellow, circle
+        assert page.locator("#maps-image img").count() == 1  # the picture the maps belong to
         shots = Path(os.environ.get("P2P_SCREENSHOTS") or tmp_path)
         shots.mkdir(exist_ok=True)
         page.wait_for_timeout(1500)  # gradio fades outputs in
@@ -151,6 +169,13 @@ def test_the_page_in_a_real_browser(browser, scene_png, tmp_path):
         page.click("#edit-run")
         page.get_by_text("'hexagon'", exact=False).first.wait_for(timeout=60_000)
         assert "Traceback" not in page.inner_text("body")
+        page.fill("#edit-blend textarea", "square triangle")  # then a success: every output shows it again
+        page.click("#edit-run")
+        page.wait_for_function("document.querySelectorAll('#edit-masks img').length >= 1", timeout=120_000)
+        page.wait_for_timeout(1500)
+        for box in ("#edit-grid", "#edit-vanilla", "#edit-controlled", "#edit-masks"):
+            assert "Error" not in page.inner_text(box), box
+            assert page.locator(f"{box} img").count() >= 1, box
 
         page.get_by_role("tab", name="Real image").click()
         page.set_input_files("#real-upload input[type=file]", str(scene_png))
@@ -169,6 +194,15 @@ def test_the_page_in_a_real_browser(browser, scene_png, tmp_path):
                                timeout=120_000)
         page.wait_for_timeout(1500)  # gradio fades outputs in
         page.screenshot(path=str(shots / "ui-why.png"))
+
+        page.fill("#why-target textarea", "a red circle and a blue hexagon")  # a word shapes never learned
+        page.click("#why-run")
+        page.get_by_text("'hexagon' is outside them", exact=False).first.wait_for(timeout=120_000)  # a toast
+        # then the analysis still runs; waited for (python aborts if torch is still computing when the server stops):
+        # gradio marks a pending output with its status tracker's classes until the answer arrives
+        page.wait_for_function("!document.querySelector('.generating, .eta-bar, .progress-text') && "
+                               "document.querySelector('#why-summary').innerText.includes('most-attended word')",
+                               timeout=120_000)
     finally:
         page.close()
         page_app.close()

@@ -117,10 +117,15 @@ def _prompts(*prompts: str) -> None:
             raise P2PError(f"expected a prompt with at least one word, got {prompt!r}")
 
 
-def _warn_truncated(pipe, prompts, quiet: bool) -> None:
-    """Say where a prompt longer than the text encoder's limit is cut (the model never sees the rest)."""
+def _warn_truncated(pipe, prompts, quiet: bool, model: str | None = None) -> None:
+    """Say where a prompt longer than the text encoder's limit is cut (the model never sees the rest), and, on a
+    bundled model, which words it never saw in training."""
+    from .loading import outside_vocabulary
     from .tokens import prompt_tokens
 
+    unknown = outside_vocabulary(model, prompts)
+    if unknown:
+        print(f"p2p: warning: {unknown}", file=sys.stderr)
     for prompt in prompts:
         tokens = prompt_tokens(pipe, prompt)
         cut = tokens.truncated
@@ -174,7 +179,7 @@ def cmd_attend(args) -> None:
     options, device = _options(args), _device(args)
     _folder(args)
     pipe = _pipe(args, device)
-    _warn_truncated(pipe, [args.prompt], args.quiet)
+    _warn_truncated(pipe, [args.prompt], args.quiet, args.model)
     record = RecordOptions(self_attention=args.components > 0)
     result = attend(pipe, args.prompt, options, record, model=args.model, progress=not args.quiet)
     res = tuple(args.res) if args.res else None
@@ -202,7 +207,9 @@ def _edit_options(args):
         raise P2PError(f"--self-steps takes a fraction or a pair (0.4 or 0.1,0.4), not per word: {args.self_steps}")
     flags = dict(mode=args.mode, cross_steps=parse_spans(args.cross_steps), self_steps=self_steps,
                  reweight=tuple(reweight), blend=tuple(args.blend or ()), subtract=tuple(args.subtract or ()),
-                 threshold=args.threshold, pooled=args.pooled, joint=args.joint)
+                 threshold=args.threshold, pooled=args.pooled, joint=args.joint,
+                 keep_background=getattr(args, "keep_background", True), feather=getattr(args, "feather", None),
+                 self_max_side=getattr(args, "self_max_side", None))
     if args.reference:
         given = {k: v for k, v in (("blend_start", args.blend_start),) if v is not None}
         return EditOptions.reference(args.reference, **flags, **given)
@@ -219,6 +226,10 @@ def _edit_flags(p: argparse.ArgumentParser) -> None:
                    "0.1,0.8, or per word default=1.0,lion=0.4 (pairs per word as lion=0.1:0.4) (default: 0.8)")
     p.add_argument("--self-steps", default="0.4",
                    help="fraction (or pair) of the loop whose self-attention comes from the source (default: 0.4)")
+    p.add_argument("--self-max-side", type=whole(1), default=None, metavar="PX",
+                   help="replace self-attention only at maps this many positions a side or fewer (default: a "
+                   "quarter of the latent's side, as the p2p notebooks: 16 at SD's 64x64 latents; 4 on shapes' "
+                   "16x16, its middle block only, where 16 makes refine keep more layout: BENCHMARKS.md)")
     p.add_argument("--reweight", nargs="+", metavar="WORD=FACTOR",
                    help="scale words' cross-attention by a finite factor, e.g. circle=2 red=-1")
     p.add_argument("--blend", nargs="+", metavar="WORD",
@@ -253,6 +264,10 @@ def cmd_edit(args) -> None:
         args.targets = [args.source]
         args.mode = "reweight"
     _prompts(args.source, *args.targets)
+    if (args.feather is not None or not args.keep_background) and not (args.from_inversion and args.blend):
+        flag = "--feather" if args.feather is not None else "--no-keep-background"
+        raise P2PError(f"{flag} applies to a real image's edit with a local blend; expected --from INVERSION and "
+                       f"--blend WORD with it, got {'no --from' if not args.from_inversion else 'no --blend'}")
     options, generation, device = _edit_options(args), _options(args), _device(args)
     _folder(args)
     inversion = Inversion.load(args.from_inversion) if args.from_inversion else None
@@ -261,7 +276,7 @@ def cmd_edit(args) -> None:
     pipe = _pipe(args, device)
     if inversion is not None:
         check_inversion(pipe, inversion, args.source)
-    _warn_truncated(pipe, [args.source, *args.targets], args.quiet)
+    _warn_truncated(pipe, [args.source, *args.targets], args.quiet, args.model)
     result = edit(pipe, args.source, args.targets, options, generation, progress=not args.quiet, inversion=inversion)
     files = write_edit(result, args.out, model=args.model, inversion=inversion)
     print(f"wrote {len(files)} files to {args.out}; open {files['html']}")
@@ -301,7 +316,7 @@ def cmd_invert(args) -> None:
                                  what="the reconstruction")
     image = read_image(args.image)  # before the model loads: a missing or unreadable image fails at once
     pipe = _pipe(args, device)
-    _warn_truncated(pipe, [args.caption], args.quiet)
+    _warn_truncated(pipe, [args.caption], args.quiet, args.model)
     inv = invert(pipe, image, args.caption, options, progress=not args.quiet, model=args.model)
     for note in inv.settings["conversions"]:
         print(f"p2p invert: {note}", file=sys.stderr)
@@ -364,7 +379,7 @@ def cmd_swap(args) -> None:
     options, generation, device = _edit_options(args), _options(args), _device(args)
     _folder(args)
     pipe = _pipe(args, device)
-    _warn_truncated(pipe, [args.source, args.target], args.quiet)
+    _warn_truncated(pipe, [args.source, args.target], args.quiet, args.model)
     result = swap_analysis(pipe, args.source, args.target, generation, options, progress=not args.quiet)
     files = write_swap(result, args.out, model=args.model)
     print(f"first step: {result.argmax_changed:.1%} of pixels change their most-attended word; final latent drift "
@@ -414,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_inversion", default=None, metavar="INVERSION",
                    help="edit a real image: an inversion file from `p2p invert` (its caption must be the source; "
                    "its steps and guidance are used)")
+    p.add_argument("--keep-background", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --from and --blend: each edited image is the input image outside its blend mask (the "
+                   "input's own pixels; the autoencoder's decode would shift them); --no-keep-background shows the "
+                   "decoded pixels instead (default: keep)")
+    p.add_argument("--feather", type=whole(0), default=None, metavar="PX",
+                   help="with --keep-background: pixels outside the mask over which the edit fades into the input, "
+                   "at most 64 (default: the autoencoder's factor, 8 on SD)")
     _edit_flags(p)
     _common(p, "p2p-out/edit")
     p.set_defaults(func=cmd_edit)

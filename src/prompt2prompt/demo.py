@@ -28,7 +28,7 @@ from .report import Section, page, write_json
 
 SOURCE = "a red circle and a blue square"
 SWAPPED = "a red circle and a blue triangle"
-PLAIN = "a circle and a square"
+PLAIN = "a red circle and a square"  # refine: the square's colour named in SOURCE only
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,55 @@ def _say(message: str, quiet: bool) -> None:
 
 def _fmt(x: float, pct: bool = False) -> str:
     return f"{x:.1%}" if pct else f"{x:.3f}"
+
+
+def _sweep_text(fractions, curve: dict) -> str:
+    """What the sweep's pictures show, from their measurements (not a claim written in advance)."""
+    drawn = [f for f in fractions if curve[str(f)]["edit_ok"]]
+    keep = {f: curve[str(f)]["keep_iou"] for f in fractions}
+    said = (f" Here the triangle is drawn at {', '.join(f'{f:.0%}' for f in drawn)} of the steps"
+            if drawn else " Here no fraction drew the triangle")
+    missed = [f for f in fractions if f not in drawn]
+    if drawn and missed:
+        said += f" and not at {', '.join(f'{f:.0%}' for f in missed)}"
+    return (said + "; the red circle's mask IoU with the source goes " +
+            ", ".join(f"{keep[f]:.2f}" for f in fractions) + " across the fractions.")
+
+
+def _colour_area(image, colour: str) -> float:
+    """Share of the image's pixels segmented as the colour (0 when it is not a colour of the shapes world)."""
+    import numpy as np
+
+    from .shapes.evaluate import segment
+
+    region = segment(np.asarray(image, dtype=np.float32) / 255).get(colour)
+    return float(region.mean()) if region is not None else 0.0
+
+
+def _objects_iou(a, b) -> float:
+    """IoU of the pixels of any object (every segmented colour) in two images: how much of the layout is kept."""
+    import numpy as np
+
+    from .metrics import iou
+    from .shapes.evaluate import segment
+
+    def objects(image):
+        regions = segment(np.asarray(image, dtype=np.float32) / 255).values()
+        return np.any(np.stack(list(regions)), axis=0) if regions else np.zeros(image.size[::-1], dtype=bool)
+
+    return iou(objects(a), objects(b))
+
+
+def _reweight_text(word: str, drawn: dict) -> str:
+    shown = [w for w, area in drawn.items() if area > 0]
+    gone = [w for w, area in drawn.items() if area == 0]
+    text = f": {word} pixels cover " + ", ".join(f"{area:.1%} at x{w:g}" for w, area in drawn.items())
+    if gone:
+        text += f"; nothing {word} is drawn at x{', x'.join(f'{w:g}' for w in gone)}"
+    if shown and min(shown) <= 0:
+        text += f" (at x{min(shown):g} a {word} object remains: the factor scales one word's attention, the other " \
+                "words and the self-attention still carry it)"
+    return text + "."
 
 
 def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shapes", quiet: bool = False) -> dict:
@@ -80,8 +129,9 @@ def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shap
     numbers["swap"] = {"vanilla": s_van.to_dict(), "replace": s_rep.to_dict()}
     sections.append(Section(
         "2. One word changed, same seed",
-        "Vanilla: the same seed with 'square' swapped for 'triangle' changes more than the square. Prompt-to-Prompt: "
-        "the source's cross-attention is injected, so the layout stays and only the square becomes a triangle. "
+        f"Vanilla: the same seed with 'square' swapped for 'triangle'; the red circle's mask overlaps its place in the "
+        f"source by IoU {_fmt(s_van.keep_iou)}. Prompt-to-Prompt injects the source's cross-attention: IoU "
+        f"{_fmt(s_rep.keep_iou)}, and the square {'became' if s_rep.edit_ok else 'did not become'} a triangle. "
         "BENCHMARKS.md has the numbers over 50 pairs, shape and colour swaps apart.",
         [("top: vanilla; bottom: attention-controlled", pictures["swap"])],
         [("red circle kept (mask IoU), vanilla", _fmt(s_van.keep_iou), "1 = the unchanged object did not move"),
@@ -124,25 +174,33 @@ def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shap
         "4. How long to inject: 0% to 100% of the steps",
         "The source's cross-attention (" + ("the image-to-text block of the joint attention" if joint else
                                            "image-to-text") + ") is injected for the first fraction of the steps. "
-        "Early steps fix the layout; injecting for too long can keep the old shape.",
+        + _sweep_text(options.fractions, curve),
         [("replacement fraction sweep", pictures["sweep"])], table))
 
     _say("[5/7] refine and re-weight", quiet)
     refine = edit(pipe, PLAIN, SOURCE, EditOptions(), gen, progress=False)
     pictures["refine"] = edit_grid(refine)
-    weights = []
+    refine_keep = {"vanilla": _objects_iou(refine.vanilla.images[0], refine.vanilla.images[1]),
+                   "refine": _objects_iou(refine.controlled.images[0], refine.controlled.images[1])}
+    numbers["refine"] = {"objects_iou": refine_keep}
+    weights, drawn = [], {}
     for w in options.weights:
         r = edit(pipe, SOURCE, SOURCE, EditOptions(mode="reweight", reweight=((options.reweight_word, w),)), gen,
                  vanilla=False, progress=False)
         weights.append(r.controlled.images[1])
+        drawn[w] = _colour_area(r.controlled.images[1], options.reweight_word)
+    numbers["reweight"] = {f"{w:g}": area for w, area in drawn.items()}
     pictures["reweight"] = plot.grid([src, *weights], ["source", *[f"{options.reweight_word} x {w:g}"
                                                                    for w in options.weights]], cell=128)
     sections.append(Section(
         "5. Refine and re-weight",
-        f"Refine: colour words added to “{PLAIN}”; aligned tokens keep the source's attention, new ones their own. "
-        f"Re-weight: the attention to '{options.reweight_word}' scaled from {options.weights[0]:g} to "
-        f"{options.weights[-1]:g}.", [("refine: vanilla and controlled", pictures["refine"]),
-                                       ("re-weight", pictures["reweight"])]))
+        f"Refine: “{PLAIN}” to “{SOURCE}”, a colour word added; aligned tokens keep the source's attention, the "
+        "new one its own. "
+        f"The objects' pixels overlap the source's by IoU {refine_keep['refine']:.2f} (vanilla, the same seed "
+        f"without control: {refine_keep['vanilla']:.2f}); BENCHMARKS.md measures refine over 20 pairs beside replace. "
+        f"Re-weight: the attention to '{options.reweight_word}' "
+        f"scaled from {options.weights[0]:g} to {options.weights[-1]:g}" + _reweight_text(options.reweight_word, drawn),
+        [("refine: vanilla and controlled", pictures["refine"]), ("re-weight", pictures["reweight"])]))
 
     _say("[6/7] swap analysis", quiet)
     analysis = swap_analysis(pipe, SOURCE, SWAPPED, gen, progress=False)

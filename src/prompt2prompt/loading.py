@@ -28,6 +28,24 @@ def family(pipe) -> str:
     return "sd2" if v_pred or pipe.text_encoder.config.hidden_size >= 1024 else "sd1"
 
 
+def outside_vocabulary(model: str | None, prompts) -> str | None:
+    """On a bundled model, a warning naming the prompts' words its training never showed it (they are tokenised and
+    attended to, but nothing teaches the model to draw them); None when there are none or the model is not bundled."""
+    if model not in BUNDLED:
+        return None
+    import re
+
+    from .shapes import world
+
+    words = world.vocabulary()
+    unknown = sorted({w for p in prompts for w in re.findall(r"[a-z']+", p.lower())} - set(words))
+    if not unknown:
+        return None
+    return (f"the bundled {model} model learned only the shapes world's words ({', '.join(words)}); "
+            f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} outside them and will not be "
+            "drawn as asked")
+
+
 def default_part(pipe) -> str | None:
     """Which encoder's part of a joint text sequence a word's map is read from by default: SD3's CLIP part (its T5
     part is zeros when the pipeline has no T5, as the bundled flow model); None for one-encoder sequences."""

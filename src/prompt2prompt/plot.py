@@ -24,7 +24,7 @@ _ANCHORS = np.array(
     ]
 )
 
-# Distinct colours for categorical maps (the argmax-token map): Glasbey-like, light enough for black text.
+# Distinct colours for the lines of a plot: Glasbey-like.
 PALETTE = [
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
     (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200),
@@ -139,25 +139,32 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, f, width: int) -> str:
     return text
 
 
-def distinct_colours(n: int) -> list[tuple[int, int, int]]:
-    """n distinguishable colours: the palette, then hues spaced by the golden angle (never a colour twice)."""
+# The argmax-token map's colours, one per token position: chosen away from the shapes world's saturated red, orange,
+# yellow, green, blue and purple (shapes/world.py), so a word's legend colour is never read as an object's colour.
+TOKEN_COLOURS = [
+    (0, 0, 0), (128, 128, 128), (70, 230, 230), (255, 200, 150), (255, 255, 255), (140, 90, 40), (0, 90, 110),
+    (250, 190, 212), (60, 60, 60), (255, 250, 200), (200, 200, 200), (128, 128, 0), (170, 255, 210), (180, 160, 120),
+]
+
+
+def token_colour(position: int) -> tuple[int, int, int]:
+    """The colour of a token position in every argmax map (the same position, the same colour, across a report);
+    beyond the list, muted hues spaced by the golden angle."""
     import colorsys
 
-    out = list(PALETTE[:n])
-    k = 0
-    while len(out) < n:
-        hue = (k * 0.618033988749895) % 1.0
-        light = (0.45, 0.65, 0.8)[(k // 7) % 3]
-        out.append(tuple(int(round(255 * c)) for c in colorsys.hls_to_rgb(hue, light, 0.75)))
-        k += 1
-    return out
+    if 0 <= position < len(TOKEN_COLOURS):
+        return TOKEN_COLOURS[position]
+    k = position - len(TOKEN_COLOURS)
+    hue = (k * 0.618033988749895) % 1.0
+    return tuple(int(round(255 * c)) for c in colorsys.hls_to_rgb(hue, (0.25, 0.85)[k % 2], 0.3))
 
 
 def argmax_image(indices: np.ndarray, labels: dict[int, str], size: int = 256) -> Image.Image:
-    """The most-attended token per pixel, one colour per token present, with a legend (in columns) on the right."""
+    """The most-attended token per pixel, coloured by token position (`token_colour`; black where the index has no
+    label), with a legend (in columns) on the right. indices: (h, w) token positions; labels: position -> text."""
     present = sorted(int(i) for i in np.unique(indices))
     rows = [tok for tok in sorted(labels) if tok in present]
-    colours = dict(zip(rows, distinct_colours(len(rows))))
+    colours = {tok: token_colour(tok) for tok in rows}
     rgb = np.zeros((*indices.shape, 3), dtype=np.uint8)
     for tok in present:
         rgb[indices == tok] = colours.get(tok, (0, 0, 0))

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError, P2PError
-from .study import Case, Study
+from .study import GENERATION_FIELDS, Case, Study
 
 CASES = "cases"
 MARKER = ".p2p-sweep"  # in every sweep folder: a re-run with this --out continues the sweep
@@ -256,14 +256,21 @@ def run_sweep(study: Study, out: str | Path, pipe=None, rank: int = 0, world_siz
         with locked(out, rank):
             return _run(study, out, pipe, rank, world_size, device, dtype, offload, progress, retry_failed, on_case)
     except BaseException:
-        if rank == 0 and not (out / MARKER).exists():  # refused before the study was accepted: nothing is left
-            (out / LOCK).unlink(missing_ok=True)
-            if fresh:
-                try:
-                    out.rmdir()
-                except OSError:
-                    pass
+        if rank == 0:
+            _leave_nothing_if_refused(out, fresh)
         raise
+
+
+def _leave_nothing_if_refused(out: Path, fresh: bool) -> None:
+    """A sweep refused before its study was accepted (no marker) leaves no lock, and no folder it created."""
+    if (out / MARKER).exists():
+        return
+    (out / LOCK).unlink(missing_ok=True)
+    if fresh:
+        try:
+            out.rmdir()
+        except OSError:  # something else was put there meanwhile: left alone
+            pass
 
 
 def _run(study, out, pipe, rank, world_size, device, dtype, offload, progress, retry_failed, on_case) -> dict:
@@ -370,18 +377,49 @@ def factor_grids(study: Study, out: Path, rows: list[dict]) -> list[tuple[str, o
             key = json.dumps([r["source"], r["target"], rest], sort_keys=True, default=str)
             groups.setdefault(key, {})[json.dumps(r["factors"][factor], default=str)] = r
         images, labels, row_labels = [], [], []
-        for key, by_value in list(groups.items())[:12]:  # at most 12 rows per factor
+
+        def picture(record: dict | None, name: str):
+            path = case_folder(out, _case_of(study, record)) / name if record else None
+            return Image.open(path).convert("RGB") if path and path.exists() else Image.new("RGB", (64, 64),
+                                                                                         "lightgrey")
+
+        varies = factor in GENERATION_FIELDS  # the source picture changes with the factor: a row of sources too
+        for key, by_value in list(groups.items())[:12]:  # at most 12 edits per factor
             source, target, rest = json.loads(key)
-            row_labels.append(", ".join(f"{k}={v}" for k, v in rest.items())[:40] or target[:40])
-            for v in values:
-                r = by_value.get(json.dumps(v, default=str))
-                path = case_folder(out, _case_of(study, r)) / "target.png" if r else None
-                images.append(Image.open(path).convert("RGB") if path and path.exists() else Image.new("RGB", (64, 64),
-                                                                                                       "lightgrey"))
-                labels.append(f"{factor}={_cell(v)}")
-        grids.append((factor, plot.grid(images, labels, columns=len(values), cell=112, row_labels=row_labels,
-                                        title=f"{factor}: each row the same edit and other settings")))
+            name = "; ".join([edit_name(source, target), *(f"{k}={_cell(v)}" for k, v in rest.items())])
+            cases = [by_value.get(json.dumps(v, default=str)) for v in values]
+            if varies:
+                row_labels += [f"{name}: source", f"{name}: edit"]
+                images += [picture(r, "source.png") for r in cases] + [picture(r, "target.png") for r in cases]
+                labels += [f"source, {factor}={_cell(v)}" for v in values] + [f"{factor}={_cell(v)}" for v in values]
+            else:
+                row_labels.append(name)
+                images += [picture(next(r for r in cases if r), "source.png"), *(picture(r, "target.png")
+                                                                                 for r in cases)]
+                labels += ["source", *(f"{factor}={_cell(v)}" for v in values)]
+        columns = len(values) + (0 if varies else 1)
+        grids.append((factor, plot.grid(images, labels, columns=columns, cell=112, row_labels=row_labels,
+                                        title=f"{factor}: each row one edit and its other settings" +
+                                        (", its sources above its edits" if varies else ", its source first"))))
     return grids
+
+
+def edit_name(source: str, target: str, limit: int = 48) -> str:
+    """A row's edit in a few words: "square->triangle" for a word swap, "+blue" for added words, "same prompt" for a
+    re-weight, else the edited prompt."""
+    a, b = source.split(), target.split()
+    if a == b:
+        name = "same prompt"
+    elif len(a) == len(b):
+        name = ", ".join(f"{x}->{y}" for x, y in zip(a, b) if x != y)
+    else:
+        import difflib
+
+        ops = difflib.SequenceMatcher(a=a, b=b).get_opcodes()
+        added = [w for tag, _, _, j1, j2 in ops if tag in ("insert", "replace") for w in b[j1:j2]]
+        removed = [w for tag, i1, i2, _, _ in ops if tag in ("delete", "replace") for w in a[i1:i2]]
+        name = " ".join([*(f"+{w}" for w in added), *(f"-{w}" for w in removed)]) or target
+    return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
 def _case_of(study: Study, record: dict) -> Case:
@@ -405,13 +443,16 @@ def contact_sheet(study: Study, out: Path, rows: list[dict], flat: list[dict]) -
     from .report import _STYLE, data_uri
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(study.name)}</title>",
-             f"<style>{_STYLE} th {{cursor: pointer}} img.t {{width: 64px; min-width: 64px}}</style>{_SORT}</head>",
+             f"<style>{_STYLE} th {{cursor: pointer}} img.t {{width: 64px; min-width: 64px}} "
+             ".wide {overflow-x: auto; max-width: 100%} .wide table {font-size: 0.8em} .wide td, .wide th "
+             "{padding: 2px 4px; max-width: 16em; overflow-wrap: anywhere}</style>"
+             f"{_SORT}</head>",
              f"<body><h1>{html.escape(study.name)}: {len(rows)} cases on {html.escape(study.model)}</h1>"]
     for factor, picture in factor_grids(study, out, rows):
         parts.append(f"<h2>{html.escape(factor)}</h2><figure><img src='{data_uri(picture)}' "
                      f"alt='{html.escape(factor)} grid'></figure>")
     header = [k for k in flat[0] if k not in ("index",)]
-    parts.append("<h2>Every case</h2><table id='cases'><thead><tr><th>source / target</th>"
+    parts.append("<h2>Every case</h2><div class='wide'><table id='cases'><thead><tr><th>source / target</th>"
                  + "".join(f"<th onclick='sortBy(this)'>{html.escape(k)}</th>" for k in header)
                  + "</tr></thead><tbody>")
     for r, f in zip(rows, flat):
@@ -421,7 +462,7 @@ def contact_sheet(study: Study, out: Path, rows: list[dict], flat: list[dict]) -
         cells = "".join(f"<td class='num' data-v='{html.escape(str(_num(f[k])))}'>{html.escape(_fmt(f[k]))}</td>"
                         for k in header)
         parts.append(f"<tr><td>{thumbs}</td>{cells}</tr>")
-    parts.append("</tbody></table><h2>Study</h2><pre>" + html.escape(json.dumps(study.raw, indent=2, default=str))
+    parts.append("</tbody></table></div><h2>Study</h2><pre>" + html.escape(json.dumps(study.raw, indent=2, default=str))
                  + "</pre></body></html>")
     return "\n".join(parts)
 
@@ -466,13 +507,7 @@ def launch(study_path: str, out: str, processes: int, extra: list[str]) -> int:
         with locked(folder):
             return subprocess.run(cmd, env={**os.environ, HELD: str(folder.resolve())}).returncode
     finally:
-        if not (folder / MARKER).exists():  # the processes refused the study: nothing is left
-            (folder / LOCK).unlink(missing_ok=True)
-            if fresh:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    pass
+        _leave_nothing_if_refused(folder, fresh)  # the processes refused the study
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

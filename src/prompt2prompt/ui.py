@@ -99,6 +99,8 @@ class App:
         from .loading import family
 
         self.pipe, self.model = pipe, model
+        self.warnings: list[str] = []  # what the page was told besides its results (build() shows them as toasts)
+        self.warn = self.warnings.append
         self.joint = family(pipe) in ("sd3", "flux")
         self.places = ("joint", "single", "image") if self.joint else ("down", "mid", "up")
 
@@ -110,10 +112,19 @@ class App:
                 raise InputError(f"{name} must be a whole number, got {value!r}")
         return GenerationOptions(seed=int(seed), steps=int(steps), guidance=float(guidance))
 
+    def _vocabulary(self, *prompts: str) -> None:
+        """Warn, as the command line does, about words the bundled model never learned."""
+        from .loading import outside_vocabulary
+
+        message = outside_vocabulary(self.model, prompts)
+        if message:
+            self.warn(message)
+
     # -- Maps -------------------------------------------------------------------------------------------------------
     def maps(self, prompt: str, seed=0, steps=50, guidance=7.5, sides: str = "", places=None, heads: str = "",
              step_from: float = 0.0, step_to: float = 1.0):
-        """(per-word maps [(picture, word)], overlays [(picture, word)], most-attended word picture, files)."""
+        """(the generated image, per-word maps [(picture, word)], overlays [(picture, word)], most-attended word
+        picture, files)."""
         from . import plot
         from .attend import attend
         from .store import RecordOptions
@@ -125,6 +136,7 @@ class App:
             raise InputError(f"the steps to aggregate must satisfy 0 <= from < to <= 1, got {step_from}..{step_to}")
         first, last = math.floor(step_from * gen.steps), max(math.ceil(step_to * gen.steps), 1)
         record = RecordOptions(self_attention=False, steps=(first, last))
+        self._vocabulary(prompt)
         result = attend(self.pipe, prompt, gen, record, model=self.model, progress=True)
         chosen = tuple(places) if places else None
         maps = result.maps(res=_sides(sides), places=chosen, heads=tuple(int(h) for h in _words(heads)) or None)
@@ -139,7 +151,8 @@ class App:
         folder = Path(tempfile.mkdtemp(prefix="p2p-ui-maps-"))
         saved = maps.save(folder / "maps")
         image.save(folder / "image.png")
-        return gallery, overlays, argmax, [str(saved), str(saved.with_suffix(".json")), str(folder / "image.png")]
+        return image, gallery, overlays, argmax, [str(saved), str(saved.with_suffix(".json")),
+                                                  str(folder / "image.png")]
 
     # -- Edit -------------------------------------------------------------------------------------------------------
     def edit_options(self, mode="auto", cross=0.8, self_steps=0.4, per_word="", reweight="", blend="", subtract="",
@@ -157,7 +170,8 @@ class App:
         return _edit_options(args)
 
     def edit(self, source: str, targets: str, seed=0, steps=50, guidance=7.5, inversion=None, **controls):
-        """(grid, vanilla pictures, controlled pictures, blend mask or None). targets: one prompt per line."""
+        """(grid, vanilla pictures, controlled pictures, blend masks: one (picture, edited prompt) per edit, none
+        without a blend). targets: one prompt per line."""
         from . import plot
         from .edits import edit
         from .figures import edit_grid
@@ -170,15 +184,16 @@ class App:
                              "(the page runs one generation at a time for everyone)")
         options = self.edit_options(**controls)
         gen = self._generation(seed, steps, guidance)
+        self._vocabulary(source, *prompts)
         r = edit(self.pipe, source, prompts, options, gen, vanilla=inversion is None, progress=True,
                  inversion=inversion)
         captions = [source, *prompts]
         vanilla = list(zip(r.vanilla.images, captions)) if r.vanilla else []
         controlled = list(zip(r.controlled.images, captions))
-        mask = None
-        if r.mask is not None:
-            mask = plot.mask_overlay(r.controlled.images[1], r.mask[1, 0].float().numpy() > 0.5)
-        return edit_grid(r, inversion=inversion), vanilla, controlled, mask
+        masks = [] if r.mask is None else [
+            (plot.mask_overlay(image, m[0].float().cpu().numpy() > 0.5), caption)
+            for image, m, caption in zip(r.controlled.images[1:], r.mask[1:], prompts)]
+        return edit_grid(r, inversion=inversion), vanilla, controlled, masks
 
     def fraction_sweep(self, source: str, target: str, seed=0, steps=50, guidance=7.5,
                        fractions=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), **controls):
@@ -212,6 +227,7 @@ class App:
         if not (caption or "").strip():
             raise InputError("give a caption of the image (it becomes the source prompt of edits)")
         options = InversionOptions(method=method, steps=int(steps), guidance=float(guidance))
+        self._vocabulary(caption)
         inv = invert(self.pipe, image, caption, options, progress=True, model=self.model)
         with sampler(self.pipe, inv):
             again = GenerationOptions(steps=inv.options.steps, guidance=inv.options.guidance)
@@ -225,8 +241,8 @@ class App:
     def edit_real(self, inversion, targets: str, **controls):
         if inversion is None:
             raise InputError("invert an image first")
-        grid, _, controlled, mask = self.edit(inversion.prompt, targets, inversion=inversion, **controls)
-        return grid, controlled, mask
+        grid, _, controlled, masks = self.edit(inversion.prompt, targets, inversion=inversion, **controls)
+        return grid, controlled, masks
 
     # -- Why ----------------------------------------------------------------------------------------------------------
     def why(self, source: str, target: str, seed=0, steps=50, guidance=7.5):
@@ -236,6 +252,7 @@ class App:
 
         if not (source or "").strip() or not (target or "").strip():
             raise InputError("give a source prompt and a prompt with one word swapped")
+        self._vocabulary(source, target)
         result = swap_analysis(self.pipe, source, target, self._generation(seed, steps, guidance), progress=True)
         pictures = swap_figures(result)
         text = (f"At the first step {result.argmax_changed:.1%} of the pixels change their most-attended word. "
@@ -248,6 +265,7 @@ def build(app: App):
     """The page: four tabs, each control with a label and a help text."""
     import gradio as gr
 
+    app.warn = lambda message: gr.Warning(message)  # a toast on the page, beside the results
     progress = gr.Progress(track_tqdm=True)
 
     def steps_box():
@@ -302,6 +320,7 @@ def build(app: App):
                 step_from = gr.Slider(0, 1, value=0, step=0.05, label="from step", info="fraction of the loop")
                 step_to = gr.Slider(0, 1, value=1, step=0.05, label="to step", info="fraction of the loop")
             run = gr.Button("Draw maps", variant="primary", elem_id="maps-run")
+            picture = gr.Image(label="the generated image", type="pil", elem_id="maps-image", height=256)
             gallery = gr.Gallery(label="per-word maps", columns=6, elem_id="maps-gallery", type="pil")
             overlays = gr.Gallery(label="overlaid on the image", columns=6, type="pil")
             argmax = gr.Image(label="most-attended word per pixel", type="pil")
@@ -311,7 +330,7 @@ def build(app: App):
                 return app.maps(p, s, n, g, sd, pl, hd, a, b)
 
             run.click(user_errors(do_maps), [prompt, seed, steps, guidance, sides, places, heads, step_from, step_to],
-                      [gallery, overlays, argmax, files])
+                      [picture, gallery, overlays, argmax, files])
 
         with gr.Tab("Edit"):
             source = gr.Textbox(value="a red circle and a blue square", label="source prompt", elem_id="edit-source",
@@ -326,7 +345,8 @@ def build(app: App):
             grid = gr.Image(label="vanilla (top) and controlled (bottom)", type="pil", elem_id="edit-grid")
             vanilla = gr.Gallery(label="vanilla: same seed, no control", columns=4, elem_id="edit-vanilla", type="pil")
             controlled = gr.Gallery(label="Prompt-to-Prompt", columns=4, elem_id="edit-controlled", type="pil")
-            mask = gr.Image(label="local-blend mask (greyed: kept)", type="pil")
+            mask = gr.Gallery(label="local-blend mask of each edit (greyed: kept)", columns=4, type="pil",
+                              elem_id="edit-masks")
             fractions = gr.Gallery(label="replacement fraction sweep", columns=6, type="pil", elem_id="edit-fractions")
 
             def do_edit(src, tg, s, n, g, *c, _progress=progress):
@@ -363,7 +383,8 @@ def build(app: App):
             run_r = gr.Button("Edit the image", variant="primary", elem_id="real-edit")
             grid_r = gr.Image(label="the edit", type="pil", elem_id="real-grid")
             controlled_r = gr.Gallery(label="edited", columns=4, type="pil")
-            mask_r = gr.Image(label="local-blend mask", type="pil")
+            mask_r = gr.Gallery(label="local-blend mask of each edit (greyed: the input's pixels)", columns=4,
+                                type="pil", elem_id="real-masks")
 
             def do_invert(p, c, m, n, g, _progress=progress):
                 return app.invert(p, c, m, n, g)
@@ -382,7 +403,7 @@ def build(app: App):
             source_w = gr.Textbox(value="a red circle and a blue square", label="source prompt",
                                   info="generated with and without attention control from the same seed")
             target_w = gr.Textbox(value="a red circle and a blue triangle", label="one word swapped",
-                                  info="the source with one word changed")
+                                  info="the source with one word changed", elem_id="why-target")
             seed_w, steps_w, guidance_w = common()
             run_w = gr.Button("Analyse", variant="primary", elem_id="why-run")
             with gr.Row():
