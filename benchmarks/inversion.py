@@ -42,8 +42,7 @@ from prompt2prompt.inversion import (
     invert,
     prepare_image,
     psnr,
-    sampler,
-    sampling_kwargs,
+    sample_back,
 )
 from prompt2prompt.loading import load_pipeline
 from prompt2prompt.measure import grow
@@ -172,16 +171,13 @@ def main() -> None:
             start = time.perf_counter()
             inv = invert(pipe, image, scene.caption, options, progress=False)
             seconds = time.perf_counter() - start
-            again = GenerationOptions(steps=options.steps, guidance=inv.options.guidance,
-                                      max_sequence_length=options.max_sequence_length)
-            with sampler(pipe, inv):
-                rec = generate(pipe, scene.caption, None, again, progress=False, **sampling_kwargs(inv)).images[0]
+            rec = sample_back(pipe, inv, progress=False).images[0]
             rows[method]["psnr_input"].append(psnr(rec, image))
             rows[method]["psnr_ae"].append(psnr(rec, ae))
             rows[method]["seconds"].append(seconds)
             target, shape = swapped(scene)
             r = edit(pipe, scene.caption, target, EditOptions(blend=(scene.objects[1].shape, shape),
-                                                              keep_background=False), again,
+                                                              keep_background=False), GenerationOptions(),
                      vanilla=False, progress=False, inversion=inv)
             decoded = r.controlled.images[1]
             (kept,), _ = keep_background([decoded], inv.image, r.mask[1:], int(pipe.vae_scale_factor))

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import Controllers
 from .edits import EditOptions, LatentTrace, edit_controller, edit_controllers
 from .generation import Generation, GenerationOptions, generate
 from .maps import CrossAttentionMaps, cross_maps
+from .routing import Controllers
 from .store import AttentionStore, RecordOptions
 from .tokens import prompt_tokens
 

@@ -8,10 +8,10 @@ folders are written whole or not at all.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
+from .argtypes import number, whole
 from .errors import InputError, P2PError
 from .loading import DEFAULT_MODEL
 
@@ -21,42 +21,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
-
-
-# -- argument types: a bad value is argparse's one-line error, exit status 2 -----------------------------------------
-def whole(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
-        return value
-
-    parse.__name__ = f"whole number >= {low}"
-    return parse
-
-
-def number(low: float | None = None, high: float | None = None, open_low: bool = False, open_high: bool = False):
-    lo = "" if low is None else f"{'>' if open_low else '>='} {low:g}"
-    hi = "" if high is None else f"{'<' if open_high else '<='} {high:g}"
-    expected = "a finite number" + (f" {lo}" if lo else "") + (" and" if lo and hi else "") + (f" {hi}" if hi else "")
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        bad = not math.isfinite(value)
-        bad |= low is not None and (value <= low if open_low else value < low)
-        bad |= high is not None and (value >= high if open_high else value > high)
-        if bad:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    parse.__name__ = expected
-    return parse
 
 
 # -- flags every command shares ------------------------------------------------------------------------------------
@@ -189,31 +153,13 @@ def cmd_attend(args) -> None:
 
 def _edit_options(args):
     from .edits import EditOptions
-    from .schedule import parse_spans
 
-    reweight = []
-    for item in args.reweight or []:
-        word, _, factor = item.partition("=")
-        try:
-            value = float(factor)
-        except ValueError:
-            value = None
-        if not word or value is None or not math.isfinite(value):
-            raise P2PError(f"--reweight expects WORD=FACTOR with a finite factor, such as circle=2 or circle=-1, got "
-                           f"{item!r}")
-        reweight.append((word, value))
-    self_steps = parse_spans(args.self_steps)
-    if isinstance(self_steps, dict):
-        raise P2PError(f"--self-steps takes a fraction or a pair (0.4 or 0.1,0.4), not per word: {args.self_steps}")
-    flags = dict(mode=args.mode, cross_steps=parse_spans(args.cross_steps), self_steps=self_steps,
-                 reweight=tuple(reweight), blend=tuple(args.blend or ()), subtract=tuple(args.subtract or ()),
-                 threshold=args.threshold, pooled=args.pooled, joint=args.joint,
-                 keep_background=getattr(args, "keep_background", True), feather=getattr(args, "feather", None),
-                 self_max_side=getattr(args, "self_max_side", None))
-    if args.reference:
-        given = {k: v for k, v in (("blend_start", args.blend_start),) if v is not None}
-        return EditOptions.reference(args.reference, **flags, **given)
-    return EditOptions(**flags, blend_start=0.2 if args.blend_start is None else args.blend_start)
+    return EditOptions.from_text(
+        mode=args.mode, cross_steps=args.cross_steps, self_steps=args.self_steps, reweight=args.reweight or (),
+        blend=args.blend or (), subtract=args.subtract or (), reference=args.reference, blend_start=args.blend_start,
+        threshold=args.threshold, pooled=args.pooled, joint=args.joint,
+        keep_background=getattr(args, "keep_background", True), feather=getattr(args, "feather", None),
+        self_max_side=getattr(args, "self_max_side", None))
 
 
 def _edit_flags(p: argparse.ArgumentParser) -> None:
@@ -283,16 +229,8 @@ def cmd_edit(args) -> None:
 
 
 def cmd_invert(args) -> None:
-    from .generation import GenerationOptions, generate
     from .images import read_image
-    from .inversion import (
-        InversionOptions,
-        autoencoder_reconstruction,
-        invert,
-        psnr,
-        sampler,
-        sampling_kwargs,
-    )
+    from .inversion import InversionOptions, autoencoder_reconstruction, invert, psnr, sample_back
     from .loading import samples_by_flow
     from .outputs import check_output_file, png_info, png_owned, staged_file
 
@@ -320,10 +258,7 @@ def cmd_invert(args) -> None:
     inv = invert(pipe, image, args.caption, options, progress=not args.quiet, model=args.model)
     for note in inv.settings["conversions"]:
         print(f"p2p invert: {note}", file=sys.stderr)
-    with sampler(pipe, inv):
-        again = GenerationOptions(steps=inv.options.steps, guidance=inv.options.guidance,
-                                  max_sequence_length=inv.options.max_sequence_length)
-        rec = generate(pipe, [args.caption], None, again, progress=not args.quiet, **sampling_kwargs(inv)).images[0]
+    rec = sample_back(pipe, inv, progress=not args.quiet).images[0]
     ae = autoencoder_reconstruction(pipe, inv.image)
     inv.settings.update(psnr_vs_input=psnr(rec, inv.image), psnr_vs_autoencoder=psnr(rec, ae))
     # both written to fresh temporary files beside them and renamed at the end: whole, or not at all

@@ -19,9 +19,9 @@ from . import plot
 from .analysis import swap_analysis
 from .attend import attend
 from .edits import EditOptions, edit
+from .families import family_of
 from .figures import attention_figures, edit_grid, swap_figures
 from .generation import GenerationOptions
-from .loading import family
 from .measure import EditPair, run_pairs, sample_pairs, score_edit
 from .outputs import staged
 from .report import Section, page, write_json
@@ -106,7 +106,7 @@ def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shap
     gen = GenerationOptions(steps=options.steps, guidance=options.guidance, seed=options.seed)
     numbers: dict = {"settings": {**asdict(options), "model": model}}
     sections, pictures = [], {}
-    joint = family(pipe) in ("sd3", "flux")  # MM-DiT: no self-attention is replaced by default (README, joint.py)
+    joint = family_of(pipe).joint  # MM-DiT: no self-attention is replaced by default (README, joint.py)
 
     _say("[1/7] cross-attention maps", quiet)
     att = attend(pipe, SOURCE, gen, progress=False)

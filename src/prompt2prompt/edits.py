@@ -9,18 +9,19 @@ differences the README lists; `EditOptions.reference()` reproduces the original 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from .alignment import reference_refine_alignment, reference_replace_mapper, refine_alignment, replace_mapper
-from .attention import AttentionController, Controllers, RunInfo, Site
 from .errors import PromptError
+from .families import family_of
 from .generation import Generation, GenerationOptions, generate
 from .joint import JOINT_PLACES
 from .loading import execution_device
+from .routing import AttentionController, Controllers, RunInfo, Site
 from .schedule import Span, check_span, resolve_cross, step_range
 from .tokens import PromptTokens, prompt_tokens
 
@@ -95,6 +96,36 @@ class EditOptions:
         if notebook not in NOTEBOOKS:
             raise PromptError(f"reference mode reproduces the notebooks {', '.join(NOTEBOOKS)}, got {notebook!r}")
         return cls(**{"blend_start": NOTEBOOKS[notebook][1], **overrides, "exact": notebook})
+
+    @classmethod
+    def from_text(cls, *, mode: str = "auto", cross_steps: str = "0.8", self_steps: str = "0.4",
+                  reweight: Sequence[str] = (), blend: Sequence[str] = (), subtract: Sequence[str] = (),
+                  reference: str | None = None, blend_start: float | None = None, **fields) -> EditOptions:
+        """Options from the words people type (the command line's flags, the page's fields), checked as such:
+        cross_steps "0.8", "0.1,0.8" or "default=1.0,lion=0.4"; self_steps "0.4" or "0.1,0.4"; reweight
+        ["circle=2", "red=-1"]; reference a notebook name for `reference` (None: the defaults); blend_start None: the
+        mode's default. Other fields (threshold, pooled, joint, keep_background, ...) are passed as they are."""
+        from .schedule import parse_spans
+
+        factors = []
+        for item in reweight:
+            word, _, factor = item.partition("=")
+            try:
+                value = float(factor)
+            except ValueError:
+                value = None
+            if not word or value is None or not math.isfinite(value):
+                raise PromptError(f"--reweight expects WORD=FACTOR with a finite factor, such as circle=2 or "
+                                  f"circle=-1, got {item!r}")
+            factors.append((word, value))
+        spans = parse_spans(self_steps)
+        if isinstance(spans, dict):
+            raise PromptError(f"--self-steps takes a fraction or a pair (0.4 or 0.1,0.4), not per word: {self_steps}")
+        given = dict(mode=mode, cross_steps=parse_spans(cross_steps), self_steps=spans, reweight=tuple(factors),
+                     blend=tuple(blend), subtract=tuple(subtract), **fields)
+        if reference:
+            return cls.reference(reference, **given, **({} if blend_start is None else {"blend_start": blend_start}))
+        return cls(**given, blend_start=cls.blend_start if blend_start is None else blend_start)
 
     def to_dict(self) -> dict:
         d = dict(vars(self))
@@ -383,7 +414,8 @@ def edit_controller(p2p: PromptToPrompt, blend: LocalBlend | None, extra: Attent
 
 
 def _source_pooled(pipe, prompts: list[str], generation: GenerationOptions) -> dict:
-    """SDXL with pooled="source": every prompt's pooled text embedding replaced by the source's (pipeline kwargs)."""
+    """SDXL or SD3 with pooled="source": every prompt's pooled text embedding replaced by the source's (pipeline
+    kwargs)."""
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt=prompts, device=execution_device(pipe), num_images_per_prompt=1,
@@ -403,29 +435,27 @@ def edit(pipe, source: str, targets: list[str] | str, options: EditOptions = Edi
     inversion: an `Inversion` of a real image; its caption must be the source prompt, and its latent, per-step
     unconditional embeddings, steps and guidance are used (the seed is then irrelevant).
     """
-    from contextlib import nullcontext
-
     targets = [targets] if isinstance(targets, str) else list(targets)
     prompts = [source, *targets]
-    scheduler = nullcontext()
     if inversion is not None:
-        from .inversion import check_inversion, sampler, sampling_kwargs
+        from .inversion import check_inversion, sample_back, sampling_options
 
         check_inversion(pipe, inversion, source)
-        scheduler = sampler(pipe, inversion)
-        generation = replace(generation, steps=inversion.options.steps, guidance=inversion.options.guidance,
-                             max_sequence_length=inversion.options.max_sequence_length)
-        pipe_kwargs.update(sampling_kwargs(inversion))
+        generation = sampling_options(inversion, generation)
+
+    def run(controller, **kwargs):  # from the seed's noise, or sampled back from the inversion
+        if inversion is None:
+            return generate(pipe, prompts, controller, generation, progress=progress, **kwargs)
+        return sample_back(pipe, inversion, prompts, controller, generation, progress, **kwargs)
+
     tokens, p2p, blend = edit_controllers(pipe, prompts, options, generation.steps, generation.max_sequence_length)
     controlled_kwargs = dict(pipe_kwargs)
-    if options.pooled == "source" and getattr(pipe, "text_encoder_2", None) is not None:
+    if options.pooled == "source" and family_of(pipe).pooled:
         if inversion is not None:
             raise PromptError("pooled='source' is not available when editing from an inversion")
         controlled_kwargs.update(_source_pooled(pipe, prompts, generation))
-    with scheduler:
-        controlled = generate(pipe, prompts, edit_controller(p2p, blend, extra), generation, progress=progress,
-                              **controlled_kwargs)
-        plain = generate(pipe, prompts, None, generation, progress=progress, **pipe_kwargs) if vanilla else None
+    controlled = run(edit_controller(p2p, blend, extra), **controlled_kwargs)
+    plain = run(None, **pipe_kwargs) if vanilla else None
     settings = {"prompts": prompts, **options.to_dict(), "mode": p2p.mode, "requested_mode": options.mode,
                 **generation.to_dict()}
     kept = None

@@ -76,9 +76,10 @@ class FireFlowScheduler(FlowMatchEulerDiscreteScheduler):
 
 
 def is_flow(pipe) -> bool:
-    """Whether the pipeline samples by flow matching (its scheduler is one of diffusers' FlowMatch schedulers)."""
-    return "FlowMatch" in type(getattr(pipe, "scheduler", None)).__name__ or isinstance(pipe.scheduler,
-                                                                                        FireFlowScheduler)
+    """Whether the pipeline samples by flow matching (its family's: SD3, Flux)."""
+    from .families import family_of
+
+    return family_of(pipe).flow
 
 
 def flow_sampler(pipe, method: str) -> FlowMatchEulerDiscreteScheduler:

@@ -9,9 +9,11 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 
-from .attention import AttentionController, Controllers, control, denoiser, exclusive
+from .attention import control
 from .errors import InputError
+from .families import family_of
 from .loading import execution_device
+from .routing import AttentionController, Controllers, denoiser, exclusive
 
 MAX_SIDE = 4096  # pixels: an image side above this is refused (8192 x 8192 took 8 GB of latents and activations)
 
@@ -67,7 +69,7 @@ def native_size(pipe) -> tuple[int, int]:
 
 def packed(pipe) -> bool:
     """Whether the pipeline keeps its latents as a sequence of 2x2 patches (Flux) rather than an image."""
-    return hasattr(pipe, "_pack_latents")
+    return family_of(pipe).packed
 
 
 def size_multiple(pipe) -> int:
@@ -189,7 +191,7 @@ def generate(
         uncond = uncond.to(device, pipe.text_encoder.dtype)
         pipe_kwargs["negative_prompt_embeds"] = uncond[0].expand(len(prompts), -1, -1)
         inputs.append("prompt_embeds")
-        if (uncond_pooled is not None) != (getattr(pipe, "text_encoder_2", None) is not None):
+        if (uncond_pooled is not None) != family_of(pipe).added_conditions:
             raise InputError("per-step unconditional embeddings on SDXL need their pooled embedding (uncond_pooled), "
                              "and only SDXL takes one")
         if uncond_pooled is not None:

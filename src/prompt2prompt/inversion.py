@@ -38,13 +38,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .attention import exclusive
 from .errors import InputError, ModelError, PromptError
+from .families import family_of
 from .flow import FLOW_METHODS, is_flow
 from .generation import check_size, native_size, size_multiple
 from .images import prepare_image
 from .loading import execution_device
 from .metrics import psnr  # noqa: F401  (re-exported: inversion.psnr is public)
+from .routing import exclusive
 
 DDIM_METHODS = ("null-text", "ddim", "negative-prompt", "direct")
 DDIM_GUIDANCE = 7.5  # the default guidance of DDIM-family inversions: the null-text notebook's
@@ -293,12 +294,10 @@ def check_inversion(pipe, inversion: Inversion, source: str | None = None) -> No
         kind = "a flow-matching model (SD3, shapes-flow)" if flow else "a DDPM-type model (SD 1.x / 2.x, shapes)"
         raise InputError(f"the inversion ({inversion.options.method}) was made with {kind}, {recorded!r}; "
                          f"this pipeline is not one: pass --model {recorded}")
-    from .loading import family
-
-    if family(pipe) == "flux":
-        raise ModelError("editing from an inversion supports SD 1.x, 2.x, XL and SD3 pipelines; flux is not "
-                         "supported yet")
-    if (family(pipe) == "sdxl") != (inversion.uncond_pooled is not None):
+    if not family_of(pipe).invertible:
+        raise ModelError(f"editing from an inversion supports SD 1.x, 2.x, XL and SD3 pipelines; "
+                         f"{family_of(pipe).title} is not supported yet")
+    if family_of(pipe).added_conditions != (inversion.uncond_pooled is not None):
         made = "an SDXL" if inversion.uncond_pooled is not None else "a one-text-encoder (SD 1.x / 2.x)"
         raise InputError(f"the inversion was made with {made} pipeline, {recorded!r}: pass --model {recorded}")
     net = pipe.transformer if flow else pipe.unet
@@ -343,6 +342,28 @@ def sampling_kwargs(inversion: Inversion) -> dict:
     uncond = None if inversion.options.method in FLOW_METHODS else inversion.uncond
     return {"latent": inversion.latent, "uncond": uncond, "uncond_pooled": inversion.uncond_pooled,
             "path": inversion.path}
+
+
+def sampling_options(inversion: Inversion, generation=None):
+    """The generation options of sampling from the inversion: its steps, guidance and text length over `generation`'s
+    (size, seed and the rest; the seed does not matter, the latent is the inversion's)."""
+    from .generation import GenerationOptions
+
+    return replace(generation or GenerationOptions(), steps=inversion.options.steps,
+                   guidance=inversion.options.guidance, max_sequence_length=inversion.options.max_sequence_length)
+
+
+def sample_back(pipe, inversion: Inversion, prompts: list[str] | str | None = None, controller=None,
+                generation=None, progress: bool = True, **pipe_kwargs):
+    """Sample from an inversion as it was made (its sampler, latent, per-step unconditional embeddings, steps,
+    guidance and text length): its caption alone (default) gives the reconstruction; with the edited prompts and a
+    controller, an edit. Returns the `generation.Generation`."""
+    from .generation import generate
+
+    prompts = [inversion.prompt] if prompts is None else prompts
+    with sampler(pipe, inversion):
+        return generate(pipe, prompts, controller, sampling_options(inversion, generation), progress=progress,
+                        **sampling_kwargs(inversion), **pipe_kwargs)
 
 
 class _DDIM:
@@ -391,12 +412,10 @@ class _Text:
     attention, and one vector shared by every step could not follow a per-step path anyway."""
 
     def __init__(self, pipe, prompt: str, size: tuple[int, int]):
-        from .loading import family
-
         self.unet = pipe.unet
         device = self.device = execution_device(pipe)
         with torch.no_grad():
-            if family(pipe) == "sdxl":
+            if family_of(pipe).added_conditions:  # SDXL: the second encoder's pooled embedding and the added conditions
                 self.cond, self.null, self.pooled, self.null_pooled = pipe.encode_prompt(
                     prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
                 # the pipeline's default added conditions: original size = target size = the image's, no crop
@@ -425,10 +444,9 @@ class _Text:
 def invert(pipe, image, prompt: str, options: InversionOptions = InversionOptions(), progress: bool = True,
            model: str = "") -> Inversion:
     """Invert an image (path or PIL) under its caption; see the module docstring for the methods."""
-    from .loading import family
-
-    if family(pipe) == "flux":
-        raise ModelError("inversion supports SD 1.x, 2.x, XL and SD3 pipelines; flux is not supported yet")
+    if not family_of(pipe).invertible:
+        raise ModelError(f"inversion supports SD 1.x, 2.x, XL and SD3 pipelines; {family_of(pipe).title} is not "
+                         "supported yet")
     if not prompt.strip():
         raise PromptError("expected a caption of the image, got an empty one")
     flow = is_flow(pipe)

@@ -23,11 +23,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention import LayerInfo, Router, Site
 from .errors import P2PError
+from .families import Family
+from .routing import LayerInfo, Router, RunInfo, Site
 
-SD3_PROCESSORS = ("JointAttnProcessor2_0",)
-FLUX_PROCESSORS = ("FluxAttnProcessor", "FluxAttnProcessor2_0")
 JOINT_PLACES = ("joint", "single")  # places whose cross site is a block of a joint softmax
 
 
@@ -72,16 +71,51 @@ def joint_layers(name: str, module) -> tuple[LayerInfo, LayerInfo]:
                                                                                heads, 0))
 
 
+def install(net, router: Router, originals: dict, family: Family):
+    """(processors, forward pre-hook) routing every attention module of an MM-DiT through the router."""
+    routed = {name: JointRoutedProcessor(router, name, net.get_submodule(name.removesuffix(".processor")), proc,
+                                         family) for name, proc in originals.items()}
+    return routed, _on_transformer_call(router, family)
+
+
+def _on_transformer_call(router: Router, family: Family):
+    """The MM-DiT's forward pre-hook: its image-token grid (SD3: latents / patch; Flux: from its image ids) and the
+    text length, and the run's shapes when they change."""
+
+    def hook(module, args, kwargs):
+        sample = args[0] if args else kwargs["hidden_states"]
+        text = kwargs.get("encoder_hidden_states")
+        router.text_tokens = 0 if text is None else text.shape[1]
+        batch = sample.shape[0]
+        if not family.packed:  # SD3: (batch, channels, h, w) latents, patchified inside
+            patch = module.config.patch_size
+            latent = tuple(sample.shape[2:])
+            grid = (latent[0] // patch, latent[1] // patch)
+        else:  # Flux: (batch, tokens, channels) packed latents; img_ids hold each token's (0, row, column)
+            ids = kwargs["img_ids"]
+            if router.ids is None or router.ids[0] is not ids:  # read once: one tensor every step
+                router.ids = (ids, (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1))
+            grid = router.ids[1]
+            latent = grid
+        run = router.run
+        if run is None or run.grid != grid or run.batch != batch:
+            router.start(RunInfo(latent, router.prompts_in(batch), batch, sample.device, sample.dtype,
+                                 router.loop_length(), (max(grid),), grid, family.packed))
+
+    return hook
+
+
 class JointRoutedProcessor:
     """Calls the original joint-attention processor, or computes the joint attention with the controller in it."""
 
-    def __init__(self, router: Router, name: str, module, original):
+    def __init__(self, router: Router, name: str, module, original, family: Family):
         self.router = router
         self.text, self.image = joint_layers(name, module)
         self.original = original
-        self.kind = "sd3" if type(original).__name__ in SD3_PROCESSORS else \
-            "flux" if type(original).__name__ in FLUX_PROCESSORS else None
-        self.text_first = self.kind == "flux"
+        self.family = family
+        # the family's projections are restated below only for its stock processors (None: another processor)
+        self.kind = family.name if type(original).__name__ in family.processors else None
+        self.text_first = family.text_first
         self._pads = None  # (layout, zero channels, text marker) for the fused call, made once per layout
         self._zeros = None
 
@@ -113,7 +147,8 @@ class JointRoutedProcessor:
             raise P2PError(f"{type(self.original).__name__} was given arguments attention control does not know")
         if self.kind is None:
             raise P2PError(f"the layer {self.image.name.rsplit(':', 1)[0]} uses {type(self.original).__name__}; "
-                           f"attention control supports diffusers' {', '.join(SD3_PROCESSORS + FLUX_PROCESSORS)}")
+                           f"attention control supports diffusers' {', '.join(self.family.processors)} on "
+                           f"{self.family.title}")
         if attention_mask is not None:
             raise P2PError("joint attention with an attention mask cannot be controlled")
         query, key, value, text, image = self._project(attn, hidden_states, encoder_hidden_states, kw)

@@ -8,24 +8,17 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
+from .families import PIPELINES, SUPPORTED, family_of
 
 MODELS = Path(__file__).parent / "models"
 BUNDLED = {"shapes": MODELS / "shapes", "shapes-flow": MODELS / "shapes-flow"}  # models shipped inside the package
 DEFAULT_MODEL = "shapes"
-_SD_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
-_NAMES = "Stable Diffusion 1.x, 2.x, XL or 3 / 3.5, or Flux.1"
+_SD_CLASSES = tuple(PIPELINES)  # the pipeline classes a folder may hold (families.py)
 
 
 def family(pipe) -> str:
-    """'sd1', 'sd2', 'sdxl', 'sd3' or 'flux', from the pipeline's components."""
-    if hasattr(pipe, "text_encoder_3"):
-        return "sd3"
-    if getattr(pipe, "transformer", None) is not None:
-        return "flux"
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl"
-    v_pred = pipe.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
-    return "sd2" if v_pred or pipe.text_encoder.config.hidden_size >= 1024 else "sd1"
+    """'sd1', 'sd2', 'sdxl', 'sd3' or 'flux': the name of the pipeline's `families.Family`."""
+    return family_of(pipe).name
 
 
 def outside_vocabulary(model: str | None, prompts) -> str | None:
@@ -49,7 +42,7 @@ def outside_vocabulary(model: str | None, prompts) -> str | None:
 def default_part(pipe) -> str | None:
     """Which encoder's part of a joint text sequence a word's map is read from by default: SD3's CLIP part (its T5
     part is zeros when the pipeline has no T5, as the bundled flow model); None for one-encoder sequences."""
-    return "clip" if family(pipe) == "sd3" else None
+    return family_of(pipe).default_part
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -153,7 +146,7 @@ def execution_device(pipe) -> torch.device:
     network's device."""
     device = getattr(pipe, "_execution_device", None)
     if device is None:
-        from .attention import denoiser
+        from .routing import denoiser
 
         device = denoiser(pipe).device
     return torch.device(device)
@@ -176,7 +169,7 @@ def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.
                          "pipeline.save_pretrained writes") from None
     cls = index.get("_class_name", "?") if isinstance(index, dict) else "?"
     if cls not in _SD_CLASSES or not ("unet" in index or "transformer" in index):
-        raise ModelError(f"{folder} holds a {cls}: expected a {_NAMES} text-to-image pipeline "
+        raise ModelError(f"{folder} holds a {cls}: expected a {SUPPORTED} text-to-image pipeline "
                          f"({', '.join(_SD_CLASSES)})")
     components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
     missing = [k for k in components if not (folder / k).is_dir()]

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .attention import AttentionController
+from .routing import AttentionController
 
 # aten operations that read a device tensor's value on the host (a device-to-host synchronisation on a GPU)
 HOST_READS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero", "aten::equal",

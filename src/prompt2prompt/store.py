@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import AttentionController, LayerInfo, RunInfo, Site
+from .routing import AttentionController, LayerInfo, RunInfo, Site
 
 
 @dataclass(frozen=True)

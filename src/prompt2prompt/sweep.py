@@ -514,7 +514,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", help="the study file (YAML or JSON): model, edits, grid, measures (see study.py)")
     p.add_argument("--out", required=True, help="folder for the cases, tables and contact sheet (a re-run with the "
                    "same folder continues where it stopped)")
-    from .cli import whole
+    from .argtypes import whole
 
     p.add_argument("--threads", type=whole(0), default=0, help="torch threads per process (default: the machine's "
                    "cores divided among the processes); the same number gives the same pictures on 1 or N processes")

@@ -214,7 +214,10 @@ def prompt_tokens(pipe, prompt: str, max_sequence_length: int | None = None) -> 
     """A prompt as the pipeline's denoiser sees its text: one CLIP sequence (SD 1.x/2.x/XL: their encoders share
     positions), CLIP then T5 (SD3: the CLIP part is 77 positions, the T5 part max_sequence_length; zeros when the
     pipeline has no T5), or T5 alone (Flux)."""
-    if hasattr(pipe, "text_encoder_3"):  # SD3
+    from .families import family_of
+
+    parts = family_of(pipe).text_parts
+    if parts == ("clip", "t5"):  # SD3
         length = sequence_length(pipe, max_sequence_length)
         clip = PromptTokens.from_tokenizer(pipe.tokenizer, prompt)
         if getattr(pipe, "text_encoder_3", None) is not None and getattr(pipe, "tokenizer_3", None) is not None:
@@ -222,6 +225,6 @@ def prompt_tokens(pipe, prompt: str, max_sequence_length: int | None = None) -> 
         else:
             t5 = PromptTokens(prompt, (), (), length)  # the pipeline feeds zeros there
         return PromptTokens.joint(prompt, [("clip", clip), ("t5", t5)])
-    if getattr(pipe, "transformer", None) is not None and getattr(pipe, "tokenizer_2", None) is not None:  # Flux
+    if parts == ("t5",):  # Flux
         return PromptTokens.from_tokenizer(pipe.tokenizer_2, prompt, sequence_length(pipe, max_sequence_length))
     return PromptTokens.from_tokenizer(pipe.tokenizer, prompt)

@@ -15,7 +15,6 @@ import math
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 from PIL import Image
 
@@ -96,12 +95,12 @@ class App:
     """The page's work, tab by tab, on one pipeline."""
 
     def __init__(self, pipe, model: str = ""):
-        from .loading import family
+        from .families import family_of
 
         self.pipe, self.model = pipe, model
         self.warnings: list[str] = []  # what the page was told besides its results (build() shows them as toasts)
         self.warn = self.warnings.append
-        self.joint = family(pipe) in ("sd3", "flux")
+        self.joint = family_of(pipe).joint
         self.places = ("joint", "single", "image") if self.joint else ("down", "mid", "up")
 
     def _generation(self, seed, steps, guidance):
@@ -158,16 +157,12 @@ class App:
     def edit_options(self, mode="auto", cross=0.8, self_steps=0.4, per_word="", reweight="", blend="", subtract="",
                      threshold=0.3, blend_start=0.2):
         """EditOptions from the page's controls, parsed as the command line parses its flags."""
-        from .cli import _edit_options
         from .edits import EditOptions
 
         cross_text = f"{float(cross)}" if not (per_word or "").strip() else f"default={float(cross)},{per_word.strip()}"
-        args = SimpleNamespace(mode=mode, cross_steps=cross_text, self_steps=str(float(self_steps)),
-                               reweight=list(_words(reweight)), blend=list(_words(blend)),
-                               subtract=list(_words(subtract)), threshold=float(threshold),
-                               pooled=EditOptions.pooled, joint=EditOptions.joint,
-                               reference=None, blend_start=float(blend_start))
-        return _edit_options(args)
+        return EditOptions.from_text(mode=mode, cross_steps=cross_text, self_steps=str(float(self_steps)),
+                                     reweight=_words(reweight), blend=_words(blend), subtract=_words(subtract),
+                                     threshold=float(threshold), blend_start=float(blend_start))
 
     def edit(self, source: str, targets: str, seed=0, steps=50, guidance=7.5, inversion=None, **controls):
         """(grid, vanilla pictures, controlled pictures, blend masks: one (picture, edited prompt) per edit, none
@@ -220,8 +215,7 @@ class App:
 
     def invert(self, path, caption: str, method: str = "auto", steps=50, guidance=7.5):
         """(reconstruction, message, inversion) of an uploaded image; the inversion is kept for further edits."""
-        from .generation import GenerationOptions, generate
-        from .inversion import InversionOptions, autoencoder_reconstruction, invert, psnr, sampler, sampling_kwargs
+        from .inversion import InversionOptions, autoencoder_reconstruction, invert, psnr, sample_back
 
         image = check_upload(path)
         if not (caption or "").strip():
@@ -229,9 +223,7 @@ class App:
         options = InversionOptions(method=method, steps=int(steps), guidance=float(guidance))
         self._vocabulary(caption)
         inv = invert(self.pipe, image, caption, options, progress=True, model=self.model)
-        with sampler(self.pipe, inv):
-            again = GenerationOptions(steps=inv.options.steps, guidance=inv.options.guidance)
-            rec = generate(self.pipe, [caption], None, again, progress=True, **sampling_kwargs(inv)).images[0]
+        rec = sample_back(self.pipe, inv).images[0]
         ae = autoencoder_reconstruction(self.pipe, inv.image)
         message = (f"{inv.options.method} inversion in {inv.settings['seconds']:.1f} s: reconstruction PSNR "
                    f"{psnr(rec, inv.image):.2f} dB against the input, {psnr(rec, ae):.2f} dB against the "
