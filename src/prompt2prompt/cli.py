@@ -427,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "direct", "fireflow", "euler"],
                    help="DDPM-type models (SD 1.x / 2.x, shapes): null-text (Mokady et al. 2022), plain ddim, "
                    "negative-prompt (no optimisation), or direct (Ju et al. 2023: the source is pinned to the "
-                   "inversion's path while edits run free; no optimisation); flow models (SD3, shapes-flow): fireflow "
-                   "(second order, one model call a step) or euler; auto (default): null-text or fireflow")
+                   "inversion's path while edits run free; no optimisation); flow models (SD3, Flux, shapes-flow): "
+                   "fireflow (second order, one model call a step) or euler; auto (default): null-text or fireflow")
     p.add_argument("--inner-steps", type=whole(1), default=10, help="null-text: Adam steps per timestep (default: 10)")
     p.add_argument("--offsets", type=whole(0), nargs=4, default=[0, 0, 0, 0],
                    metavar=("LEFT", "RIGHT", "TOP", "BOTTOM"),

@@ -31,7 +31,7 @@ class Family:
     text_parts: tuple[str, ...] = ("clip",)  # encoders filling a prompt's token positions, in sequence order
     default_part: str | None = None  # the part a word's map is read from by default; None: the only one
     processors: tuple[str, ...] = ()  # joint: diffusers' stock processor classes of its attention modules
-    invertible: bool = True  # real images can be inverted and edited (DDIM family or flow methods, by `flow`)
+    invertible: bool = True  # real images can be inverted and edited (DDIM-family or flow methods, by `flow`)
 
     @property
     def joint(self) -> bool:
@@ -47,7 +47,7 @@ SD3 = Family("sd3", "Stable Diffusion 3 / 3.5", "joint", flow=True, pooled=True,
              default_part="clip", processors=("JointAttnProcessor2_0",))
 # Flux.1: text (T5) then image in its double-stream blocks, already concatenated in its single-stream blocks
 FLUX = Family("flux", "Flux.1", "joint", text_first=True, packed=True, flow=True, text_parts=("t5",),
-              processors=("FluxAttnProcessor", "FluxAttnProcessor2_0"), invertible=False)  # inversion: not yet
+              processors=("FluxAttnProcessor", "FluxAttnProcessor2_0"))
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX)}
 SUPPORTED = "Stable Diffusion 1.x, 2.x, XL or 3 / 3.5, or Flux.1"  # for messages: what a model may be
 

@@ -1,4 +1,4 @@
-"""Rectified-flow inversion for flow-matching pipelines (SD3 / SD3.5, the bundled `shapes-flow`).
+"""Rectified-flow inversion for flow-matching pipelines (SD3 / SD3.5, the bundled `shapes-flow`, Flux.1).
 
 A flow-matching model predicts the velocity v = noise - image of the straight path x_s = (1 - s) image + s noise, and
 sampling integrates dx/ds = v from s = 1 (noise) down to s = 0. Inversion integrates the same ODE upwards, from the
@@ -11,9 +11,13 @@ image's latent at s = 0 to the noise at s = 1, on the grid of noise levels that 
   Second order at one model call per step (N steps: N + 1 calls, the first at the start point), in both directions;
   sampling back uses `FireFlowScheduler`, the same solver as a diffusers scheduler.
 
-Both directions walk the same grid with the same classifier-free guidance, so that the round trip differs only by the
-solvers' errors. FireFlow evaluates the velocity at the same midpoints both ways; Euler evaluates at each step's start,
-which is the step's other end going the other way (why its errors add up rather than cancel).
+Both directions walk the same grid with the same guidance (SD3: classifier-free, one batch [uncond, cond];
+Flux.1-dev: its guidance embedding, an input of the transformer; schnell has none), so that the round trip differs
+only by the solvers' errors. The grid is the pipeline's own (`set_flow_timesteps`): SD3 its scheduler's; Flux its
+linear noise levels from 1 to 1/N, shifted by the image's token count where the scheduler shifts dynamically. Flux's
+latents are inverted in the packed token sequence the transformer sees (the pipeline's own `_pack_latents`).
+FireFlow evaluates the velocity at the same midpoints both ways; Euler evaluates at each step's start, which is the
+step's other end going the other way (why its errors add up rather than cancel).
 """
 
 from __future__ import annotations
@@ -99,13 +103,48 @@ def flow_scheduler(pipe, method: str):
         pipe.scheduler = original
 
 
-def velocity(pipe, prompt: str, guidance: float, max_sequence_length: int | None = None):
-    """v(x, t) under the caption, with classifier-free guidance as the SD3 pipeline applies it (one batch [uncond,
-    cond])."""
+def shift_mu(config, tokens: int) -> float:
+    """The dynamic shift of the noise levels for an image of this many tokens: linear in the token count from
+    base_shift at base_image_seq_len to max_shift at max_image_seq_len (the formula of diffusers' Flux and SD3
+    pipelines, `calculate_shift`; the defaults are theirs: 256, 4096, 0.5, 1.15)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (top - base) / (max_len - base_len)
+    return tokens * slope + base - slope * base_len
+
+
+def set_flow_timesteps(pipe, scheduler, steps: int, latent: torch.Tensor) -> None:
+    """Set the scheduler's steps as the pipeline's own loop does for these latents (as the pipeline holds them)."""
+    import numpy as np
+
+    from .families import family_of
+
+    kwargs = {}
+    packed = getattr(pipe, "transformer", None) is not None and family_of(pipe).packed  # (a bare solver: not)
+    if packed:  # Flux: its own linear noise levels, 1 to 1/N; (1, tokens, channels) latents
+        kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+    if scheduler.config.get("use_dynamic_shifting"):
+        if packed:
+            tokens = latent.shape[1]
+        else:  # SD3: (1, channels, h, w) latents in patches
+            patch = pipe.transformer.config.patch_size
+            tokens = (latent.shape[2] // patch) * (latent.shape[3] // patch)
+        kwargs["mu"] = shift_mu(scheduler.config, tokens)
+    scheduler.set_timesteps(steps, **kwargs)
+
+
+def velocity(pipe, prompt: str, guidance: float, max_sequence_length: int | None = None,
+             latent_size: tuple[int, int] | None = None):
+    """v(x, t) under the caption. SD3: classifier-free guidance as its pipeline applies it (one batch [uncond,
+    cond]); Flux: the transformer's guidance input where it has one (dev; schnell has none), t / 1000 as its
+    pipeline passes it, and the image ids of latents of latent_size (h, w) before packing."""
+    from .families import family_of
     from .loading import execution_device
 
     net, device = pipe.transformer, execution_device(pipe)
     kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    if family_of(pipe).packed:
+        return _flux_velocity(pipe, prompt, guidance, kwargs, latent_size)
     guided = guidance > 1
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
@@ -127,11 +166,32 @@ def velocity(pipe, prompt: str, guidance: float, max_sequence_length: int | None
     return v
 
 
+def _flux_velocity(pipe, prompt: str, guidance: float, kwargs: dict, latent_size: tuple[int, int]):
+    from .loading import execution_device
+
+    net, device = pipe.transformer, execution_device(pipe)
+    with torch.no_grad():
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, **kwargs)
+    h, w = latent_size  # the unpacked latent's sides: tokens are 2x2 patches of it
+    image_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, embeds.dtype)
+    embedded = torch.full([1], float(guidance), device=device, dtype=torch.float32) \
+        if net.config.guidance_embeds else None  # dev: guidance is an input; schnell: none
+
+    @torch.no_grad()
+    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # x: (1, tokens, channels) packed
+        return net(hidden_states=x, timestep=(t.to(device).expand(x.shape[0]) / 1000).to(x.dtype), guidance=embedded,
+                   pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=image_ids,
+                   return_dict=False)[0]
+
+    return v
+
+
 def invert_flow(pipe, latent: torch.Tensor, v, steps: int, method: str, progress: bool = True) -> torch.Tensor:
     """The noise at s = 1 whose sampling (with `flow_sampler(pipe, method)`, `steps` steps) returns `latent` (s = 0),
-    up to the solver's error. latent: (1, channels, h, w), scaled as the pipeline's latents."""
+    up to the solver's error. latent: as the pipeline holds its latents ((1, channels, h, w); Flux: packed),
+    scaled as they are."""
     sampler = flow_sampler(pipe, method)
-    sampler.set_timesteps(steps)
+    set_flow_timesteps(pipe, sampler, steps, latent)
     dtype = latent.dtype
     x = latent.float()
     if method == "euler":

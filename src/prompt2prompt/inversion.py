@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import InputError, ModelError, PromptError
-from .families import family_of
+from .families import FAMILIES, family_of
 from .flow import FLOW_METHODS, is_flow
 from .generation import check_size, native_size, size_multiple
 from .images import prepare_image
@@ -260,6 +260,22 @@ def decode(pipe, latent: torch.Tensor) -> Image.Image:
     return tensor_to_image(pipe, pipe.vae.decode(latent / pipe.vae.config.scaling_factor + _shift(pipe)).sample)
 
 
+def pack(pipe, latent: torch.Tensor) -> torch.Tensor:
+    """Latents (n, channels, h, w) as the pipeline holds them: Flux's packed token sequence (its own `_pack_latents`),
+    others as they are."""
+    if not family_of(pipe).packed:
+        return latent
+    n, channels, h, w = latent.shape
+    return pipe._pack_latents(latent, n, channels, h, w)
+
+
+def unpack(pipe, latent: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`pack` undone for an image of size (width, height) in pixels."""
+    if not family_of(pipe).packed:
+        return latent
+    return pipe._unpack_latents(latent, size[1], size[0], pipe.vae_scale_factor)
+
+
 def autoencoder_reconstruction(pipe, image: Image.Image) -> Image.Image:
     """The best any inversion can do: the autoencoder's own reconstruction."""
     return decode(pipe, encode(pipe, image))
@@ -291,17 +307,22 @@ def check_inversion(pipe, inversion: Inversion, source: str | None = None) -> No
     recorded = inversion.settings.get("model") or "the model it was made with"
     flow = inversion.options.method in FLOW_METHODS
     if flow != is_flow(pipe):
-        kind = "a flow-matching model (SD3, shapes-flow)" if flow else "a DDPM-type model (SD 1.x / 2.x, shapes)"
+        kind = "a flow-matching model (SD3, Flux, shapes-flow)" if flow else "a DDPM-type model (SD 1.x / 2.x, shapes)"
         raise InputError(f"the inversion ({inversion.options.method}) was made with {kind}, {recorded!r}; "
                          f"this pipeline is not one: pass --model {recorded}")
-    if not family_of(pipe).invertible:
-        raise ModelError(f"editing from an inversion supports SD 1.x, 2.x, XL and SD3 pipelines; "
-                         f"{family_of(pipe).title} is not supported yet")
+    family = family_of(pipe)
+    if not family.invertible:
+        raise ModelError(f"editing from an inversion is not supported on {family.title} yet")
+    named = inversion.settings.get("family")  # files from before the family was recorded: not checked
+    made = FAMILIES.get(named) if isinstance(named, str) else None
+    if made is not None and made is not family:
+        raise InputError(f"the inversion was made with a {made.title} pipeline, {recorded!r}; this pipeline is "
+                         f"{family.title}: pass --model {recorded}")
     if family_of(pipe).added_conditions != (inversion.uncond_pooled is not None):
         made = "an SDXL" if inversion.uncond_pooled is not None else "a one-text-encoder (SD 1.x / 2.x)"
         raise InputError(f"the inversion was made with {made} pipeline, {recorded!r}: pass --model {recorded}")
     net = pipe.transformer if flow else pipe.unet
-    channels = net.config.in_channels
+    channels = net.config.in_channels // (4 if family_of(pipe).packed else 1)  # Flux: 2x2 patches of channels
     factor, multiple = int(pipe.vae_scale_factor), size_multiple(pipe)
     side = tuple(int(n) * factor for n in inversion.latent.shape[2:])
     if side != (inversion.image.height, inversion.image.width) or side[0] % multiple or side[1] % multiple:
@@ -335,12 +356,13 @@ def sampler(pipe, inversion: Inversion):
     return ddim_scheduler(pipe)
 
 
-def sampling_kwargs(inversion: Inversion) -> dict:
-    """What `generate` needs to sample from the inversion: its latent, per-step unconditional embeddings (DDIM
-    methods; flow inversions use the plain empty caption, as their inversion did) and, for `direct`, the latent path
-    the source prompt is pinned to."""
+def sampling_kwargs(inversion: Inversion, pipe=None) -> dict:
+    """What `generate` needs to sample from the inversion: its latent (packed for a pipeline that packs them: give
+    the pipe), per-step unconditional embeddings (DDIM methods; flow inversions use the plain empty caption, as their
+    inversion did) and, for `direct`, the latent path the source prompt is pinned to."""
     uncond = None if inversion.options.method in FLOW_METHODS else inversion.uncond
-    return {"latent": inversion.latent, "uncond": uncond, "uncond_pooled": inversion.uncond_pooled,
+    latent = inversion.latent if pipe is None else pack(pipe, inversion.latent)
+    return {"latent": latent, "uncond": uncond, "uncond_pooled": inversion.uncond_pooled,
             "path": inversion.path}
 
 
@@ -350,7 +372,8 @@ def sampling_options(inversion: Inversion, generation=None):
     from .generation import GenerationOptions
 
     return replace(generation or GenerationOptions(), steps=inversion.options.steps,
-                   guidance=inversion.options.guidance, max_sequence_length=inversion.options.max_sequence_length)
+                   guidance=inversion.options.guidance, max_sequence_length=inversion.options.max_sequence_length,
+                   height=inversion.image.height, width=inversion.image.width)
 
 
 def sample_back(pipe, inversion: Inversion, prompts: list[str] | str | None = None, controller=None,
@@ -363,7 +386,7 @@ def sample_back(pipe, inversion: Inversion, prompts: list[str] | str | None = No
     prompts = [inversion.prompt] if prompts is None else prompts
     with sampler(pipe, inversion):
         return generate(pipe, prompts, controller, sampling_options(inversion, generation), progress=progress,
-                        **sampling_kwargs(inversion), **pipe_kwargs)
+                        **sampling_kwargs(inversion, pipe), **pipe_kwargs)
 
 
 class _DDIM:
@@ -445,8 +468,7 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
            model: str = "") -> Inversion:
     """Invert an image (path or PIL) under its caption; see the module docstring for the methods."""
     if not family_of(pipe).invertible:
-        raise ModelError(f"inversion supports SD 1.x, 2.x, XL and SD3 pipelines; {family_of(pipe).title} is not "
-                         "supported yet")
+        raise ModelError(f"inversion is not supported on {family_of(pipe).title} yet")
     if not prompt.strip():
         raise PromptError("expected a caption of the image, got an empty one")
     flow = is_flow(pipe)
@@ -473,12 +495,15 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
         from .flow import invert_flow, velocity
 
         with exclusive(pipe):
-            v = velocity(pipe, prompt, options.guidance, options.max_sequence_length)
-            noise = invert_flow(pipe, encode(pipe, prepared), v, options.steps, options.method, progress)
+            latent = encode(pipe, prepared)  # (1, channels, h, w)
+            v = velocity(pipe, prompt, options.guidance, options.max_sequence_length, tuple(latent.shape[2:]))
+            noise = unpack(pipe, invert_flow(pipe, pack(pipe, latent), v, options.steps, options.method, progress),
+                           prepared.size)  # kept as (1, channels, h, w) whatever the pipeline's layout
         uncond, path, pooled = torch.zeros(0, 0, 0), None, None  # sampling uses the empty caption, as the inversion did
     else:
         noise, uncond, losses, path, pooled = _ddim_family(pipe, prepared, prompt, options, progress)
-    settings = {"model": str(model), "size": list(prepared.size), "seconds": time.perf_counter() - start,
+    settings = {"model": str(model), "family": family_of(pipe).name, "size": list(prepared.size),
+                "seconds": time.perf_counter() - start,
                 "losses": losses, "scaling_factor": float(pipe.vae.config.scaling_factor), "conversions": notes}
     return Inversion(noise.detach().cpu(), uncond.detach().cpu(), prompt, options, prepared, settings,
                      None if path is None else path.detach().cpu(), None if pooled is None else pooled.detach().cpu())
