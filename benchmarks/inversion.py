@@ -3,13 +3,14 @@
     python benchmarks/inversion.py [--model shapes|shapes-flow] [--images 20] [--steps 50] [--json inversion.json]
 
 The images are drawn by the shapes world's renderer (pictures the model never produced, with true masks). Per method
-of the model's family (UNet: ddim, negative-prompt, null-text; flow matching: euler, fireflow, and euler with one step
-more, i.e. as many model calls as fireflow): reconstruction PSNR against the input and against the autoencoder's own
-reconstruction (the ceiling of any inversion), model calls and seconds per image. Then, from each method's inversion,
-a replace edit (one object's shape swapped) with local blend: PSNR against the input over the unedited object and the
-background, i.e. outside both the edited object's true mask and its new shape's region in the edit (colour
-segmentation), grown by 2 pixels, and whether the edited object shows the new shape; both as decoded and with the
-input's background kept outside the blend mask (`p2p edit --from` does that by default; background.py).
+of the model's family (UNet: ddim, negative-prompt, null-text; flow matching: euler, fireflow, euler with one step
+more, i.e. as many model calls as fireflow, and rf-solver with half the steps, two calls each): reconstruction PSNR
+against the input and against the autoencoder's own reconstruction (the ceiling of any inversion), model calls and
+seconds per image. Then, from each method's inversion, a replace edit (one object's shape swapped) with local blend:
+PSNR against the input over the unedited object and the background, i.e. outside both the edited object's true mask
+and its new shape's region in the edit (colour segmentation), grown by 2 pixels, and whether the edited object shows
+the new shape; both as decoded and with the input's background kept outside the blend mask (`p2p edit --from` does
+that by default; background.py).
 
     python benchmarks/inversion.py --cost sd15 [--cost-size 32] [--steps 5]   # or --cost sdxl
 
@@ -75,9 +76,11 @@ def methods(pipe, steps: int, guidance: float, max_sequence_length: int | None):
     def opts(method, n):
         return InversionOptions(method=method, steps=n, guidance=guidance, max_sequence_length=max_sequence_length)
 
-    if is_flow(pipe):  # FireFlow: one call per step plus one; Euler: one per step
+    if is_flow(pipe):  # FireFlow: one call per step plus one; Euler: one per step; RF-Solver: two per step
+        half = max(1, steps // 2)
         return [("fireflow", opts("fireflow", steps), steps + 1), ("euler", opts("euler", steps), steps),
-                (f"euler {steps + 1} steps", opts("euler", steps + 1), steps + 1)]
+                (f"euler {steps + 1} steps", opts("euler", steps + 1), steps + 1),
+                (f"rf-solver {half} steps", opts("rf-solver", half), 2 * half)]
     return [(m, opts(m, steps), None) for m in ("null-text", "ddim", "negative-prompt", "direct")]
 
 

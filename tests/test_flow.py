@@ -12,7 +12,7 @@ from PIL import Image
 
 from prompt2prompt.edits import EditOptions, edit
 from prompt2prompt.errors import InputError
-from prompt2prompt.flow import FireFlowScheduler, flow_sampler, invert_flow
+from prompt2prompt.flow import FireFlowScheduler, RFSolverScheduler, flow_sampler, invert_flow
 from prompt2prompt.generation import GenerationOptions, generate
 from prompt2prompt.inversion import (
     Inversion,
@@ -73,6 +73,20 @@ def test_fireflow_scheduler_is_second_order_and_euler_first(shift):
     assert errors["FireFlowScheduler", 40] < errors["FlowMatchEulerDiscreteScheduler", 40] / 10
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_rf_solver_scheduler_is_second_order_at_two_calls_a_step(shift):
+    x = torch.linspace(-2, 2, 7, dtype=torch.float64)
+    exact = reference(x)
+    errors = {}
+    for steps in (20, 40):
+        out, calls = sample(RFSolverScheduler(shift=shift), x.clone(), steps)
+        assert calls == 2 * steps
+        errors[steps] = (out - exact).abs().max().item()
+    assert 1.7 < math.log2(errors[20] / errors[40]) < 2.7, errors
+    euler, _ = sample(FlowMatchEulerDiscreteScheduler(shift=shift), x.clone(), 40)  # the same 40 calls
+    assert errors[20] < (euler - exact).abs().max().item() / 5
+
+
 def test_inversion_then_sampling_returns_to_the_start():
     pipe = SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     start = torch.linspace(-1, 1, 5, dtype=torch.float64)
@@ -82,6 +96,9 @@ def test_inversion_then_sampling_returns_to_the_start():
         back, _ = sample(flow_sampler(pipe, method), noise, steps)
         gaps[method] = (back - start).abs().max().item()
     assert gaps["fireflow"] < gaps["euler"] / 20
+    noise = invert_flow(pipe, start.clone(), field, 8, "rf-solver", progress=False)  # 16 calls each way too
+    back, calls = sample(flow_sampler(pipe, "rf-solver"), noise, 8)
+    assert calls == 16 and (back - start).abs().max().item() < gaps["euler"] / 10
     noise = invert_flow(pipe, start.clone(), field, 30, "fireflow", progress=False)
     finer = (sample(flow_sampler(pipe, "fireflow"), noise, 30)[0] - start).abs().max().item()
     assert finer < gaps["fireflow"] / 3  # twice the steps, about a quarter of the gap
@@ -103,20 +120,21 @@ def _picture(size=32):
     return Image.fromarray(a)
 
 
-def test_pipeline_round_trip_fireflow_beats_euler_at_equal_calls(sd3):
+def test_pipeline_round_trip_fireflow_and_rf_solver_beat_euler_at_equal_calls(sd3):
     image, caption = _picture(), "a red square"
     target = encode(sd3, image)
     gaps = {}
-    for method, steps in (("fireflow", 9), ("euler", 10)):
+    solvers = {"fireflow": FireFlowScheduler, "rf-solver": RFSolverScheduler, "euler": FlowMatchEulerDiscreteScheduler}
+    for method, steps in (("fireflow", 9), ("rf-solver", 5), ("euler", 10)):  # 10 model calls each way
         inv = invert(sd3, image, caption, InversionOptions(method=method, steps=steps, guidance=1.0), progress=False)
         assert inv.uncond.numel() == 0 and inv.options.method == method
         with sampler(sd3, inv) as used:
-            assert type(used) is (FireFlowScheduler if method == "fireflow" else FlowMatchEulerDiscreteScheduler)
+            assert type(used) is solvers[method]
             out = generate(sd3, [caption], None, GenerationOptions(steps=steps, guidance=1.0), progress=False,
                            **sampling_kwargs(inv))
         assert type(sd3.scheduler) is FlowMatchEulerDiscreteScheduler  # the caller's scheduler is back
         gaps[method] = (out.latents.float() - target.float()).pow(2).mean().sqrt().item()
-    assert gaps["fireflow"] < gaps["euler"] / 2, gaps
+    assert gaps["fireflow"] < gaps["euler"] / 2 and gaps["rf-solver"] < gaps["euler"] / 2, gaps
 
 
 def test_guided_inversion_round_trip(sd3):

@@ -34,16 +34,16 @@ def _gap(pipe, inv, target) -> float:
     return (unpack(pipe, out.latents, inv.image.size).float() - target.float()).pow(2).mean().sqrt().item()
 
 
-def test_flux_round_trip_fireflow_beats_euler_at_equal_calls(flux):
+def test_flux_round_trip_fireflow_and_rf_solver_beat_euler_at_equal_calls(flux):
     image = _picture()
     target = encode(flux, image)  # (1, channels, h, w)
     gaps = {}
-    for method, steps in (("fireflow", 9), ("euler", 10)):  # 10 model calls each way
+    for method, steps in (("fireflow", 9), ("rf-solver", 5), ("euler", 10)):  # 10 model calls each way
         inv = invert(flux, image, CAPTION, InversionOptions(method=method, steps=steps, guidance=1.0, **SIZE),
                      progress=False)
         assert inv.latent.shape == target.shape and inv.settings["family"] == "flux"
         gaps[method] = _gap(flux, inv, target)
-    assert gaps["fireflow"] < gaps["euler"] / 2, gaps
+    assert gaps["fireflow"] < gaps["euler"] / 2 and gaps["rf-solver"] < gaps["euler"] / 2, gaps
     assert gaps["fireflow"] < 0.2 * target.float().std().item(), gaps
 
 

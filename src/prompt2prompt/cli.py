@@ -51,28 +51,28 @@ def _precision(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(p: argparse.ArgumentParser, seed: bool = True, guidance: float | None = 7.5,
-              guidance_default: str = "7.5") -> None:
+              guidance_default: str = "7.5", steps_default: str = "50") -> None:
     if seed:
         p.add_argument("--seed", type=whole(0), default=0, help="seed of the shared initial latent and of the "
                        "scheduler's noise (default: 0)")
-    p.add_argument("--steps", type=whole(1), default=50, help="denoising steps (default: 50)")
+    p.add_argument("--steps", type=whole(1), default=None, help=f"denoising steps (default: {steps_default})")
     p.add_argument("--guidance", type=number(0), default=guidance,
                    help=f"classifier-free guidance scale; 1 or less turns it off (default: {guidance_default})")
     p.add_argument("--height", type=whole(1), default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=whole(1), default=None, help="image width in pixels (default: the model's)")
 
 
-def _common(p: argparse.ArgumentParser, out: str, out_is: str = "output folder") -> None:
+def _common(p: argparse.ArgumentParser, out: str, out_is: str = "output folder", steps_default: str = "50") -> None:
     """_machine's flags and the generation settings."""
     _machine(p, out, out_is)
-    _sampling(p)
+    _sampling(p, steps_default=steps_default)
 
 
 def _options(args):
     from .generation import GenerationOptions
 
-    return GenerationOptions(steps=args.steps, guidance=args.guidance, seed=args.seed, height=args.height,
-                             width=args.width)
+    return GenerationOptions(steps=50 if args.steps is None else args.steps, guidance=args.guidance, seed=args.seed,
+                             height=args.height, width=args.width)
 
 
 def _prompts(*prompts: str) -> None:
@@ -198,11 +198,43 @@ def _edit_flags(p: argparse.ArgumentParser) -> None:
                    "notebook computes them (README: reference mode)")
 
 
+def _flowedit(args) -> None:
+    """`p2p edit --from-image IMAGE SOURCE TARGET`: FlowEdit, checked before the model loads."""
+    from .figures import write_flowedit
+    from .flowedit import FlowEditOptions, flowedit
+    from .images import read_image
+
+    if len(args.targets) != 1:
+        raise P2PError(f"--from-image edits one image from its caption to one target: expected SOURCE TARGET, got "
+                       f"{1 + len(args.targets)} prompt(s)")
+    _prompts(args.source, *args.targets)
+    controls = [flag for flag, given in (("--from", args.from_inversion), ("--blend", args.blend),
+                                         ("--subtract", args.subtract), ("--reweight", args.reweight),
+                                         ("--reference", args.reference), ("--feather", args.feather is not None))
+                if given]
+    if controls:
+        raise P2PError(f"--from-image (FlowEdit) takes no {', '.join(controls)}: FlowEdit edits the whole image "
+                       "without attention control; use --from INVERSION for a controlled edit of an inverted image")
+    options = FlowEditOptions(steps=args.steps, n_max=args.n_max, n_avg=args.n_avg,
+                              source_guidance=args.source_guidance, target_guidance=args.target_guidance,
+                              seed=args.seed, height=args.height, width=args.width)
+    device = _device(args)
+    _folder(args)
+    image = read_image(args.from_image)  # before the model loads: a missing or unreadable image fails at once
+    pipe = _pipe(args, device)
+    _warn_truncated(pipe, [args.source, *args.targets], args.quiet, args.model)
+    result = flowedit(pipe, image, args.source, args.targets[0], options, progress=not args.quiet)
+    files = write_flowedit(result, args.out, model=args.model)
+    print(f"wrote {len(files)} files to {args.out}; open {files['html']}")
+
+
 def cmd_edit(args) -> None:
     from .edits import edit
     from .figures import write_edit
     from .inversion import Inversion, check_inversion
 
+    if args.from_image:
+        return _flowedit(args)
     if not args.targets:  # re-weighting the prompt itself: the edited prompt is the source
         if not (args.reweight or args.mode == "reweight"):
             raise P2PError("expected one or more edited prompts after the source prompt, or --reweight WORD=FACTOR to "
@@ -238,7 +270,7 @@ def cmd_invert(args) -> None:
     method = args.method
     if method == "auto":  # decided from the model's index before loading it, so options are checked at once
         method = "fireflow" if samples_by_flow(args.model) else "null-text"
-    options = InversionOptions(method=method, steps=args.steps, guidance=args.guidance,
+    options = InversionOptions(method=method, steps=50 if args.steps is None else args.steps, guidance=args.guidance,
                                inner_steps=args.inner_steps, offsets=tuple(args.offsets), height=args.height,
                                width=args.width)
     device = _device(args)
@@ -371,8 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feather", type=whole(0), default=None, metavar="PX",
                    help="with --keep-background: pixels outside the mask over which the edit fades into the input, "
                    "at most 64 (default: the autoencoder's factor, 8 on SD)")
+    p.add_argument("--from-image", default=None, metavar="IMAGE",
+                   help="edit a real image without inverting it: FlowEdit (Kulikov et al. 2024) on SD3 / Flux; the "
+                   "source prompt is its caption, one target; no attention controls")
+    p.add_argument("--method", default="flowedit", choices=["flowedit"],
+                   help="with --from-image: the inversion-free method (default: flowedit)")
+    p.add_argument("--n-max", type=whole(0), default=None, metavar="N",
+                   help="FlowEdit: the last N of the --steps noise levels are walked (the edit's strength) "
+                   "(default: the family's, SD3 33 of 50, Flux 24 of 28)")
+    p.add_argument("--n-avg", type=whole(1), default=1, metavar="N",
+                   help="FlowEdit: noise draws averaged per step (default: 1)")
+    p.add_argument("--source-guidance", type=number(0), default=None,
+                   help="FlowEdit: guidance of the source velocity (default: the family's, SD3 3.5, Flux 1.5)")
+    p.add_argument("--target-guidance", type=number(0), default=None,
+                   help="FlowEdit: guidance of the target velocity (default: the family's, SD3 13.5, Flux 5.5)")
     _edit_flags(p)
-    _common(p, "p2p-out/edit")
+    _common(p, "p2p-out/edit", steps_default="50; with --from-image the family's FlowEdit steps")
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("demo", help="the tour: maps, word swap, local blend, sweeps, refine, re-weight, analysis",
@@ -424,11 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "enlarging more than 4 times is refused)")
     p.add_argument("caption", help="a caption of the image (becomes the source prompt of edits)")
     p.add_argument("--method", default="auto", choices=["auto", "null-text", "ddim", "negative-prompt",
-                                                        "direct", "fireflow", "euler"],
+                                                        "direct", "fireflow", "euler", "rf-solver"],
                    help="DDPM-type models (SD 1.x / 2.x, shapes): null-text (Mokady et al. 2022), plain ddim, "
                    "negative-prompt (no optimisation), or direct (Ju et al. 2023: the source is pinned to the "
                    "inversion's path while edits run free; no optimisation); flow models (SD3, Flux, shapes-flow): "
-                   "fireflow (second order, one model call a step) or euler; auto (default): null-text or fireflow")
+                   "fireflow (second order, one model call a step), rf-solver (second order, two calls a step) or "
+                   "euler; auto (default): null-text or fireflow")
     p.add_argument("--inner-steps", type=whole(1), default=10, help="null-text: Adam steps per timestep (default: 10)")
     p.add_argument("--offsets", type=whole(0), nargs=4, default=[0, 0, 0, 0],
                    metavar=("LEFT", "RIGHT", "TOP", "BOTTOM"),

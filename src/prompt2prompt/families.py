@@ -32,6 +32,8 @@ class Family:
     default_part: str | None = None  # the part a word's map is read from by default; None: the only one
     processors: tuple[str, ...] = ()  # joint: diffusers' stock processor classes of its attention modules
     invertible: bool = True  # real images can be inverted and edited (DDIM-family or flow methods, by `flow`)
+    flowedit: tuple[int, int, float, float] | None = None  # FlowEdit's defaults (steps, n_max, source and target
+    # guidance), from the paper's published settings (fallenshock/FlowEdit, SD3_exp.yaml / FLUX_exp.yaml); None: n/a
 
     @property
     def joint(self) -> bool:
@@ -44,10 +46,10 @@ SDXL = Family("sdxl", "Stable Diffusion XL", "unet", pooled=True, added_conditio
 # SD3 / SD3.5: joint sequence image then text; the text is CLIP's 77 positions (its two CLIP encoders side by side in
 # the channels) then T5's; the CLIP part is read by default (the T5 part is zeros in a pipeline without T5)
 SD3 = Family("sd3", "Stable Diffusion 3 / 3.5", "joint", flow=True, pooled=True, text_parts=("clip", "t5"),
-             default_part="clip", processors=("JointAttnProcessor2_0",))
+             default_part="clip", processors=("JointAttnProcessor2_0",), flowedit=(50, 33, 3.5, 13.5))
 # Flux.1: text (T5) then image in its double-stream blocks, already concatenated in its single-stream blocks
 FLUX = Family("flux", "Flux.1", "joint", text_first=True, packed=True, flow=True, text_parts=("t5",),
-              processors=("FluxAttnProcessor", "FluxAttnProcessor2_0"))
+              processors=("FluxAttnProcessor", "FluxAttnProcessor2_0"), flowedit=(28, 24, 1.5, 5.5))
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX)}
 SUPPORTED = "Stable Diffusion 1.x, 2.x, XL or 3 / 3.5, or Flux.1"  # for messages: what a model may be
 

@@ -190,6 +190,37 @@ def write_edit(result: EditResult, out, model: str = "", inversion=None) -> dict
     return {k: Path(out) / v for k, v in files.items()}
 
 
+def write_flowedit(result, out, model: str = "") -> dict:
+    """A FlowEdit result (`flowedit.FlowEditResult`): input.png, edit.png, a labelled pair, settings.json and a
+    self-contained index.html, written whole or not at all."""
+    from .metrics import psnr
+
+    settings = {**result.settings, "model": str(model)}
+    source, target = settings["prompts"]
+    files = {}
+    with staged(out) as tmp:
+        result.source.save(tmp / "input.png")
+        result.image.save(tmp / "edit.png")
+        pair = plot.grid([result.source, result.image], [f"input: {source}", f"FlowEdit: {target}"], cell=256,
+                         title="FlowEdit (inversion-free)")
+        pair.save(tmp / "grid.png")
+        files.update(input="input.png", edit="edit.png", grid="grid.png")
+        write_json(tmp / "settings.json", settings)
+        files["settings"] = "settings.json"
+        table = [("edit vs input (PSNR)", f"{psnr(result.image, result.source):.2f} dB", "how much of the picture "
+                  "changed (no mask: FlowEdit edits the whole image)"),
+                 ("model calls", str(settings["model_calls"]), f"{settings['n_max']} of {settings['steps']} steps, "
+                  f"{settings['n_avg']} noise draw(s), source and target")]
+        text = (f"The image, captioned “{source}”, moved towards “{target}” by the difference of the target's and "
+                f"the source's velocities (guidance {settings['source_guidance']:g} and "
+                f"{settings['target_guidance']:g}), without inverting it.")
+        (tmp / "index.html").write_text(page(f"prompt2prompt: FlowEdit ({source} -> {target})",
+                                             [Section("FlowEdit", text, [("input and edit", pair)], table)],
+                                             settings))
+        files["html"] = "index.html"
+    return {k: Path(out) / v for k, v in files.items()}
+
+
 def swap_figures(result: SwapAnalysis) -> dict[str, Image.Image]:
     from .analysis import word_index_map
 

@@ -10,6 +10,10 @@ image's latent at s = 0 to the noise at s = 1, on the grid of noise levels that 
   method, whose midpoint is reached with the velocity from the previous step's midpoint instead of a new model call.
   Second order at one model call per step (N steps: N + 1 calls, the first at the start point), in both directions;
   sampling back uses `FireFlowScheduler`, the same solver as a diffusers scheduler.
+- `rf-solver` (Wang et al. 2024, "Taming Rectified Flow for Inversion and Editing", RF-Solver-2): the second-order
+  Taylor step with the velocity's derivative from a finite difference over half the step, x + h v + h^2 / 2 * (v_mid
+  - v) / (h / 2) with v_mid at x + h / 2 v: two model calls a step (N steps: 2N calls), both directions through the
+  same midpoints; sampled back with `RFSolverScheduler`.
 
 Both directions walk the same grid with the same guidance (SD3: classifier-free, one batch [uncond, cond];
 Flux.1-dev: its guidance embedding, an input of the transformer; schnell has none), so that the round trip differs
@@ -28,7 +32,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm import tqdm
 
-FLOW_METHODS = ("fireflow", "euler")
+FLOW_METHODS = ("fireflow", "euler", "rf-solver")
 # Guidance of flow inversions (and of sampling and edits from them) unless asked otherwise. Measured on shapes-flow
 # (BENCHMARKS.md): at 7.5 the guided ODE integrated backwards does not come back (FireFlow and Euler alike), at 2 it
 # does.
@@ -88,8 +92,52 @@ def is_flow(pipe) -> bool:
 
 def flow_sampler(pipe, method: str) -> FlowMatchEulerDiscreteScheduler:
     """The scheduler that samples back from a `method` inversion, made from the pipeline's scheduler config."""
-    cls = FireFlowScheduler if method == "fireflow" else FlowMatchEulerDiscreteScheduler
-    return cls.from_config(pipe.scheduler.config)
+    return SOLVERS[method].from_config(pipe.scheduler.config)
+
+
+class RFSolverScheduler(FlowMatchEulerDiscreteScheduler):
+    """RF-Solver-2's sampler for a diffusers pipeline loop: N steps from the config's noise levels, 2N model calls,
+    at each step's start s_k and at its midpoint m_k. The pipeline's latents alternate x(s_k) and the midpoint state;
+    a step from the midpoint undoes the half step that reached it, so callbacks that change it (local blend) are
+    followed: x_{k+1} = x_mid - h / 2 v_k + h / 2 v_k + h^2 / 2 (v_mid - v_k) / (h / 2) = x_mid - h / 2 v_k + h v_mid.
+    """
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu=None,
+                      timesteps=None):
+        super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+        self.grid = self.sigmas.clone()  # (steps + 1,) noise levels from the first to 0: the steps' ends
+        mids = (self.grid[:-1] + self.grid[1:]) / 2
+        calls = torch.stack([self.grid[:-1], mids], 1).flatten()  # (2 * steps,) s_0, m_0, s_1, m_1, ...
+        self.timesteps = (calls * self.config.num_train_timesteps).to(self.timesteps.dtype)
+        self.sigmas = torch.cat([calls, calls.new_zeros(1)])
+        self.num_inference_steps = len(self.timesteps)
+        self._velocity = None
+
+    def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+        from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+            FlowMatchEulerDiscreteSchedulerOutput,
+        )
+
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self._step_index
+        k = i // 2  # step s_k -> s_{k+1}
+        grid = self.grid.to(sample.device, torch.float32)
+        h = grid[k + 1] - grid[k]
+        v, x = model_output.float(), sample.float()
+        if i % 2 == 0:  # at s_k: half a step to the midpoint
+            nxt = x + h / 2 * v
+            self._velocity = v
+        else:  # at the midpoint: the Taylor step, from the midpoint state
+            nxt = x - h / 2 * self._velocity + h * v
+        self._step_index += 1
+        nxt = nxt.to(model_output.dtype)
+        if not return_dict:
+            return (nxt,)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=nxt)
+
+
+SOLVERS = {"fireflow": FireFlowScheduler, "euler": FlowMatchEulerDiscreteScheduler, "rf-solver": RFSolverScheduler}
 
 
 @contextmanager
@@ -199,6 +247,14 @@ def invert_flow(pipe, latent: torch.Tensor, v, steps: int, method: str, progress
         at = torch.cat([sampler.timesteps.float()[1:], grid.new_zeros(1)])  # the lower end of each step, in t
         for k in tqdm(range(steps - 1, -1, -1), desc="Euler inversion", disable=not progress, leave=False):
             x = x + (grid[k] - grid[k + 1]) * v(x.to(dtype), at[k]).float()
+        return x.to(dtype)
+    if method == "rf-solver":  # the same starts and midpoints as sampling, walked upwards
+        grid, scale = sampler.grid.float(), sampler.config.num_train_timesteps
+        for k in tqdm(range(steps - 1, -1, -1), desc="RF-Solver inversion", disable=not progress, leave=False):
+            h = grid[k] - grid[k + 1]  # upwards: s_{k+1} -> s_k
+            here = v(x.to(dtype), grid[k + 1] * scale).float()
+            mid = v((x + h / 2 * here).to(dtype), (grid[k] + grid[k + 1]) / 2 * scale).float()
+            x = x + h * here + h * h / 2 * (mid - here) / (h / 2)
         return x.to(dtype)
     grid = sampler.grid.float()  # FireFlow: the same midpoints as sampling, walked upwards
     calls = sampler.timesteps.float()  # [s_0, m_0, ..., m_{steps-1}] * scale
