@@ -59,10 +59,6 @@ class FireFlowScheduler(FlowMatchEulerDiscreteScheduler):
         self._velocity = None
 
     def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
-        from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
-            FlowMatchEulerDiscreteSchedulerOutput,
-        )
-
         if self.step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
@@ -76,11 +72,7 @@ class FireFlowScheduler(FlowMatchEulerDiscreteScheduler):
             end = x - d / 2 * self._velocity + d * v
             nxt = end + (grid[k + 2] - grid[k + 1]) / 2 * v if k + 2 < len(grid) else end
         self._velocity = v
-        self._step_index += 1
-        nxt = nxt.to(model_output.dtype)
-        if not return_dict:
-            return (nxt,)
-        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=nxt)
+        return _stepped(self, nxt.to(model_output.dtype), return_dict)
 
 
 def is_flow(pipe) -> bool:
@@ -93,6 +85,14 @@ def is_flow(pipe) -> bool:
 def flow_sampler(pipe, method: str) -> FlowMatchEulerDiscreteScheduler:
     """The scheduler that samples back from a `method` inversion, made from the pipeline's scheduler config."""
     return SOLVERS[method].from_config(pipe.scheduler.config)
+
+
+def _stepped(scheduler, sample: torch.Tensor, return_dict: bool):
+    """A scheduler step's end, as diffusers' schedulers end theirs: the index moves on, the sample is returned."""
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+
+    scheduler._step_index += 1
+    return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=sample) if return_dict else (sample,)
 
 
 class RFSolverScheduler(FlowMatchEulerDiscreteScheduler):
@@ -114,10 +114,6 @@ class RFSolverScheduler(FlowMatchEulerDiscreteScheduler):
         self._velocity = None
 
     def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
-        from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
-            FlowMatchEulerDiscreteSchedulerOutput,
-        )
-
         if self.step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
@@ -130,11 +126,7 @@ class RFSolverScheduler(FlowMatchEulerDiscreteScheduler):
             self._velocity = v
         else:  # at the midpoint: the Taylor step, from the midpoint state
             nxt = x - h / 2 * self._velocity + h * v
-        self._step_index += 1
-        nxt = nxt.to(model_output.dtype)
-        if not return_dict:
-            return (nxt,)
-        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=nxt)
+        return _stepped(self, nxt.to(model_output.dtype), return_dict)
 
 
 SOLVERS = {"fireflow": FireFlowScheduler, "euler": FlowMatchEulerDiscreteScheduler, "rf-solver": RFSolverScheduler}

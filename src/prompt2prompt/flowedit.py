@@ -83,22 +83,17 @@ def flowedit(pipe, image, source: str, target: str, options: FlowEditOptions = F
     import time
 
     from .flow import set_flow_timesteps, velocity
-    from .generation import native_size, size_multiple
+    from .generation import image_size_for
     from .images import prepare_image
     from .inversion import decode, encode, pack, unpack
-    from .routing import exclusive
+    from .routing import denoiser, exclusive
 
     options = options.resolved(pipe)
     for name, prompt in (("source", source), ("target", target)):
         if not (prompt or "").strip():
             raise PromptError(f"expected a {name} prompt with at least one word, got {prompt!r}")
-    native = native_size(pipe)
-    size = (options.height or native[0], options.width or native[1])
-    multiple = size_multiple(pipe)
-    if size[0] % multiple or size[1] % multiple:
-        raise InputError(f"height and width must be multiples of {multiple} for this model, got {size[0]}x{size[1]}")
     notes: list[str] = []
-    prepared = prepare_image(image, size, notes=notes)
+    prepared = prepare_image(image, image_size_for(pipe, options.height, options.width), notes=notes)
     start = time.perf_counter()
     with exclusive(pipe), torch.no_grad():
         x_src = encode(pipe, prepared)  # (1, channels, h, w)
@@ -109,7 +104,7 @@ def flowedit(pipe, image, source: str, target: str, options: FlowEditOptions = F
         schedule = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         set_flow_timesteps(pipe, schedule, options.steps, x_src)
         sigmas, scale = schedule.sigmas.float(), schedule.config.num_train_timesteps  # (steps + 1,) down to 0
-        dtype = denoiser_dtype(pipe)
+        dtype = denoiser(pipe).dtype
         generator = torch.Generator("cpu").manual_seed(options.seed)
         edited = x_src.clone()
         first = options.steps - options.n_max
@@ -129,6 +124,3 @@ def flowedit(pipe, image, source: str, target: str, options: FlowEditOptions = F
                 "model_calls": options.n_max * options.n_avg * 2}
     return FlowEditResult(picture, prepared, latent.detach().cpu(), settings)
 
-
-def denoiser_dtype(pipe) -> torch.dtype:
-    return pipe.transformer.dtype

@@ -82,6 +82,17 @@ def size_multiple(pipe) -> int:
     return factor * patch if patch else math.lcm(8, factor)
 
 
+def image_size_for(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width) in pixels to work at: the given sides or the model's native ones, checked to be multiples of
+    what the model needs."""
+    native = native_size(pipe)
+    size = (height or native[0], width or native[1])
+    multiple = size_multiple(pipe)
+    if size[0] % multiple or size[1] % multiple:
+        raise InputError(f"height and width must be multiples of {multiple} for this model, got {size[0]}x{size[1]}")
+    return size
+
+
 def initial_latent(pipe, options: GenerationOptions, generator: torch.Generator | None = None) -> torch.Tensor:
     """(1, channels, h, w) standard normal noise drawn on the CPU, so a seed means the same image on every device;
     for a pipeline with packed latents (Flux), that noise packed into its (1, tokens, 4 * channels) sequence.

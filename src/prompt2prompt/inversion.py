@@ -41,7 +41,7 @@ from tqdm import tqdm
 from .errors import InputError, ModelError, PromptError
 from .families import FAMILIES, family_of
 from .flow import FLOW_METHODS, is_flow
-from .generation import check_size, native_size, size_multiple
+from .generation import check_size, image_size_for, size_multiple
 from .images import prepare_image
 from .loading import execution_device
 from .metrics import psnr  # noqa: F401  (re-exported: inversion.psnr is public)
@@ -482,11 +482,7 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
         expected = FLOW_METHODS if flow else DDIM_METHODS
         raise InputError(f"the {options.method} inversion does not apply to this "
                          f"{'flow-matching' if flow else 'DDPM-type'} model: expected one of {', '.join(expected)}")
-    native = native_size(pipe)
-    size = (options.height or native[0], options.width or native[1])
-    multiple = size_multiple(pipe)
-    if size[0] % multiple or size[1] % multiple:
-        raise InputError(f"height and width must be multiples of {multiple} for this model, got {size[0]}x{size[1]}")
+    size = image_size_for(pipe, options.height, options.width)
     notes: list[str] = []
     prepared = prepare_image(image, size, options.offsets, notes)
     start = time.perf_counter()
