@@ -6,6 +6,7 @@
     python benchmarks/speed.py --model flux --sizes 32 # Flux.1-dev's blocks (1 double, 4 single), random weights
     python benchmarks/speed.py --device cuda --dtype bf16   # on a GPU (benchmarks/gpu.sh: every model, both dtypes)
     python benchmarks/speed.py --model tiny-sd3 --sizes 16 --steps 4   # a tiny pipeline of prompt2prompt.testing
+    python benchmarks/speed.py --model tiny-flux2 --sizes 16 --steps 4 # Flux.2 klein's blocks, narrow, random weights
 
 Configurations:
   stock-1 / stock-2   the unmodified pipeline with 1 and 2 prompts
@@ -44,6 +45,7 @@ CONFIGS = {  # name: (prompts, baseline)
     "edit+blend explicit": (2, "stock-2"),
 }
 PROMPTS = ["a red circle and a blue square", "a red circle and a blue cross"]
+TINY = ("sd1", "sdxl", "sd3", "flux", "flux2")  # tiny-KIND: prompt2prompt.testing's tiny pipelines
 
 
 def build_sd15(size: int, dtype, device):
@@ -255,7 +257,8 @@ class Runner:
         import torch
 
         from prompt2prompt.attention import control
-        from prompt2prompt.generation import initial_latent
+        from prompt2prompt.families import family_of
+        from prompt2prompt.generation import guidance_arguments, initial_latent
 
         args, pipe = self.args, self.pipe
         prompts = PROMPTS[: CONFIGS[config][0]]
@@ -270,10 +273,11 @@ class Runner:
         ctl = self.controller(config, prompts)
         latent = initial_latent(pipe, self.options)
         latents = latent.expand(len(prompts), *latent.shape[1:]).to(args.device, self.dtype)
-        kwargs = dict(prompt=prompts, num_inference_steps=steps or args.steps, guidance_scale=self.options.guidance,
-                      latents=latents.clone(), output_type="latent", callback_on_step_end_tensor_inputs=["latents"],
-                      height=self.options.height, width=self.options.width)
-        if args.model in ("sd3", "flux", "tiny-sd3", "tiny-flux"):
+        kwargs = dict(prompt=prompts, num_inference_steps=steps or args.steps, latents=latents.clone(),
+                      output_type="latent", callback_on_step_end_tensor_inputs=["latents"],
+                      height=self.options.height, width=self.options.width,
+                      **guidance_arguments(pipe, self.options.guidance, None, len(prompts)))
+        if family_of(pipe).joint:
             kwargs["max_sequence_length"] = args.text_tokens
         with torch.inference_mode():
             if ctl is None:
@@ -337,7 +341,7 @@ def _call(args, extra: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd15", choices=["sd15", "sdxl", "sd3", "flux", "shapes", "tiny",
-                                                             "tiny-sd1", "tiny-sdxl", "tiny-sd3", "tiny-flux"],
+                                                             *(f"tiny-{kind}" for kind in TINY)],
                         help="sd15 / sdxl: SD 1.5's / SDXL base's architecture with random weights; sd3 / flux: SD3 "
                         "medium's / Flux.1-dev's transformer blocks with random weights, cut to --layers; shapes: the "
                         "bundled model; tiny-KIND: a tiny random pipeline of prompt2prompt.testing (tiny = tiny-sd1) "

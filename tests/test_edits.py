@@ -167,7 +167,9 @@ def test_self_attention_is_replaced_only_at_small_maps_and_in_its_steps(sd1):
     after = Probe(cross=False)
     generate(sd1, prompts, Controllers(p2p, after), GenerationOptions(steps=4, seed=1), progress=False)
     checked = set()
-    for site, probs in after.seen:
+    # the first self-attention of the first step comes before any text enters: equal for every prompt by itself
+    assert after.seen[0][0].step == 0 and after.seen[0][0].layer.name.startswith("down_blocks.0")
+    for site, probs in after.seen[1:]:
         replaced = torch.equal(probs[1], probs[0]) and torch.equal(probs[2], probs[0])
         assert replaced == (max(site.res) <= 8 and 1 <= site.step < 3), (site.res, site.step)
         checked.add((max(site.res), replaced))

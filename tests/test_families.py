@@ -14,13 +14,14 @@ from prompt2prompt.families import FAMILIES, family_of
 PACKAGE = Path(__file__).parents[1] / "src" / "prompt2prompt"
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl", "sd3", "flux", "flux2"])
 def test_each_pipeline_has_its_family_once(kind, pipes, joint_pipes):
     pipe = {**pipes, **joint_pipes}[kind]
     family = family_of(pipe)
     assert family is FAMILIES[kind] and family_of(pipe) is family  # computed once, the same record after
-    assert family.joint == (kind in ("sd3", "flux")) and family.flow == (kind in ("sd3", "flux"))
-    assert family.packed == (kind == "flux") == family.text_first
+    assert family.joint == (kind in ("sd3", "flux", "flux2")) and family.flow == family.joint
+    assert family.packed == (kind in ("flux", "flux2")) == family.text_first
+    assert family.guidance_calls == (kind == "flux2")
     assert family.pooled == (kind in ("sdxl", "sd3")) and family.added_conditions == (kind == "sdxl")
     # the record agrees with what the pipeline holds (the probes it replaced)
     assert family.packed == hasattr(pipe, "_pack_latents")
@@ -43,10 +44,14 @@ def test_a_pipeline_class_the_table_does_not_name_is_known_by_its_parts(pipes):
 
 def _imports() -> dict[str, set[str]]:
     """Each module of the package -> the package's modules it imports (at the top or inside functions)."""
-    modules = {".".join(f.relative_to(PACKAGE).with_suffix("").parts): f for f in PACKAGE.rglob("*.py")}
+    modules = {}
+    for f in PACKAGE.rglob("*.py"):
+        parts = f.relative_to(PACKAGE).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f  # a package's __init__ is the package
     graph = {}
     for name, path in modules.items():
-        package = name.split(".")[:-1] if path.name != "__init__.py" else name.split(".")[:-1]
+        # the package a relative import starts from: the module's own for a package's __init__
+        package = (name.split(".") if name else []) if path.name == "__init__.py" else name.split(".")[:-1]
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:

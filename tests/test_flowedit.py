@@ -70,7 +70,7 @@ def test_bad_options_and_models_are_one_sentence(pipe, pipes):
         flowedit(pipe, _picture(), "a", "b", FlowEditOptions(steps=5, n_max=6), progress=False)
     with pytest.raises(PromptError, match="target prompt"):
         flowedit(pipe, _picture(), "a red square", " ", FlowEditOptions(steps=2, **SIZE), progress=False)
-    with pytest.raises(ModelError, match="needs a flow-matching pipeline"):
+    with pytest.raises(ModelError, match="FlowEdit runs on Stable Diffusion 3 / 3.5, Flux.1; this is Stable Diffusion"):
         flowedit(pipes["sd1"], _picture(), "a", "b", progress=False)
 
 

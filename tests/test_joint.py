@@ -1,4 +1,5 @@
-"""MM-DiT models (SD3 with its T5 part and an SD3.5 dual-attention block, Flux with double- and single-stream blocks):
+"""MM-DiT models (SD3 with its T5 part and an SD3.5 dual-attention block, Flux.1 with double- and single-stream blocks,
+Flux.2 klein with a chat-templated Qwen3 text, parallel single-stream attention and guidance as two calls a step):
 loading, joint-attention routing equal to the stock processors, maps that are exact blocks of the joint softmax,
 edits, and the command line on saved folders."""
 
@@ -10,13 +11,14 @@ import torch
 from prompt2prompt.attention import AttentionController, Controllers
 from prompt2prompt.cli import main
 from prompt2prompt.edits import EditOptions, edit, edit_controller, edit_controllers
+from prompt2prompt.errors import PromptError
 from prompt2prompt.generation import GenerationOptions, generate
 from prompt2prompt.loading import family, load_pipeline
 from prompt2prompt.store import AttentionStore
 from prompt2prompt.tokens import prompt_tokens
 
 OPTS = GenerationOptions(steps=3, seed=1, height=32, width=32, max_sequence_length=24)
-KINDS = ["sd3", "flux"]
+KINDS = ["sd3", "flux", "flux2"]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_every_attention_module_is_routed_and_restored(joint, kind):
     names = {site.layer.name.rsplit(":", 1)[0] for site, _ in probe.seen}
     assert names == set(originals)
     places = {site.layer.place for site, _ in probe.seen}
-    assert places == ({"joint", "image"} if kind == "sd3" else {"joint", "single"})
+    assert places == {"sd3": {"joint", "image"}, "qwenimage": {"joint"}}.get(kind, {"joint", "single"})
     assert dict(pipe.transformer.attn_processors) == originals
 
 
@@ -100,6 +102,46 @@ def test_words_are_found_in_each_encoders_part(joint):
     assert tokens.parts[1][2].tokens[:3] == ("a", "red", "circle")
     flux, _ = joint["flux"]
     assert prompt_tokens(flux, "a red circle", 24).positions("circle") == (2,)
+
+
+def test_flux2_words_sit_inside_the_chat_template_and_edits_keep_it_aligned(joint):
+    """Flux.2 klein's text is the chat-templated prompt: the words are found after the template's opening, and the
+    edits' alignments map the template's tokens before and after the prompt onto themselves."""
+    from prompt2prompt.alignment import refine_alignment, replace_mapper
+
+    pipe, _ = joint["flux2"]
+    source = prompt_tokens(pipe, "a red circle", 24)
+    text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": "a red circle"}], tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=False)
+    ids = pipe.tokenizer(text)["input_ids"]
+    assert source.ids == tuple(ids) and source.length == 24
+    assert source.head == 3 and source.tokens[:3] == ("<|im_start|>", "user", "Ċ")  # the opening "<|im_start|>user\n"
+    assert source.positions("circle") == (5,) and source.end == 6 and source.tokens[6] == "<end>"  # <|im_end|>
+    target = prompt_tokens(pipe, "a red square", 24)
+    mapper = replace_mapper(source, target)
+    assert all(mapper[i, i] == 1 for i in range(24)) and mapper.sum() == 24  # same token counts: the identity
+    longer = prompt_tokens(pipe, "a big red circle", 24)
+    alignment = refine_alignment(source, longer)
+    pairs = dict((t, s) for s, t in alignment.pairs())
+    assert [pairs[t] for t in range(3)] == [0, 1, 2]  # the opening
+    assert pairs[3] == 3 and 4 not in pairs and pairs[5] == 4 and pairs[6] == 5  # a (big) red circle
+    assert all(pairs[longer.end + k] == source.end + k for k in range(24 - longer.end - 1))  # closing and padding
+    with pytest.raises(PromptError, match="not a word of the prompt"):
+        source.positions("user")  # the template's words are not the prompt's
+
+
+def test_flux2_controller_sees_the_conditional_call_only(joint):
+    """Flux.2 klein runs guidance as two transformer calls a step, the conditional one first: the controller sees
+    each attention module once a step, with the prompts' rows, and the unconditional call runs the stock processors."""
+    pipe, _ = joint["flux2"]
+    probe = Probe(cross=True)
+    generate(pipe, ["a red circle", "a blue square"], probe, OPTS, progress=False)
+    modules = len(pipe.transformer.attn_processors)
+    assert len(probe.seen) == modules * OPTS.steps
+    assert [s.step for s, _ in probe.seen] == [k for k in range(OPTS.steps) for _ in range(modules)]
+    assert all(p.shape[0] == 2 and p.shape[-1] == 24 for _, p in probe.seen)
+    single = next(p for s, p in probe.seen if s.layer.place == "single")
+    assert single.shape[2] == 8 * 8  # image queries of the 32 px image: 16x16 latents in 2x2 patches
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -167,6 +209,20 @@ def test_demo_runs_on_a_saved_sd3_folder(joint, tmp_path):
     numbers = json.loads((out / "demo.json").read_text())
     assert set(numbers) >= {"swap", "blend", "sweep", "swap_analysis", "pairs"}
     assert (out / "index.html").read_text().count("data:image/png;base64,") >= 12
+
+
+@pytest.mark.parametrize("kind", ["flux2"])
+def test_demo_runs_on_the_newer_families(joint, kind, tmp_path):
+    """`p2p demo` on Flux.2 klein and Qwen-Image (run in-process at 32 px: these pipelines' own default is 256 px on
+    the tiny models, a minute of CPU each)."""
+    from prompt2prompt.demo import quick_options, run_demo
+    from prompt2prompt.loading import load_pipeline
+
+    pipe = load_pipeline(joint[kind][1])
+    pipe.default_sample_size = 16  # 16 latents x 2 (these tiny autoencoders' factor) = 32 px
+    numbers = run_demo(pipe, tmp_path, quick_options(), model=str(joint[kind][1]), quiet=True)
+    assert set(numbers) >= {"swap", "blend", "sweep", "swap_analysis", "pairs"}
+    assert (tmp_path / "index.html").read_text().count("data:image/png;base64,") >= 12
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -39,6 +39,13 @@ def _joint_alignment(align, source: PromptTokens, target: PromptTokens) -> Align
     return Alignment(index, weight)
 
 
+def _head(source: PromptTokens, target: PromptTokens) -> int:
+    """Positions before the prompts' own tokens (the start token, a chat template's opening): the same in both."""
+    if source.head != target.head:
+        raise PromptError(f"the prompts' templates differ before the prompt ({source.head} and {target.head} tokens)")
+    return source.head
+
+
 def replace_mapper(source: PromptTokens, target: PromptTokens) -> torch.Tensor:
     """(length, length) float matrix mapping source token positions to target token positions."""
     if source.parts:
@@ -55,7 +62,8 @@ def replace_mapper(source: PromptTokens, target: PromptTokens) -> torch.Tensor:
         )
     n = source.length
     mapper = torch.zeros(n, n)
-    mapper[0, 0] = 1.0  # start token
+    head = _head(source, target)
+    mapper[range(head), range(head)] = 1.0  # start token (a template's opening)
     for ws, wt in zip(source.words, target.words):
         if len(ws.tokens) == len(wt.tokens):
             mapper[list(ws.tokens), list(wt.tokens)] = 1.0  # token by token
@@ -117,10 +125,11 @@ def refine_alignment(source: PromptTokens, target: PromptTokens) -> Alignment:
     n = target.length
     index = torch.zeros(n, dtype=torch.long)
     weight = torch.zeros(n)
-    index[0], weight[0] = 0, 1.0  # start token
-    src_inner, tgt_inner = list(source.tokens[1 : source.end]), list(target.tokens[1 : target.end])
+    head = _head(source, target)
+    index[:head], weight[:head] = torch.arange(head), 1.0  # start token (a template's opening)
+    src_inner, tgt_inner = list(source.tokens[head : source.end]), list(target.tokens[head : target.end])
     for i, j in align_sequences(src_inner, tgt_inner):
-        index[j + 1], weight[j + 1] = i + 1, 1.0
+        index[j + head], weight[j + head] = i + head, 1.0
     for k in range(n - target.end):  # end token and padding
         index[target.end + k], weight[target.end + k] = min(source.end + k, n - 1), 1.0
     return Alignment(index, weight)

@@ -18,7 +18,7 @@ from .generation import Generation, GenerationOptions, generate
 from .maps import CrossAttentionMaps, cross_maps
 from .routing import Controllers
 from .store import AttentionStore, RecordOptions
-from .tokens import prompt_tokens
+from .tokens import batch_tokens
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _drift(trace: LatentTrace) -> list[float]:
 def swap_analysis(pipe, source: str, target: str, generation: GenerationOptions = GenerationOptions(),
                   options: EditOptions = EditOptions(), progress: bool = True) -> SwapAnalysis:
     prompts = [source, target]
-    tokens = [prompt_tokens(pipe, p, generation.max_sequence_length) for p in prompts]
+    tokens = batch_tokens(pipe, prompts, generation.max_sequence_length)
     first = AttentionStore(RecordOptions(self_attention=False, steps=(0, 1)))
     trace_v = LatentTrace()
     vanilla = generate(pipe, prompts, Controllers(first, trace_v), generation, progress=progress)

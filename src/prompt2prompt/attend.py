@@ -8,7 +8,7 @@ from .generation import Generation, GenerationOptions, generate
 from .loading import default_part, family
 from .maps import CrossAttentionMaps, SelfAttentionMaps, cross_maps, self_maps
 from .store import AttentionStore, RecordOptions
-from .tokens import PromptTokens, prompt_tokens
+from .tokens import PromptTokens, batch_tokens
 
 
 @dataclass
@@ -41,7 +41,7 @@ def attend(
 ) -> AttendResult:
     """Generate one image per prompt (shared initial latent) and record cross- and self-attention on the way."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    tokens = [prompt_tokens(pipe, p, options.max_sequence_length) for p in prompts]
+    tokens = batch_tokens(pipe, prompts, options.max_sequence_length)
     store = AttentionStore(record)
     gen = generate(pipe, prompts, store, options, progress=progress)
     width, height = gen.images[0].size

@@ -23,7 +23,7 @@ from .joint import JOINT_PLACES
 from .loading import execution_device
 from .routing import AttentionController, Controllers, RunInfo, Site
 from .schedule import Span, check_span, resolve_cross, step_range
-from .tokens import PromptTokens, prompt_tokens
+from .tokens import PromptTokens, batch_tokens
 
 MODES = ("auto", "replace", "refine", "reweight")
 NOTEBOOKS = {  # the p2p code's notebooks that reference mode reproduces: (self-attention pixel limit, blend start)
@@ -393,7 +393,7 @@ def edit_controllers(pipe, prompts: list[str], options: EditOptions, steps: int 
                      ) -> tuple[list[PromptTokens], PromptToPrompt, LocalBlend | None]:
     """The edit's controllers, every option and word checked before any work. steps: the loop length to assume when
     the pipeline cannot tell it (the pipelines' own loop length is used otherwise)."""
-    tokens = [prompt_tokens(pipe, p, max_sequence_length) for p in prompts]
+    tokens = batch_tokens(pipe, prompts, max_sequence_length)
     p2p = PromptToPrompt(tokens, options, steps)
     blend = None
     if options.blend:

@@ -57,7 +57,10 @@ class FlowEditOptions:
         """The options with the family's defaults filled in, checked against each other."""
         family = family_of(pipe)
         if family.flowedit is None:
-            raise ModelError(f"FlowEdit needs a flow-matching pipeline (SD3 / SD3.5, Flux.1); this is {family.title}")
+            from .families import FAMILIES
+
+            names = ", ".join(f.title for f in FAMILIES.values() if f.flowedit is not None)
+            raise ModelError(f"FlowEdit runs on {names}; this is {family.title}")
         steps, n_max, source, target = family.flowedit
         steps = self.steps if self.steps is not None else steps
         n_max = self.n_max if self.n_max is not None else min(n_max, steps)

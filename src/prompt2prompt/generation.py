@@ -94,8 +94,8 @@ def image_size_for(pipe, height: int | None, width: int | None) -> tuple[int, in
 
 
 def initial_latent(pipe, options: GenerationOptions, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(1, channels, h, w) standard normal noise drawn on the CPU, so a seed means the same image on every device;
-    for a pipeline with packed latents (Flux), that noise packed into its (1, tokens, 4 * channels) sequence.
+    """(1, channels, h, w) standard normal noise drawn on the CPU, so a seed means the same image on every device, in
+    the form the pipeline takes it (its family's `noise`: Flux.1 packs it into (1, tokens, 4 * channels)).
 
     generator: draw from it (it advances); default: a fresh CPU generator seeded with options.seed.
     """
@@ -104,11 +104,12 @@ def initial_latent(pipe, options: GenerationOptions, generator: torch.Generator 
     multiple = size_multiple(pipe)
     if height % multiple or width % multiple:
         raise InputError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
-    channels = denoiser(pipe).config.in_channels // (4 if packed(pipe) else 1)
-    shape = (1, channels, height // factor, width // factor)
     generator = generator or torch.Generator("cpu").manual_seed(options.seed)
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-    return pipe._pack_latents(noise, *shape) if packed(pipe) else noise
+    family = family_of(pipe)
+    if family.noise is not None:
+        return family.noise(pipe, height, width, generator)
+    shape = (1, denoiser(pipe).config.in_channels, height // factor, width // factor)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
 def image_size(pipe, latents: torch.Tensor, options: GenerationOptions) -> tuple[int, int]:
@@ -116,6 +117,14 @@ def image_size(pipe, latents: torch.Tensor, options: GenerationOptions) -> tuple
     if packed(pipe):
         return options.height or native_size(pipe)[0], options.width or native_size(pipe)[1]
     return latents.shape[2] * pipe.vae_scale_factor, latents.shape[3] * pipe.vae_scale_factor
+
+
+def guidance_arguments(pipe, scale: float, negative_prompt: str | None, prompts: int) -> dict:
+    """The pipeline's own arguments for guidance at this scale, against this negative prompt (None: its default)."""
+    family = family_of(pipe)
+    if family.guidance is not None:
+        return family.guidance(scale, negative_prompt, prompts)
+    return {"guidance_scale": scale, **({"negative_prompt": [negative_prompt] * prompts} if negative_prompt else {})}
 
 
 def _copy(generator: torch.Generator) -> torch.Generator:
@@ -229,9 +238,8 @@ def generate(
         pipe_kwargs["max_sequence_length"] = options.max_sequence_length
     args = dict(
         prompt=None if embedded else prompts,
-        negative_prompt=[options.negative_prompt] * len(prompts) if options.negative_prompt and not embedded else None,
+        **guidance_arguments(pipe, options.guidance, None if embedded else options.negative_prompt, len(prompts)),
         num_inference_steps=options.steps,
-        guidance_scale=options.guidance,
         latents=latents,
         generator=[_copy(generator) for _ in prompts],  # the same noise for every prompt at every step
         height=image_size(pipe, latents, options)[0],

@@ -79,28 +79,27 @@ def install(net, router: Router, originals: dict, family: Family):
 
 
 def _on_transformer_call(router: Router, family: Family):
-    """The MM-DiT's forward pre-hook: its image-token grid (SD3: latents / patch; Flux: from its image ids) and the
-    text length, and the run's shapes when they change."""
+    """The MM-DiT's forward pre-hook: its image-token grid (the family's `grid`), the text length, which call of the
+    step this is (a family that runs guidance as separate calls: the conditional call first, the others pass the
+    controller by), and the run's shapes when they change."""
+    cache: dict = {}
 
     def hook(module, args, kwargs):
         sample = args[0] if args else kwargs["hidden_states"]
         text = kwargs.get("encoder_hidden_states")
         router.text_tokens = 0 if text is None else text.shape[1]
+        if family.guidance_calls:
+            router.passive = router.calls > 0  # the unconditional call(s) of this step
+            router.calls += 1
+            if router.passive:
+                return
         batch = sample.shape[0]
-        if not family.packed:  # SD3: (batch, channels, h, w) latents, patchified inside
-            patch = module.config.patch_size
-            latent = tuple(sample.shape[2:])
-            grid = (latent[0] // patch, latent[1] // patch)
-        else:  # Flux: (batch, tokens, channels) packed latents; img_ids hold each token's (0, row, column)
-            ids = kwargs["img_ids"]
-            if router.ids is None or router.ids[0] is not ids:  # read once: one tensor every step
-                router.ids = (ids, (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1))
-            grid = router.ids[1]
-            latent = grid
+        latent, grid = family.grid(module, sample, kwargs, cache)
         run = router.run
         if run is None or run.grid != grid or run.batch != batch:
-            router.start(RunInfo(latent, router.prompts_in(batch), batch, sample.device, sample.dtype,
-                                 router.loop_length(), (max(grid),), grid, family.packed))
+            prompts = (router.prompts or batch) if family.guidance_calls else router.prompts_in(batch)
+            router.start(RunInfo(latent, prompts, batch, sample.device, sample.dtype, router.loop_length(),
+                                 (max(grid),), grid, family.packed))
 
     return hook
 
@@ -109,117 +108,65 @@ class JointRoutedProcessor:
     """Calls the original joint-attention processor, or computes the joint attention with the controller in it."""
 
     def __init__(self, router: Router, name: str, module, original, family: Family):
+        import inspect
+
         self.router = router
         self.text, self.image = joint_layers(name, module)
         self.original = original
         self.family = family
-        # the family's projections are restated below only for its stock processors (None: another processor)
-        self.kind = family.name if type(original).__name__ in family.processors else None
-        self.text_first = family.text_first
+        # the family's projections are restated (by its adapter) only for its stock processors
+        self.stock = type(original).__name__ in family.processors and family.project is not None
         self._pads = None  # (layout, zero channels, text marker) for the fused call, made once per layout
         self._zeros = None
+        # the original's own signature: the arguments are bound by name only where the controller wants the call
+        # (each module class passes them positionally in its own order), and the model's check of which keyword
+        # arguments its processor takes still sees the original's
+        self._signature = inspect.signature(original.__call__)
 
         def call(*args, **kwargs):
             return self._call(*args, **kwargs)
 
-        import inspect
-
-        call.__signature__ = inspect.signature(original.__call__)  # keyword arguments the original takes pass through
+        call.__signature__ = self._signature
         self.__call__ = call
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kw):
-        return self._call(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kw)
+    def __call__(self, attn, *args, **kwargs):
+        return self._call(attn, *args, **kwargs)
 
-    def _call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kw):
-        if args and self.kind == "flux":  # FluxAttention.forward passes the rotary embedding positionally
-            kw["image_rotary_emb"], args = args[0], args[1:]
+    def _call(self, attn, *args, **kwargs):
         router, controller = self.router, self.router.controller
+        if router.passive:  # an unconditional call of a family that runs guidance as separate calls
+            return self.original(attn, *args, **kwargs)
         run = router.run
-        grid = run.grid if run else (1, hidden_states.shape[1])
-        has_text = encoder_hidden_states is not None or (self.text.place == "single" and router.text_tokens > 0)
+        place = self.text.place
+        has_text = place == "joint" or (place == "single" and router.text_tokens > 0)
+        grid = run.grid if run else (1, 1)
         text_site = Site(self.text, grid, router.step) if has_text else None
         image_site = Site(self.image, grid, router.step)
         want_text = text_site is not None and controller.wants(text_site)
         want_image = controller.wants(image_site)
         if not (want_text or want_image):
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kw)
-        if args:
-            raise P2PError(f"{type(self.original).__name__} was given arguments attention control does not know")
-        if self.kind is None:
+            return self.original(attn, *args, **kwargs)
+        if not self.stock:
             raise P2PError(f"the layer {self.image.name.rsplit(':', 1)[0]} uses {type(self.original).__name__}; "
                            f"attention control supports diffusers' {', '.join(self.family.processors)} on "
                            f"{self.family.title}")
-        if attention_mask is not None:
+        call = self._signature.bind(attn, *args, **kwargs).arguments
+        unknown = [k for k, v in call.items() if k not in self.family.arguments and v is not None and v != {}]
+        if unknown:
+            raise P2PError(f"{type(self.original).__name__} was given arguments attention control does not know: "
+                           f"{', '.join(unknown)}")
+        if call.get("attention_mask") is not None:
             raise P2PError("joint attention with an attention mask cannot be controlled")
-        query, key, value, text, image = self._project(attn, hidden_states, encoder_hidden_states, kw)
+        query, key, value, text, image = self.family.project(attn, call, router.text_tokens)
+        mask = call.get("_key_mask")  # (batch, tokens) bool, False on padded text keys; None: every key counts
         if want_image:
-            out = self._explicit(query, key, value, text, image, text_site if want_text else None, image_site)
+            out = self._explicit(query, key, value, text, image, text_site if want_text else None, image_site, mask)
         else:
-            out = self._text_only(query, key, value, text, image, text_site)
+            out = self._text_only(query, key, value, text, image, text_site, mask)
         out = out if out.dtype == query.dtype else out.to(query.dtype)
-        return self._finish(attn, out, hidden_states, encoder_hidden_states, text, image)
-
-    # -- the original processors' projections --------------------------------------------------------------------
-    def _project(self, attn, hidden_states, encoder_hidden_states, kw):
-        """query, key, value as (batch, heads, tokens, head_dim) and the text and image slices of the sequence."""
-        batch = hidden_states.shape[0]
-        if self.kind == "sd3":
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-            head_dim = key.shape[-1] // attn.heads
-            query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-            n = query.shape[2]
-            if encoder_hidden_states is None:  # SD3.5's image-only attention
-                return query, key, value, slice(n, n), slice(0, n)
-            eq, ek, ev = (proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-                          for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
-            t = eq.shape[2]
-            return (torch.cat([query, eq], 2), torch.cat([key, ek], 2), torch.cat([value, ev], 2), slice(n, n + t),
-                    slice(0, n))
-        # Flux: diffusers' own projection helper (it knows fused projections), sequence dimension 1
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
-            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
-            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-            query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
-            t = eq.shape[1]
-        else:
-            t = self.router.text_tokens if self.text.place == "single" else 0
-        rotary = kw.get("image_rotary_emb")
-        if rotary is not None:
-            query = apply_rotary_emb(query, rotary, sequence_dim=1)
-            key = apply_rotary_emb(key, rotary, sequence_dim=1)
-        length = query.shape[1]
-        query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # (batch, heads, tokens, head_dim)
-        return query, key, value, slice(0, t), slice(t, length)
-
-    def _finish(self, attn, out, hidden_states, encoder_hidden_states, text: slice, image: slice):
-        """The original processors' output projections and return values."""
         batch, heads, length, head_dim = out.shape
         out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)  # (batch, tokens, heads * head_dim)
-        if self.kind == "sd3":
-            if encoder_hidden_states is None:
-                return attn.to_out[1](attn.to_out[0](out))
-            image_out, text_out = out[:, image], out[:, text]
-            if not attn.context_pre_only:
-                text_out = attn.to_add_out(text_out)
-            return attn.to_out[1](attn.to_out[0](image_out)), text_out
-        if encoder_hidden_states is None:  # Flux single-stream: the block projects it itself
-            return out
-        image_out = attn.to_out[1](attn.to_out[0](out[:, image].contiguous()))
-        return image_out, attn.to_add_out(out[:, text].contiguous())
+        return self.family.finish(attn, out, call, text, image)
 
     # -- attention with the controller in it ---------------------------------------------------------------------
     def _padding(self, value: torch.Tensor, text: slice, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,14 +179,15 @@ class JointRoutedProcessor:
             self._pads = (key, torch.zeros(1, 1, 1, pad, dtype=value.dtype, device=value.device), marker)
         return self._pads[1], self._pads[2]
 
-    def _text_only(self, query, key, value, text: slice, image: slice, site: Site):
+    def _text_only(self, query, key, value, text: slice, image: slice, site: Site, mask=None):
         """Fused attention plus the image-to-text block of the joint softmax, without the (tokens x tokens) matrix.
 
         The block is exp(scores - logsumexp) over the text keys, where the logsumexp of each query's joint softmax is
         the fused kernel's own statistic (`attention_with_lse`: one call for the whole batch, the stock call's cost).
         Where the kernel cannot give it (gradients on, as in training; another device), the values carry an extra
         channel that is 1 on the text keys, so the fused kernel returns each query's total attention on the text,
-        and the block is a softmax over the text keys times that share."""
+        and the block is a softmax over the text keys times that share (as also where some text keys are masked out:
+        `mask`, (batch, tokens) bool, False on them)."""
         batch, heads, length, head_dim = value.shape
         free = batch - self.router.conditional(batch)  # unconditional rows: nothing to read
         prompts, scale = batch - free, 1 / math.sqrt(head_dim)
@@ -248,7 +196,9 @@ class JointRoutedProcessor:
         scores = torch.baddbmm(self._zero(query), query[free:, :, image].flatten(0, 1),
                                key[free:, :, text].flatten(0, 1).transpose(1, 2), beta=0,
                                alpha=scale).view(prompts, heads, -1, text.stop - text.start)
-        fast = None if torch.is_grad_enabled() and query.requires_grad else \
+        if mask is not None:  # padded text keys: no attention
+            scores = scores.masked_fill(~mask[free:, None, None, text], -math.inf)
+        fast = None if (torch.is_grad_enabled() and query.requires_grad) or mask is not None else \
             attention_with_lse(query, key, value, scale)
         if fast is not None:
             out, lse = fast  # (batch, heads, tokens, head_dim), (batch, heads, tokens) float32
@@ -264,7 +214,8 @@ class JointRoutedProcessor:
             zeros = zeros.expand(batch, heads, length, -1)
             fused = F.scaled_dot_product_attention(
                 torch.cat([query, zeros], -1), torch.cat([key, zeros], -1),
-                torch.cat([value, marker.expand(batch, heads, -1, -1)], -1), scale=scale)
+                torch.cat([value, marker.expand(batch, heads, -1, -1)], -1), scale=scale,
+                attn_mask=None if mask is None else mask[:, None, None, :])
             out = fused[..., :head_dim]  # (batch, heads, tokens, head_dim)
             mass = fused[free:, :, image, head_dim:head_dim + 1]  # (prompts, heads, image, 1): attention on the text
 
@@ -288,12 +239,16 @@ class JointRoutedProcessor:
             self._zeros = torch.zeros((), dtype=like.dtype, device=like.device)
         return self._zeros
 
-    def _explicit(self, query, key, value, text: slice, image: slice, text_site: Site | None, image_site: Site):
+    def _explicit(self, query, key, value, text: slice, image: slice, text_site: Site | None, image_site: Site,
+                  mask=None):
         """The joint attention with the probabilities materialised (batch, heads, tokens, tokens), one product for
-        the whole batch (small grids only); the controller sees the conditional rows' blocks."""
+        the whole batch (small grids only); the controller sees the conditional rows' blocks. mask: (batch, tokens)
+        bool, False on keys no query attends to (padded text); None: all count."""
         batch, head_dim = query.shape[0], query.shape[-1]
         free = batch - self.router.conditional(batch)
         scores = torch.matmul(query * (1 / math.sqrt(head_dim)), key.transpose(-1, -2))
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], -math.inf)
         probs = torch.softmax(scores, -1, dtype=torch.float32)  # float32 whatever the model's precision
         controller = self.router.controller
         for site, columns in ((text_site, text), (image_site, image)):

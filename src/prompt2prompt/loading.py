@@ -17,7 +17,7 @@ _SD_CLASSES = tuple(PIPELINES)  # the pipeline classes a folder may hold (famili
 
 
 def family(pipe) -> str:
-    """'sd1', 'sd2', 'sdxl', 'sd3' or 'flux': the name of the pipeline's `families.Family`."""
+    """'sd1', 'sd2', 'sdxl', 'sd3', 'flux', 'flux2', ...: the name of the pipeline's `families.Family`."""
     return family_of(pipe).name
 
 
@@ -154,8 +154,8 @@ def execution_device(pipe) -> torch.device:
 
 def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, offload: str | None = None):
-    """A Stable Diffusion 1.x / 2.x / XL / 3 / 3.5 or Flux.1 pipeline, offline: bundled name, local folder, or cached
-    hub id. offload: "model" (each component moved to the device while it runs) or "sequential" (each layer: the
+    """A pipeline of one of the supported families (`families.SUPPORTED`), offline: bundled name, local folder, or
+    cached hub id. offload: "model" (each component moved to the device while it runs) or "sequential" (each layer: the
     least memory, the slowest), diffusers' own CPU offloading; None keeps every component on the device."""
     from diffusers import DiffusionPipeline
 
@@ -176,10 +176,8 @@ def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.
     if missing:
         raise ModelError(f"{folder} lacks the component folder(s) {', '.join(m + '/' for m in missing)} that its "
                          f"model_index.json lists ({', '.join(components)})")
-    extra = {"safety_checker": None, "requires_safety_checker": False} if cls == "StableDiffusionPipeline" else {}
-    if cls == "StableDiffusion3Pipeline":  # SD3 without T5 (as the bundled shapes-flow): diffusers wants it named
-        extra.update({k: None for k in ("text_encoder_3", "tokenizer_3")
-                      if not isinstance(index.get(k), list) or index[k][0] is None})
+    loaders = {f.load for f in PIPELINES[cls] if f.load is not None}  # one per class (SD 1.x and 2.x share it)
+    extra = loaders.pop()(index) if loaders else {}
     try:
         pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra)
     except Exception as e:

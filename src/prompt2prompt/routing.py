@@ -159,7 +159,8 @@ class Router:
         self.run: RunInfo | None = None
         self.text_tokens = 0  # MM-DiT: text tokens in the joint sequence (Flux's single blocks get them concatenated)
         self._res: dict[int, tuple[int, int]] = {}
-        self.ids = None  # Flux: (the image ids tensor last seen, its grid), so the grid is read from it only once
+        self.calls = 0  # denoiser calls since the last step end (families that run guidance as separate calls)
+        self.passive = False  # this call is an unconditional one of such a family: the controller is passed by
 
     # -- hooks ----------------------------------------------------------------------------------------------------
     def loop_length(self) -> int:
@@ -192,6 +193,7 @@ class Router:
             if new is not None:
                 out["latents"] = new.to(latents.dtype)
         self.step = step + 1
+        self.calls, self.passive = 0, False
         return out
 
     # -- per attention call ------------------------------------------------------------------------------------------

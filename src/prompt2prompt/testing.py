@@ -52,6 +52,60 @@ def _t5(tokenizer, width: int):
                                    decoder_start_token_id=0))
 
 
+# Qwen3's chat format for one user turn with thinking off (the layout of Qwen3's published template; written here, not
+# copied): what Flux.2 klein's text encoder reads around a prompt
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def tiny_qwen_tokenizer(folder: str | Path, extra_words: tuple[str, ...] = ()):
+    """A Qwen2-style byte-level BPE tokenizer with the chat template above, saved to folder: every word of T5_WORDS
+    (and "user", "assistant", extra_words) is one token with or without its leading space, anything else falls back
+    to bytes."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(byte_chars)}
+    merges: dict[tuple[str, str], int] = {}  # pair -> rank
+
+    def pieces(word: str) -> list[str]:
+        """The word as BPE with the merges so far splits it (the lowest-ranked adjacent pair first)."""
+        parts = list(word)
+        while len(parts) > 1:
+            ranked = [(merges.get(pair, len(merges)), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+            rank, i = min(ranked)
+            if rank == len(merges):
+                break
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        return parts
+
+    def add(word: str) -> None:
+        """Merges (ranked after every earlier one, so no earlier word changes) that join the word into one token."""
+        parts = pieces(word)
+        while len(parts) > 1:
+            merges.setdefault((parts[0], parts[1]), len(merges))
+            parts[:2] = [parts[0] + parts[1]]
+            vocab.setdefault(parts[0], len(vocab))
+
+    words = tuple(dict.fromkeys((*T5_WORDS, "user", "assistant", *extra_words)))
+    for w in words:  # the spaced forms' merges rank first, so " red" is one token rather than " " + "red"
+        add("Ġ" + w)
+    for w in words:
+        add(w)
+    add("ĊĊ")
+    special = {t: len(vocab) + i for i, t in enumerate(QWEN_SPECIAL)}
+    tok = Qwen2Tokenizer(vocab={**vocab, **special}, merges=list(merges), unk_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", additional_special_tokens=list(QWEN_SPECIAL[1:]))
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    tok.save_pretrained(str(folder))
+    return Qwen2Tokenizer.from_pretrained(str(folder))
+
+
 def tiny_tokenizer(folder: str | Path, pad_token: str | None = None) -> CLIPTokenizer:
     train_tokenizer(folder)
     extra = {"pad_token": pad_token} if pad_token else {}
@@ -154,7 +208,35 @@ def _build(kind: str, folder: str | Path, seed: int):
             text_encoder=CLIPTextModel(_text_config(tokenizer, 32)), tokenizer=tokenizer,
             text_encoder_2=_t5(tokenizer_2, 32), tokenizer_2=tokenizer_2,
         )
-    raise ValueError(f"unknown pipeline kind {kind!r}: expected sd1, sd2, sdxl, sd3 or flux")
+    if kind == "flux2":
+        from diffusers import (
+            AutoencoderKLFlux2,
+            FlowMatchEulerDiscreteScheduler,
+            Flux2KleinPipeline,
+            Flux2Transformer2DModel,
+        )
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        tokenizer = tiny_qwen_tokenizer(folder / "tokenizer")
+        width = 16  # Flux.2 klein stacks the encoder's hidden states after layers 9, 18 and 27: 28 tiny layers
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=28,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+            tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id))
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=3 * width, timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+        vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                 up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                                 sample_size=32, layers_per_block=1)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+        return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                  transformer=transformer)
+    raise ValueError(f"unknown pipeline kind {kind!r}: expected one of {', '.join(KINDS)}")
+
+
+KINDS = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux2")  # what tiny_pipeline builds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="Save a tiny random Stable Diffusion pipeline (for trying the "
                                      "tool and for tests; its pictures are noise).")
-    parser.add_argument("kind", choices=["sd1", "sd2", "sdxl", "sd3", "flux"], help="architecture family")
+    parser.add_argument("kind", choices=KINDS, help="architecture family")
     parser.add_argument("folder", help="where to save the pipeline")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

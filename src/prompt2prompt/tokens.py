@@ -37,6 +37,8 @@ class PromptTokens:
     ids: tuple[int, ...] = ()  # the token ids of the real tokens (start and end included)
     truncated: str = ""  # the end of the prompt that did not fit in `length` tokens (the model never sees it)
     parts: tuple[tuple[str, int, PromptTokens], ...] = ()  # a joint sequence: (name, offset, that encoder's tokens)
+    head: int = 1  # positions before the prompt's own tokens: the start token, or a chat template's opening
+    tail: int | None = None  # position of the first token after the prompt's own (None: the last token, its end)
 
     @classmethod
     def from_tokenizer(cls, tokenizer, prompt: str, length: int | None = None) -> PromptTokens:
@@ -63,6 +65,42 @@ class PromptTokens:
         return cls(prompt, readable, tuple(words), length, tuple(int(i) for i in ids), truncated)
 
     @classmethod
+    def from_template(cls, tokenizer, prompt: str, render, length: int, skip: int = 0, padded: bool = True,
+                      max_tokens: int | None = None) -> PromptTokens:
+        """A prompt inside a template (a chat template): `render(text)` is what the tokenizer reads around a prompt.
+        The denoiser sees the templated tokens from position `skip` on (a pipeline that drops the template's
+        opening), at most `length` of them, padded to `length` (or, not `padded`, as many as there are); the
+        tokenizer reads at most max_tokens (default skip + length). The prompt's words are found by their character
+        offsets in the rendered text; the template's tokens before and after the prompt are its `head` and `tail`,
+        kept in place by the edits' alignment."""
+        marker = "\x00"
+        opening = render(marker).split(marker)[0]
+        text = render(prompt)
+        if not text.startswith(opening) or not text[len(opening):].startswith(prompt):
+            raise PromptError(f"the model's prompt template does not hold the prompt {_short(prompt)} verbatim")
+        start, stop = len(opening), len(opening) + len(prompt)
+        limit = max_tokens or skip + length
+        enc = tokenizer(text, truncation=True, max_length=limit, return_offsets_mapping=True)
+        cut = len(enc["input_ids"]) >= limit or len(enc["input_ids"]) > skip + length
+        ids = list(enc["input_ids"])[skip : skip + length]
+        offsets = [tuple(o) for o in enc["offset_mapping"]][skip : skip + length]
+        head = sum(1 for s, e in offsets if e <= start)
+        after = [i for i, (s, e) in enumerate(offsets) if s >= stop and i >= head]
+        tail = after[0] if after else len(ids)
+        covered = max((min(e, stop) - start for s, e in offsets[head:tail] if e > s), default=0)
+        truncated = prompt[covered:].strip() if cut else ""
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        readable = tuple(_readable(tokenizer, p, i) for i, p in zip(ids, pieces))
+        words = []
+        for m in _WORD.finditer(prompt):
+            positions = tuple(pos for pos in range(head, tail) if offsets[pos][1] > offsets[pos][0]
+                              and offsets[pos][0] < m.end() + start and offsets[pos][1] > m.start() + start)
+            if positions:  # a word cut off by truncation has no tokens
+                words.append(Word(m.group(), m.start(), m.end(), positions))
+        return cls(prompt, readable, tuple(words), int(length) if padded else len(ids), tuple(int(i) for i in ids),
+                   truncated, (), head, tail)
+
+    @classmethod
     def joint(cls, prompt: str, parts: list[tuple[str, PromptTokens]]) -> PromptTokens:
         """The text sequence of an MM-DiT whose encoders' outputs are concatenated along the sequence (SD3: CLIP then
         T5): every part keeps its positions, shifted by the parts before it; a word appears once per part."""
@@ -80,10 +118,11 @@ class PromptTokens:
     # --- lookup -----------------------------------------------------------------------------------------------
     @property
     def end(self) -> int:
-        """Position of the end token; positions after it are padding (a single encoder's sequence)."""
+        """Position of the end token (a template's first token after the prompt); positions after it are the rest
+        of the template and padding (a single encoder's sequence)."""
         if self.parts:
             raise PromptError("a joint text sequence has one end token per part: use real_positions()")
-        return len(self.tokens) - 1
+        return len(self.tokens) - 1 if self.tail is None else self.tail
 
     def real_positions(self, start: bool = False) -> list[int]:
         """Positions of the prompt's own tokens (words and the end token; a start token if asked), not padding."""
@@ -178,6 +217,8 @@ class PromptTokens:
             "ids": list(self.ids),
             "truncated": self.truncated,
             "parts": [[name, offset, p.to_dict()] for name, offset, p in self.parts],
+            "head": self.head,
+            "tail": self.tail,
         }
 
     @classmethod
@@ -185,7 +226,7 @@ class PromptTokens:
         words = tuple(Word(w[0], w[1], w[2], tuple(w[3]), w[4] if len(w) > 4 else "") for w in d["words"])
         parts = tuple((name, int(offset), cls.from_dict(p)) for name, offset, p in d.get("parts", ()))
         return cls(d["prompt"], tuple(d["tokens"]), words, int(d["length"]), tuple(d.get("ids", ())),
-                   d.get("truncated", ""), parts)
+                   d.get("truncated", ""), parts, int(d.get("head", 1)), d.get("tail"))
 
 
 def _short(text: str, limit: int = 80, quote: bool = True) -> str:
@@ -211,20 +252,26 @@ def sequence_length(pipe, max_sequence_length: int | None = None) -> int | None:
 
 
 def prompt_tokens(pipe, prompt: str, max_sequence_length: int | None = None) -> PromptTokens:
-    """A prompt as the pipeline's denoiser sees its text: one CLIP sequence (SD 1.x/2.x/XL: their encoders share
-    positions), CLIP then T5 (SD3: the CLIP part is 77 positions, the T5 part max_sequence_length; zeros when the
-    pipeline has no T5), or T5 alone (Flux)."""
+    """A prompt as the pipeline's denoiser sees its text, by its family's adapter: one CLIP sequence (SD 1.x/2.x/XL:
+    their encoders share positions), CLIP then T5 (SD3), T5 alone (Flux.1), a chat template around the prompt
+    (Flux.2), ..."""
     from .families import family_of
 
-    parts = family_of(pipe).text_parts
-    if parts == ("clip", "t5"):  # SD3
-        length = sequence_length(pipe, max_sequence_length)
-        clip = PromptTokens.from_tokenizer(pipe.tokenizer, prompt)
-        if getattr(pipe, "text_encoder_3", None) is not None and getattr(pipe, "tokenizer_3", None) is not None:
-            t5 = PromptTokens.from_tokenizer(pipe.tokenizer_3, prompt, length)
-        else:
-            t5 = PromptTokens(prompt, (), (), length)  # the pipeline feeds zeros there
-        return PromptTokens.joint(prompt, [("clip", clip), ("t5", t5)])
-    if parts == ("t5",):  # Flux
-        return PromptTokens.from_tokenizer(pipe.tokenizer_2, prompt, sequence_length(pipe, max_sequence_length))
+    family = family_of(pipe)
+    if family.tokens is not None:
+        return family.tokens(pipe, prompt, max_sequence_length)
     return PromptTokens.from_tokenizer(pipe.tokenizer, prompt)
+
+
+def batch_tokens(pipe, prompts: list[str], max_sequence_length: int | None = None) -> list[PromptTokens]:
+    """The prompts of one generation as its denoiser sees them; where the pipeline pads a call's texts to the longest
+    of them (its family's `batch_padded`), every prompt's sequence has that length."""
+    from dataclasses import replace
+
+    from .families import family_of
+
+    tokens = [prompt_tokens(pipe, p, max_sequence_length) for p in prompts]
+    if family_of(pipe).batch_padded and tokens:
+        length = max(t.length for t in tokens)
+        tokens = [replace(t, length=length) for t in tokens]
+    return tokens

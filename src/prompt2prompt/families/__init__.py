@@ -1,0 +1,129 @@
+"""What kind of model a pipeline holds, worked out once: one `Family` record per supported family.
+
+Every module that behaves differently per model reads this record (`family_of(pipe)`) instead of probing the pipeline
+itself: which attention installer routes its layers (UNet cross-attention or MM-DiT joint attention), how a joint
+attention module's arguments become queries, keys and values and its sequence splits into text and image tokens, how
+the image-token grid is read from the denoiser's call, which tokens of the text sequence are a prompt's words (a
+chat template's offset, several encoders' parts), what initial noise the pipeline takes, how classifier-free guidance
+is run (rows of one call, or one call per branch), and whether it samples by flow matching or in the DDIM family.
+
+Each family lives in its own adapter module in this package (`sd.py`, `sd3.py`, `flux.py`, `flux2.py`, ...), found
+when the package is imported: adding a family is one adapter file (its `FAMILIES` records, optionally `by_parts`)
+plus its tiny pipeline in `testing.py` and its tests. A pipeline is recognised by its class (diffusers' own
+pipelines), else by its components (a pipeline class no record names, e.g. an img2img variant), and a bare denoising
+network (training) by its class. The record is computed once per object and kept while the object lives.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import ModelError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # "sd1", "sd2", "sdxl", "sd3", "flux", "flux2", ...
+    title: str  # for people: "Stable Diffusion 1.x"
+    denoiser: str  # "unet": cross-attention layers to the text; "joint": MM-DiT attention over text and image tokens
+    pipelines: tuple[str, ...] = ()  # diffusers' pipeline classes of this family (loading accepts these)
+    networks: tuple[str, ...] = ()  # its denoising network's classes (a bare network, in training)
+    text_first: bool = False  # joint: the sequence is text then image (Flux) rather than image then text (SD3)
+    packed: bool = False  # the pipeline's latents are a sequence of grid tokens (Flux), not an image
+    flow: bool = False  # samples by flow matching (SD3, Flux); else a DDIM-family sampler (epsilon or v)
+    pooled: bool = False  # `encode_prompt` gives each prompt a pooled embedding beside its sequence (SDXL, SD3)
+    added_conditions: bool = False  # the UNet takes that pooled embedding and size ids as added conditions (SDXL): a
+    # DDIM-family inversion carries an unconditional pooled embedding
+    text_parts: tuple[str, ...] = ("clip",)  # encoders filling a prompt's token positions, in sequence order
+    default_part: str | None = None  # the part a word's map is read from by default; None: the only one
+    processors: tuple[str, ...] = ()  # joint: diffusers' stock processor classes of its attention modules
+    invertible: bool = True  # real images can be inverted and edited (DDIM-family or flow methods, by `flow`)
+    flowedit: tuple[int, int, float, float] | None = None  # FlowEdit's defaults (steps, n_max, source and target
+    # guidance), from the paper's published settings (fallenshock/FlowEdit, SD3_exp.yaml / FLUX_exp.yaml); None: n/a
+    guidance_calls: bool = False  # classifier-free guidance runs the denoiser twice a step, the conditional call
+    # first (Flux.2 klein, Qwen-Image); else the unconditional rows come first in one call's batch
+    batch_padded: bool = False  # the pipeline pads each call's texts to the longest of the batch (Qwen-Image): the
+    # prompts of one generation share that length (`tokens.batch_tokens`)
+    arguments: tuple[str, ...] = ("attn", "hidden_states", "encoder_hidden_states", "attention_mask",
+                                  "image_rotary_emb")  # joint: the stock processors' arguments `project` understands
+    # -- the adapter's functions (None: the generic behaviour) --------------------------------------------------
+    load: Callable | None = None  # (model_index.json as a dict) -> extra keyword arguments for from_pretrained
+    guidance: Callable | None = None  # (scale, negative prompt or None, prompts) -> the pipeline's guidance arguments;
+    # None: guidance_scale and negative_prompt, as SD's pipelines take them
+    tokens: Callable | None = None  # (pipe, prompt, max_sequence_length) -> PromptTokens of the denoiser's text
+    noise: Callable | None = None  # (pipe, height, width, generator) -> the initial latent the pipeline takes, drawn
+    # on the CPU; None: (1, in_channels, height / vae factor, width / vae factor) standard normal
+    grid: Callable | None = None  # joint: (net, sample, kwargs, cache: dict) -> (latent size, image-token grid)
+    project: Callable | None = None  # joint: (attn, call: dict, text_tokens) -> (q, k, v, text slice, image slice),
+    # q, k, v (batch, heads, tokens, head_dim), from its stock processor's bound arguments `call`; it may leave
+    # call["_key_mask"], (batch, tokens) bool, False on padded text keys
+    finish: Callable | None = None  # joint: (attn, out (batch, tokens, width), call, text, image) -> what its stock
+    # processor returns
+
+    @property
+    def joint(self) -> bool:
+        return self.denoiser == "joint"
+
+
+def _adapters() -> list:
+    """The adapter modules of this package, in their `ORDER` (component detection tries them in it)."""
+    modules = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)]
+    return sorted((m for m in modules if hasattr(m, "FAMILIES")), key=lambda m: getattr(m, "ORDER", 100))
+
+
+_ADAPTERS = _adapters()
+# listed UNets first, then Stable Diffusion's MM-DiT, then the others by name
+FAMILIES: dict[str, Family] = {f.name: f for f in sorted((f for m in _ADAPTERS for f in m.FAMILIES),
+                                                         key=lambda f: (f.joint, not f.name.startswith("sd"), f.name))}
+PIPELINES: dict[str, tuple[Family, ...]] = {}  # diffusers' pipeline classes -> the families that use them
+NETWORKS: dict[str, Family] = {}  # denoising network classes -> the family routed on a bare network
+for _family in FAMILIES.values():
+    for _cls in _family.pipelines:
+        PIPELINES.setdefault(_cls, ())
+        PIPELINES[_cls] += (_family,)
+    for _cls in _family.networks:
+        NETWORKS.setdefault(_cls, _family)
+SUPPORTED = ", ".join(dict.fromkeys(f.title for f in FAMILIES.values()))  # for messages: what a model may be
+
+_KNOWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def family_of(pipe) -> Family:
+    """The family of a pipeline (or of a bare denoising network), computed once per object."""
+    try:
+        return _KNOWN[pipe]
+    except (KeyError, TypeError):
+        pass
+    family = _detect(pipe)
+    try:
+        _KNOWN[pipe] = family
+    except TypeError:  # not weak-referenceable: computed again next time
+        pass
+    return family
+
+
+def _detect(pipe) -> Family:
+    name = type(pipe).__name__
+    if name in PIPELINES:
+        candidates = PIPELINES[name]
+        if len(candidates) == 1:
+            return candidates[0]
+        for adapter in _ADAPTERS:  # one class, several families (SD 1.x and 2.x): the adapter tells them apart
+            found = getattr(adapter, "by_parts", lambda p: None)(pipe)
+            if found in candidates:
+                return found
+    if name in NETWORKS:
+        return NETWORKS[name]
+    for adapter in _ADAPTERS:  # another pipeline class: its components say which family's parts it holds
+        found = getattr(adapter, "by_parts", lambda p: None)(pipe)
+        if found is not None:
+            return found
+    if hasattr(pipe, "transformer_blocks"):  # a bare MM-DiT of a class not named above
+        raise ModelError(f"{name} is an MM-DiT this version cannot route; supported: {', '.join(NETWORKS)}")
+    if hasattr(pipe, "attn_processors"):  # a bare UNet-like network
+        return FAMILIES["sd1"]
+    raise ModelError(f"expected a {SUPPORTED} pipeline, got {name}")

@@ -1,0 +1,80 @@
+"""Flux.1: an MM-DiT with text (T5) then image tokens in its double-stream blocks, already concatenated in its
+single-stream blocks; latents packed into a sequence of 2x2-patch tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from . import Family
+
+ORDER = 30  # component detection: after the other transformer families, whose parts are more specific
+
+
+def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
+    from ..tokens import PromptTokens, sequence_length
+
+    return PromptTokens.from_tokenizer(pipe.tokenizer_2, prompt, sequence_length(pipe, max_sequence_length))
+
+
+def noise(pipe, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal latents (1, channels, h, w) packed into (1, tokens, 4 * channels), as `_pack_latents` does."""
+    factor = pipe.vae_scale_factor
+    shape = (1, pipe.transformer.config.in_channels // 4, height // factor, width // factor)
+    return pipe._pack_latents(torch.randn(shape, generator=generator, dtype=torch.float32), *shape)
+
+
+def grid(net, sample, kwargs, cache):
+    """(batch, tokens, channels) packed latents; `img_ids` hold each token's (0, row, column), read once per tensor
+    (every step passes the same one) so the grid costs no host read per call."""
+    ids = kwargs["img_ids"]
+    if cache.get("ids") is not ids:
+        cache["ids"], cache["grid"] = ids, (int(ids[..., 1].max()) + 1, int(ids[..., 2].max()) + 1)
+    return cache["grid"], cache["grid"]
+
+
+def project(attn, call: dict, text_tokens: int):
+    """FluxAttnProcessor's projections (diffusers' own helper, which knows fused projections): text then image;
+    a single-stream block's sequence holds `text_tokens` text tokens first."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+    encoder_hidden_states = call.get("encoder_hidden_states")
+    query, key, value, eq, ek, ev = _get_qkv_projections(attn, call["hidden_states"], encoder_hidden_states)
+    return _joint(attn, query, key, value, eq, ek, ev, encoder_hidden_states, text_tokens,
+                  call.get("image_rotary_emb"), apply_rotary_emb)
+
+
+def _joint(attn, query, key, value, eq, ek, ev, encoder_hidden_states, text_tokens, rotary, apply_rotary_emb):
+    """Flux-style heads, qk-norms, text-first concatenation and rotary embedding (Flux.1 and Flux.2 alike)."""
+    query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))  # (b, tokens, heads, d)
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    t = text_tokens
+    if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+        eq, ek, ev = (x.unflatten(-1, (-1, attn.head_dim)) for x in (eq, ek, ev))
+        eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+        query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
+        t = eq.shape[1]
+    if rotary is not None:
+        query = apply_rotary_emb(query, rotary, sequence_dim=1)
+        key = apply_rotary_emb(key, rotary, sequence_dim=1)
+    length = query.shape[1]
+    query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # (batch, heads, tokens, head_dim)
+    return query, key, value, slice(0, t), slice(t, length)
+
+
+def finish(attn, out, call: dict, text: slice, image: slice):
+    if call.get("encoder_hidden_states") is None:  # single-stream: the block projects it itself
+        return out
+    image_out = attn.to_out[1](attn.to_out[0](out[:, image].contiguous()))
+    return image_out, attn.to_add_out(out[:, text].contiguous())
+
+
+FLUX = Family("flux", "Flux.1", "joint", pipelines=("FluxPipeline",), networks=("FluxTransformer2DModel",),
+              text_first=True, packed=True, flow=True, text_parts=("t5",),
+              processors=("FluxAttnProcessor", "FluxAttnProcessor2_0"), flowedit=(28, 24, 1.5, 5.5), tokens=tokens,
+              noise=noise, grid=grid, project=project, finish=finish)
+FAMILIES = (FLUX,)
+
+
+def by_parts(pipe) -> Family | None:
+    return FLUX if getattr(pipe, "transformer", None) is not None and hasattr(pipe, "text_encoder_2") else None

@@ -1,0 +1,84 @@
+"""Stable Diffusion 3 / 3.5: an MM-DiT whose joint attention holds image tokens then text tokens.
+
+Its text is CLIP's 77 positions (its two CLIP encoders side by side in the channels) then T5's; the CLIP part is read
+by default (the T5 part is zeros in a pipeline without T5). SD3.5's dual-attention blocks add an image-only attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Family
+
+ORDER = 10
+
+
+def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
+    """CLIP's part (77 positions) then T5's (max_sequence_length; zeros when the pipeline has no T5)."""
+    from ..tokens import PromptTokens, sequence_length
+
+    length = sequence_length(pipe, max_sequence_length)
+    clip = PromptTokens.from_tokenizer(pipe.tokenizer, prompt)
+    if getattr(pipe, "text_encoder_3", None) is not None and getattr(pipe, "tokenizer_3", None) is not None:
+        t5 = PromptTokens.from_tokenizer(pipe.tokenizer_3, prompt, length)
+    else:
+        t5 = PromptTokens(prompt, (), (), length)  # the pipeline feeds zeros there
+    return PromptTokens.joint(prompt, [("clip", clip), ("t5", t5)])
+
+
+def grid(net, sample, kwargs, cache):
+    """(batch, channels, h, w) latents, patchified inside the transformer."""
+    patch = net.config.patch_size
+    latent = tuple(sample.shape[2:])
+    return latent, (latent[0] // patch, latent[1] // patch)
+
+
+def project(attn, call: dict, text_tokens: int):
+    """JointAttnProcessor2_0's projections: image queries then text queries."""
+    hidden_states, encoder_hidden_states = call["hidden_states"], call.get("encoder_hidden_states")
+    batch = hidden_states.shape[0]
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    n = query.shape[2]
+    if encoder_hidden_states is None:  # SD3.5's image-only attention
+        return query, key, value, slice(n, n), slice(0, n)
+    eq, ek, ev = (proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+                  for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    if attn.norm_added_q is not None:
+        eq = attn.norm_added_q(eq)
+    if attn.norm_added_k is not None:
+        ek = attn.norm_added_k(ek)
+    t = eq.shape[2]
+    return torch.cat([query, eq], 2), torch.cat([key, ek], 2), torch.cat([value, ev], 2), slice(n, n + t), slice(0, n)
+
+
+def finish(attn, out, call: dict, text: slice, image: slice):
+    """out: (batch, tokens, width); the processor's output projections and return values."""
+    if call.get("encoder_hidden_states") is None:
+        return attn.to_out[1](attn.to_out[0](out))
+    image_out, text_out = out[:, image], out[:, text]
+    if not attn.context_pre_only:
+        text_out = attn.to_add_out(text_out)
+    return attn.to_out[1](attn.to_out[0](image_out)), text_out
+
+
+def load(index: dict) -> dict:
+    """SD3 without T5 (as the bundled shapes-flow): diffusers wants the absent components named."""
+    return {k: None for k in ("text_encoder_3", "tokenizer_3")
+            if not isinstance(index.get(k), list) or index[k][0] is None}
+
+
+SD3 = Family("sd3", "Stable Diffusion 3 / 3.5", "joint", pipelines=("StableDiffusion3Pipeline",),
+             networks=("SD3Transformer2DModel",), flow=True, pooled=True, text_parts=("clip", "t5"),
+             default_part="clip", processors=("JointAttnProcessor2_0",), flowedit=(50, 33, 3.5, 13.5),
+             tokens=tokens, grid=grid, project=project, finish=finish, load=load)
+FAMILIES = (SD3,)
+
+
+def by_parts(pipe) -> Family | None:
+    return SD3 if hasattr(pipe, "text_encoder_3") else None
