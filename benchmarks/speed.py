@@ -6,7 +6,7 @@
     python benchmarks/speed.py --model flux --sizes 32 # Flux.1-dev's blocks (1 double, 4 single), random weights
     python benchmarks/speed.py --device cuda --dtype bf16   # on a GPU (benchmarks/gpu.sh: every model, both dtypes)
     python benchmarks/speed.py --model tiny-sd3 --sizes 16 --steps 4   # a tiny pipeline of prompt2prompt.testing
-    python benchmarks/speed.py --model tiny-flux2 --sizes 16 --steps 4 # Flux.2 klein's blocks, narrow, random weights
+    python benchmarks/speed.py --model tiny-flux2 --sizes 16 --steps 4 # any family's tiny pipeline (narrow blocks)
 
 Configurations:
   stock-1 / stock-2   the unmodified pipeline with 1 and 2 prompts
@@ -45,7 +45,6 @@ CONFIGS = {  # name: (prompts, baseline)
     "edit+blend explicit": (2, "stock-2"),
 }
 PROMPTS = ["a red circle and a blue square", "a red circle and a blue cross"]
-TINY = ("sd1", "sdxl", "sd3", "flux", "flux2")  # tiny-KIND: prompt2prompt.testing's tiny pipelines
 
 
 def build_sd15(size: int, dtype, device):
@@ -339,9 +338,11 @@ def _call(args, extra: list[str]) -> str:
 
 
 def main() -> None:
+    from prompt2prompt.testing import KINDS  # tiny-KIND: every family's tiny pipeline
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd15", choices=["sd15", "sdxl", "sd3", "flux", "shapes", "tiny",
-                                                             *(f"tiny-{kind}" for kind in TINY)],
+                                                             *(f"tiny-{kind}" for kind in KINDS)],
                         help="sd15 / sdxl: SD 1.5's / SDXL base's architecture with random weights; sd3 / flux: SD3 "
                         "medium's / Flux.1-dev's transformer blocks with random weights, cut to --layers; shapes: the "
                         "bundled model; tiny-KIND: a tiny random pipeline of prompt2prompt.testing (tiny = tiny-sd1) "
