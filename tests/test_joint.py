@@ -18,7 +18,7 @@ from prompt2prompt.store import AttentionStore
 from prompt2prompt.tokens import prompt_tokens
 
 OPTS = GenerationOptions(steps=3, seed=1, height=32, width=32, max_sequence_length=24)
-KINDS = ["sd3", "flux", "flux2"]
+KINDS = ["sd3", "flux", "flux2", "qwenimage"]
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +130,43 @@ def test_flux2_words_sit_inside_the_chat_template_and_edits_keep_it_aligned(join
         source.positions("user")  # the template's words are not the prompt's
 
 
+def test_qwenimage_words_follow_the_dropped_template_opening_and_batches_share_a_length(joint):
+    """Qwen-Image drops its template's first 34 tokens: the prompt's words come first, then the template's closing;
+    a call's texts are padded to the longest, so the prompts of one generation share its length."""
+    from prompt2prompt.tokens import batch_tokens
+
+    pipe, _ = joint["qwenimage"]
+    short = prompt_tokens(pipe, "a red circle")
+    assert short.head == 0 and short.positions("circle") == (2,) and short.tokens[3] == "<end>"  # <|im_end|>
+    assert short.length == 3 + 5  # the words and "<|im_end|>\n<|im_start|>assistant\n"
+    embeds, mask = pipe.encode_prompt(["a red circle"], device="cpu")
+    assert embeds.shape[1] == short.length and mask is None
+    longer = batch_tokens(pipe, ["a red circle", "a big red circle and a blue square"])
+    assert [t.length for t in longer] == [13, 13]
+
+
+def test_qwenimage_padded_text_gets_no_attention_and_edits_keep_the_source(joint):
+    """Prompts of different lengths: the shorter one's padded text keys are masked; its blocks are 0 there, the
+    explicit joint softmax agrees with the fast block, and a refinement leaves the source image as it was."""
+    pipe, _ = joint["qwenimage"]
+    prompts = ["a red circle", "a big red circle and a blue square"]
+    fast, full = Probe(cross=True), Probe()
+    generate(pipe, prompts, fast, OPTS, progress=False)
+    generate(pipe, prompts, full, OPTS, progress=False)
+    texts = [p for s, p in full.seen if s.layer.is_cross]
+    images = [p for s, p in full.seen if not s.layer.is_cross]
+    assert len(texts) == len(fast.seen) > 0
+    for (_, block), exact, image in zip(fast.seen, texts, images):
+        assert block.shape[-1] == 13 and (block[0, ..., 8:] == 0).all() and (block[0, ..., :8] > 0).all()
+        torch.testing.assert_close(block, exact, atol=1e-5, rtol=1e-4)
+        total = block.sum(-1) + image.sum(-1)
+        torch.testing.assert_close(total, torch.ones_like(total), atol=1e-5, rtol=0)
+    r = edit(pipe, prompts[0], prompts[1], EditOptions(mode="refine", cross_steps=1.0, self_steps=0.0), OPTS,
+             progress=False)
+    torch.testing.assert_close(r.controlled.latents[0], r.vanilla.latents[0], atol=1e-5, rtol=1e-5)
+    assert (r.controlled.latents[1] - r.vanilla.latents[1]).abs().max() > 1e-3
+
+
 def test_flux2_controller_sees_the_conditional_call_only(joint):
     """Flux.2 klein runs guidance as two transformer calls a step, the conditional one first: the controller sees
     each attention module once a step, with the prompts' rows, and the unconditional call runs the stock processors."""
@@ -211,7 +248,7 @@ def test_demo_runs_on_a_saved_sd3_folder(joint, tmp_path):
     assert (out / "index.html").read_text().count("data:image/png;base64,") >= 12
 
 
-@pytest.mark.parametrize("kind", ["flux2"])
+@pytest.mark.parametrize("kind", ["flux2", "qwenimage"])
 def test_demo_runs_on_the_newer_families(joint, kind, tmp_path):
     """`p2p demo` on Flux.2 klein and Qwen-Image (run in-process at 32 px: these pipelines' own default is 256 px on
     the tiny models, a minute of CPU each)."""

@@ -62,6 +62,11 @@ QWEN_CHAT_TEMPLATE = (
 QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 
 
+# the words of Qwen-Image's prompt template (its system line), one token each as in Qwen's own vocabulary
+QWEN_IMAGE_WORDS = ("system Describe image by detailing color shape size texture quantity text spatial relationships "
+                    "of objects background").split()
+
+
 def tiny_qwen_tokenizer(folder: str | Path, extra_words: tuple[str, ...] = ()):
     """A Qwen2-style byte-level BPE tokenizer with the chat template above, saved to folder: every word of T5_WORDS
     (and "user", "assistant", extra_words) is one token with or without its leading space, anything else falls back
@@ -233,10 +238,38 @@ def _build(kind: str, folder: str | Path, seed: int):
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
         return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                   transformer=transformer)
+    if kind == "qwenimage":
+        from diffusers import (
+            AutoencoderKLQwenImage,
+            FlowMatchEulerDiscreteScheduler,
+            QwenImagePipeline,
+            QwenImageTransformer2DModel,
+        )
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        tokenizer = tiny_qwen_tokenizer(folder / "tokenizer", QWEN_IMAGE_WORDS)
+        width = 32
+        text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+        vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=width,
+                      fullatt_block_indexes=[0])
+        text.update(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=len(tokenizer),
+                                  image_token_id=0, video_token_id=0, vision_start_token_id=0, vision_end_token_id=0)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=width, axes_dims_rope=(4, 6, 6))
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+                                     temperal_downsample=[False], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=0.9)
+        return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+                                 tokenizer=tokenizer, transformer=transformer)
     raise ValueError(f"unknown pipeline kind {kind!r}: expected one of {', '.join(KINDS)}")
 
 
-KINDS = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux2")  # what tiny_pipeline builds
+KINDS = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "qwenimage")  # what tiny_pipeline builds
 
 
 def main(argv: list[str] | None = None) -> None:
