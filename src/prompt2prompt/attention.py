@@ -218,9 +218,10 @@ def control(pipe, controller: AttentionController, prompts: int | None = None) -
     """
     unet = denoiser(pipe)
     with exclusive(unet):
-        originals = dict(unet.attn_processors)
         family = family_of(pipe)
-        if family.joint:  # an MM-DiT (SD3, Flux): joint attention
+        modules = family.modules(unet) if family.modules is not None else None  # only these are routed
+        originals = dict(unet.attn_processors) if modules is None else {k: m.processor for k, m in modules.items()}
+        if family.joint:  # an MM-DiT (SD3, Flux, ...): joint attention
             router = Router(controller, prompts, pipe if unet is not pipe else None)
             routed, on_call = install_joint(unet, router, originals, family)
         else:
@@ -229,10 +230,19 @@ def control(pipe, controller: AttentionController, prompts: int | None = None) -
             router = Router(controller, prompts, pipe if unet is not pipe else None, levels)
             routed = {name: RoutedProcessor(router, layers[name], proc) for name, proc in originals.items()}
             on_call = _on_unet_call(router)
-        unet.set_attn_processor(dict(routed))  # set_attn_processor empties the dict it is given
+        _set_processors(unet, modules, routed)
         hook = unet.register_forward_pre_hook(on_call, with_kwargs=True)
         try:
             yield router
         finally:
             hook.remove()
-            unet.set_attn_processor(dict(originals))
+            _set_processors(unet, modules, originals)
+
+
+def _set_processors(net, modules: dict | None, processors: dict) -> None:
+    """Put processors in their modules' slots: diffusers' `set_attn_processor`, or each listed module's own."""
+    if modules is None:
+        net.set_attn_processor(dict(processors))  # set_attn_processor empties the dict it is given
+        return
+    for key, processor in processors.items():
+        modules[key].set_processor(processor)

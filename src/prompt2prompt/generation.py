@@ -78,7 +78,8 @@ def size_multiple(pipe) -> int:
     factor = int(pipe.vae_scale_factor)
     if packed(pipe):
         return factor * 2
-    patch = getattr(denoiser(pipe).config, "patch_size", None)
+    config = denoiser(pipe).config
+    patch = getattr(config, "patch_size", None) or (getattr(config, "all_patch_size", None) or (None,))[0]
     return factor * patch if patch else math.lcm(8, factor)
 
 

@@ -56,11 +56,13 @@ def attention_with_lse(query, key, value, scale: float) -> tuple[torch.Tensor, t
     return out, lse.float()
 
 
-def joint_layers(name: str, module) -> tuple[LayerInfo, LayerInfo]:
+def joint_layers(name: str, module, family: Family | None = None) -> tuple[LayerInfo, LayerInfo]:
     """(text site, image site) of one attention module of an MM-DiT."""
     parts = name.split(".")
     block = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-    if parts[0].startswith("single"):
+    if family is not None and family.place is not None:
+        place = family.place(name)
+    elif parts[0].startswith("single"):
         place = "single"  # Flux single-stream: text and image concatenated before attention
     elif parts[2:3] == ["attn2"]:
         place = "image"  # SD3.5's second (image-only) attention of a dual-attention block
@@ -73,6 +75,7 @@ def joint_layers(name: str, module) -> tuple[LayerInfo, LayerInfo]:
 
 def install(net, router: Router, originals: dict, family: Family):
     """(processors, forward pre-hook) routing every attention module of an MM-DiT through the router."""
+    router.conditional_first = family.conditional_first
     routed = {name: JointRoutedProcessor(router, name, net.get_submodule(name.removesuffix(".processor")), proc,
                                          family) for name, proc in originals.items()}
     return routed, _on_transformer_call(router, family)
@@ -85,15 +88,17 @@ def _on_transformer_call(router: Router, family: Family):
     cache: dict = {}
 
     def hook(module, args, kwargs):
-        sample = args[0] if args else kwargs["hidden_states"]
-        text = kwargs.get("encoder_hidden_states")
-        router.text_tokens = 0 if text is None else text.shape[1]
+        if family.inputs is not None:
+            sample, batch, router.text_tokens = family.inputs(args, kwargs)
+        else:
+            sample = args[0] if args else kwargs["hidden_states"]
+            text = kwargs.get("encoder_hidden_states")
+            batch, router.text_tokens = sample.shape[0], 0 if text is None else text.shape[1]
         if family.guidance_calls:
             router.passive = router.calls > 0  # the unconditional call(s) of this step
             router.calls += 1
             if router.passive:
                 return
-        batch = sample.shape[0]
         latent, grid = family.grid(module, sample, kwargs, cache)
         run = router.run
         if run is None or run.grid != grid or run.batch != batch:
@@ -111,7 +116,7 @@ class JointRoutedProcessor:
         import inspect
 
         self.router = router
-        self.text, self.image = joint_layers(name, module)
+        self.text, self.image = joint_layers(name, module, family)
         self.original = original
         self.family = family
         # the family's projections are restated (by its adapter) only for its stock processors
@@ -155,10 +160,11 @@ class JointRoutedProcessor:
         if unknown:
             raise P2PError(f"{type(self.original).__name__} was given arguments attention control does not know: "
                            f"{', '.join(unknown)}")
-        if call.get("attention_mask") is not None:
-            raise P2PError("joint attention with an attention mask cannot be controlled")
-        query, key, value, text, image = self.family.project(attn, call, router.text_tokens)
-        mask = call.get("_key_mask")  # (batch, tokens) bool, False on padded text keys; None: every key counts
+        query, key, value, text, image = self.family.project(attn, call, router.text_tokens, grid)
+        if call.get("attention_mask") is not None and "_key_mask" not in call:
+            raise P2PError(f"{type(self.original).__name__} was given an attention mask, which attention control on "
+                           f"{self.family.title} does not know")
+        mask = call.get("_key_mask")  # (batch, tokens) bool, False on padded keys; None: every key counts
         if want_image:
             out = self._explicit(query, key, value, text, image, text_site if want_text else None, image_site, mask)
         else:
@@ -189,20 +195,20 @@ class JointRoutedProcessor:
         and the block is a softmax over the text keys times that share (as also where some text keys are masked out:
         `mask`, (batch, tokens) bool, False on them)."""
         batch, heads, length, head_dim = value.shape
-        free = batch - self.router.conditional(batch)  # unconditional rows: nothing to read
-        prompts, scale = batch - free, 1 / math.sqrt(head_dim)
+        rows = self.router.rows(batch)  # the conditional rows (the unconditional ones: nothing to read)
+        prompts, scale = rows.stop - rows.start, 1 / math.sqrt(head_dim)
         # image x text scores of the conditional rows; heads fold into the batch as views (the sequence slices keep a
         # uniform batch stride), so the product is one bmm
-        scores = torch.baddbmm(self._zero(query), query[free:, :, image].flatten(0, 1),
-                               key[free:, :, text].flatten(0, 1).transpose(1, 2), beta=0,
+        scores = torch.baddbmm(self._zero(query), query[rows, :, image].flatten(0, 1),
+                               key[rows, :, text].flatten(0, 1).transpose(1, 2), beta=0,
                                alpha=scale).view(prompts, heads, -1, text.stop - text.start)
         if mask is not None:  # padded text keys: no attention
-            scores = scores.masked_fill(~mask[free:, None, None, text], -math.inf)
+            scores = scores.masked_fill(~mask[rows, None, None, text], -math.inf)
         fast = None if (torch.is_grad_enabled() and query.requires_grad) or mask is not None else \
             attention_with_lse(query, key, value, scale)
         if fast is not None:
             out, lse = fast  # (batch, heads, tokens, head_dim), (batch, heads, tokens) float32
-            lse = lse[free:, :, image, None]
+            lse = lse[rows, :, image, None]
 
             def text_block() -> torch.Tensor:  # (prompts, heads, image, text), float32 whatever the model's precision
                 return torch.exp(scores.float() - lse)
@@ -217,7 +223,7 @@ class JointRoutedProcessor:
                 torch.cat([value, marker.expand(batch, heads, -1, -1)], -1), scale=scale,
                 attn_mask=None if mask is None else mask[:, None, None, :])
             out = fused[..., :head_dim]  # (batch, heads, tokens, head_dim)
-            mass = fused[free:, :, image, head_dim:head_dim + 1]  # (prompts, heads, image, 1): attention on the text
+            mass = fused[rows, :, image, head_dim:head_dim + 1]  # (prompts, heads, image, 1): attention on the text
 
             def text_block() -> torch.Tensor:  # (prompts, heads, image, text), float32 whatever the model's precision
                 return torch.softmax(scores, -1, dtype=torch.float32) * mass
@@ -229,7 +235,7 @@ class JointRoutedProcessor:
             change = new - old
             change = change if change.dtype == value.dtype else change.to(value.dtype)
             out = out.clone() if out.requires_grad else out
-            out[free:, :, image].add_(torch.bmm(change.flatten(0, 1), value[free:, :, text].flatten(0, 1)).view(
+            out[rows, :, image].add_(torch.bmm(change.flatten(0, 1), value[rows, :, text].flatten(0, 1)).view(
                 prompts, heads, -1, head_dim))
         return out
 
@@ -245,7 +251,7 @@ class JointRoutedProcessor:
         the whole batch (small grids only); the controller sees the conditional rows' blocks. mask: (batch, tokens)
         bool, False on keys no query attends to (padded text); None: all count."""
         batch, head_dim = query.shape[0], query.shape[-1]
-        free = batch - self.router.conditional(batch)
+        rows = self.router.rows(batch)
         scores = torch.matmul(query * (1 / math.sqrt(head_dim)), key.transpose(-1, -2))
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, None, :], -math.inf)
@@ -254,8 +260,8 @@ class JointRoutedProcessor:
         for site, columns in ((text_site, text), (image_site, image)):
             if site is None:
                 continue
-            block = probs[free:, :, image, columns]
+            block = probs[rows, :, image, columns]
             new = controller.attention(block, site)
             if new is not None and new is not block:
-                probs[free:, :, image, columns] = new.to(probs.dtype)
+                probs[rows, :, image, columns] = new.to(probs.dtype)
         return torch.matmul(probs if probs.dtype == value.dtype else probs.to(value.dtype), value)

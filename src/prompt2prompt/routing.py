@@ -161,6 +161,7 @@ class Router:
         self._res: dict[int, tuple[int, int]] = {}
         self.calls = 0  # denoiser calls since the last step end (families that run guidance as separate calls)
         self.passive = False  # this call is an unconditional one of such a family: the controller is passed by
+        self.conditional_first = False  # a call's conditional rows come first (Z-Image), not last
 
     # -- hooks ----------------------------------------------------------------------------------------------------
     def loop_length(self) -> int:
@@ -214,6 +215,11 @@ class Router:
     def conditional(self, batch: int) -> int:
         """How many of a call's `batch` rows are conditional (the last ones): the rows controllers see."""
         return min(batch, self.run.prompts) if self.run else batch
+
+    def rows(self, batch: int) -> slice:
+        """The conditional rows of a call of `batch` rows: the last ones, or the first where they come first."""
+        n = self.conditional(batch)
+        return slice(0, n) if self.conditional_first else slice(batch - n, batch)
 
     def route(self, probs: torch.Tensor, site: Site) -> torch.Tensor:
         """probs: (batch, heads, queries, keys). Hands the conditional rows (the last `conditional(batch)`) to the

@@ -66,11 +66,12 @@ class PromptTokens:
 
     @classmethod
     def from_template(cls, tokenizer, prompt: str, render, length: int, skip: int = 0, padded: bool = True,
-                      max_tokens: int | None = None) -> PromptTokens:
+                      max_tokens: int | None = None, multiple: int = 1) -> PromptTokens:
         """A prompt inside a template (a chat template): `render(text)` is what the tokenizer reads around a prompt.
         The denoiser sees the templated tokens from position `skip` on (a pipeline that drops the template's
-        opening), at most `length` of them, padded to `length` (or, not `padded`, as many as there are); the
-        tokenizer reads at most max_tokens (default skip + length). The prompt's words are found by their character
+        opening), at most `length` of them, padded to `length` (or, not `padded`, as many as there are, rounded up
+        to a `multiple`: a denoiser that pads the text itself); the tokenizer reads at most max_tokens (default
+        skip + length). The prompt's words are found by their character
         offsets in the rendered text; the template's tokens before and after the prompt are its `head` and `tail`,
         kept in place by the edits' alignment."""
         marker = "\x00"
@@ -97,8 +98,8 @@ class PromptTokens:
                               and offsets[pos][0] < m.end() + start and offsets[pos][1] > m.start() + start)
             if positions:  # a word cut off by truncation has no tokens
                 words.append(Word(m.group(), m.start(), m.end(), positions))
-        return cls(prompt, readable, tuple(words), int(length) if padded else len(ids), tuple(int(i) for i in ids),
-                   truncated, (), head, tail)
+        size = int(length) if padded else -(-len(ids) // multiple) * multiple
+        return cls(prompt, readable, tuple(words), size, tuple(int(i) for i in ids), truncated, (), head, tail)
 
     @classmethod
     def joint(cls, prompt: str, parts: list[tuple[str, PromptTokens]]) -> PromptTokens:

@@ -46,6 +46,8 @@ class Family:
     # guidance), from the paper's published settings (fallenshock/FlowEdit, SD3_exp.yaml / FLUX_exp.yaml); None: n/a
     guidance_calls: bool = False  # classifier-free guidance runs the denoiser twice a step, the conditional call
     # first (Flux.2 klein, Qwen-Image); else the unconditional rows come first in one call's batch
+    conditional_first: bool = False  # one call's batch holds the conditional rows first, then the unconditional
+    # ones (Z-Image); else the unconditional rows come first (diffusers' SD, SD3 and Flux pipelines)
     batch_padded: bool = False  # the pipeline pads each call's texts to the longest of the batch (Qwen-Image): the
     # prompts of one generation share that length (`tokens.batch_tokens`)
     arguments: tuple[str, ...] = ("attn", "hidden_states", "encoder_hidden_states", "attention_mask",
@@ -58,7 +60,13 @@ class Family:
     noise: Callable | None = None  # (pipe, height, width, generator) -> the initial latent the pipeline takes, drawn
     # on the CPU; None: (1, in_channels, height / vae factor, width / vae factor) standard normal
     grid: Callable | None = None  # joint: (net, sample, kwargs, cache: dict) -> (latent size, image-token grid)
-    project: Callable | None = None  # joint: (attn, call: dict, text_tokens) -> (q, k, v, text slice, image slice),
+    inputs: Callable | None = None  # joint: (args, kwargs) of a denoiser call -> (its image input, batch rows, text
+    # tokens); None: `hidden_states` and `encoder_hidden_states`
+    modules: Callable | None = None  # joint: (net) -> {processor key: attention module} to route, for a network
+    # without `attn_processors` or whose other modules stay untouched; None: every one of `net.attn_processors`
+    place: Callable | None = None  # joint: (module name) -> its place: "joint" (text and image), "single" (text
+    # already concatenated in front), "image" (image only); None: the Flux / SD3 names
+    project: Callable | None = None  # joint: (attn, call: dict, text_tokens, grid) -> (q, k, v, text, image slices),
     # q, k, v (batch, heads, tokens, head_dim), from its stock processor's bound arguments `call`; it may leave
     # call["_key_mask"], (batch, tokens) bool, False on padded text keys
     finish: Callable | None = None  # joint: (attn, out (batch, tokens, width), call, text, image) -> what its stock

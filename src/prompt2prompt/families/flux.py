@@ -32,7 +32,7 @@ def grid(net, sample, kwargs, cache):
     return cache["grid"], cache["grid"]
 
 
-def project(attn, call: dict, text_tokens: int):
+def project(attn, call: dict, text_tokens: int, grid):
     """FluxAttnProcessor's projections (diffusers' own helper, which knows fused projections): text then image;
     a single-stream block's sequence holds `text_tokens` text tokens first."""
     from diffusers.models.embeddings import apply_rotary_emb

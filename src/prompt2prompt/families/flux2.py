@@ -50,7 +50,7 @@ def noise(pipe, height: int, width: int, generator: torch.Generator) -> torch.Te
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-def project(attn, call: dict, text_tokens: int):
+def project(attn, call: dict, text_tokens: int, grid):
     """Flux2AttnProcessor's and Flux2ParallelSelfAttnProcessor's projections; the parallel one's MLP half is kept in
     `call` for `finish`."""
     from diffusers.models.embeddings import apply_rotary_emb

@@ -41,7 +41,7 @@ def grid(net, sample, kwargs, cache):
     return (rows, columns), (rows, columns)
 
 
-def project(attn, call: dict, text_tokens: int):
+def project(attn, call: dict, text_tokens: int, grid):
     """QwenDoubleStreamAttnProcessor2_0's projections, qk-norms and complex rotary embeddings; text then image.
     Padded text keys (`encoder_hidden_states_mask`) are left in `call["_key_mask"]`."""
     from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen

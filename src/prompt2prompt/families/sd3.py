@@ -33,7 +33,7 @@ def grid(net, sample, kwargs, cache):
     return latent, (latent[0] // patch, latent[1] // patch)
 
 
-def project(attn, call: dict, text_tokens: int):
+def project(attn, call: dict, text_tokens: int, grid):
     """JointAttnProcessor2_0's projections: image queries then text queries."""
     hidden_states, encoder_hidden_states = call["hidden_states"], call.get("encoder_hidden_states")
     batch = hidden_states.shape[0]
