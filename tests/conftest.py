@@ -28,7 +28,7 @@ def pipes(tmp_path_factory):
 @pytest.fixture(scope="session")
 def joint_pipes(tmp_path_factory):
     """Tiny random SD3 and Flux pipelines (MM-DiTs), built once per test session."""
-    return build_tiny(tmp_path_factory.mktemp("joint-pipes"), ("sd3", "flux", "flux2", "qwenimage"))
+    return build_tiny(tmp_path_factory.mktemp("joint-pipes"), ("sd3", "flux", "flux2", "qwenimage", "zimage"))
 
 
 @pytest.fixture(scope="session")

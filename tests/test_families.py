@@ -14,14 +14,15 @@ from prompt2prompt.families import FAMILIES, family_of
 PACKAGE = Path(__file__).parents[1] / "src" / "prompt2prompt"
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "qwenimage"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "qwenimage", "zimage"])
 def test_each_pipeline_has_its_family_once(kind, pipes, joint_pipes):
     pipe = {**pipes, **joint_pipes}[kind]
     family = family_of(pipe)
     assert family is FAMILIES[kind] and family_of(pipe) is family  # computed once, the same record after
-    assert family.joint == (kind in ("sd3", "flux", "flux2", "qwenimage")) and family.flow == family.joint
+    assert family.joint == (kind in ("sd3", "flux", "flux2", "qwenimage", "zimage")) and family.flow == family.joint
     assert family.packed == (kind in ("flux", "flux2", "qwenimage")) == family.text_first
-    assert family.guidance_calls == (kind in ("flux2", "qwenimage")) and family.batch_padded == (kind == "qwenimage")
+    assert family.guidance_calls == (kind in ("flux2", "qwenimage"))
+    assert family.batch_padded == (kind in ("qwenimage", "zimage")) and family.conditional_first == (kind == "zimage")
     assert family.pooled == (kind in ("sdxl", "sd3")) and family.added_conditions == (kind == "sdxl")
     # the record agrees with what the pipeline holds (the probes it replaced)
     assert family.packed == hasattr(pipe, "_pack_latents")

@@ -266,10 +266,25 @@ def _build(kind: str, folder: str | Path, seed: int):
                                                     max_shift=0.9)
         return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=Qwen2_5_VLForConditionalGeneration(config),
                                  tokenizer=tokenizer, transformer=transformer)
+    if kind == "zimage":
+        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+        from transformers import Qwen3Config, Qwen3Model
+
+        tokenizer = tiny_qwen_tokenizer(folder / "tokenizer")
+        width = 16
+        text_encoder = Qwen3Model(Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+            pad_token_id=tokenizer.pad_token_id))
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+            n_heads=2, n_kv_heads=2, cap_feat_dim=width, axes_dims=[4, 6, 6], axes_lens=[256, 32, 32])
+        return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(0.05),
+                              text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
     raise ValueError(f"unknown pipeline kind {kind!r}: expected one of {', '.join(KINDS)}")
 
 
-KINDS = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "qwenimage")  # what tiny_pipeline builds
+KINDS = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "qwenimage", "zimage")  # what tiny_pipeline builds
 
 
 def main(argv: list[str] | None = None) -> None:

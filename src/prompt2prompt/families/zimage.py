@@ -1,0 +1,111 @@
+"""Z-Image: a single-stream DiT. Its image tokens are refined alone (`noise_refiner`), its caption tokens alone
+(`context_refiner`, left on its stock processor: no image query attends there), then image and caption tokens attend
+jointly in its main `layers`, image first: each part padded with learned tokens to a multiple of 32 (attended), the
+batch padded to its longest sequence (masked out). The caption is a Qwen3's second-to-last hidden layer over the
+chat-templated prompt, its padding removed. Classifier-free guidance is one call whose batch holds the conditional
+rows first; its pipeline's scale g means pos + g (pos - neg), the usual scale s - 1. Its transformer has no
+`attn_processors`: each attention module's own processor slot is used. Real-image inversion is not supported yet.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Family
+
+ORDER = 22
+PAD = 32  # the transformer pads image and caption tokens to multiples of this (transformer_z_image.SEQ_MULTI_OF)
+
+
+def _ceil(n: int) -> int:
+    return -(-n // PAD) * PAD
+
+
+def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
+    """The chat-templated prompt (thinking on, as the pipeline asks), up to max_sequence_length tokens, padded by
+    the transformer to a multiple of 32 (the batch to its longest: `tokens.batch_tokens`)."""
+    from ..tokens import PromptTokens, sequence_length
+
+    def render(content: str) -> str:
+        return pipe.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=True)
+
+    return PromptTokens.from_template(pipe.tokenizer, prompt, render, sequence_length(pipe, max_sequence_length),
+                                      padded=False, multiple=PAD)
+
+
+def guidance(scale: float, negative_prompt: str | None, prompts: int) -> dict:
+    """The pipeline's `guidance_scale` is the usual scale minus one (pos + g (pos - neg)); <= 1 turns it off."""
+    return {"guidance_scale": max(float(scale) - 1, 0.0),
+            **({"negative_prompt": [negative_prompt] * prompts} if negative_prompt else {})}
+
+
+def modules(net) -> dict:
+    """The image refiner's and the main layers' attention modules (not the caption refiner's)."""
+    return {f"{name}.processor": module for name, module in net.named_modules()
+            if name.rsplit(".", 1)[-1] == "attention" and name.split(".")[0] in ("noise_refiner", "layers")}
+
+
+def place(name: str) -> str:
+    return "image" if name.startswith("noise_refiner") else "joint"
+
+
+def inputs(args, kwargs):
+    """(first image latent (channels, frames, h, w), rows, caption tokens of the main layers) of a transformer call
+    (x and cap_feats are lists, one tensor per row)."""
+    images = args[0] if args else kwargs["x"]
+    captions = args[2] if len(args) > 2 else kwargs["cap_feats"]
+    return images[0], len(images), max(_ceil(len(c)) for c in captions)
+
+
+def grid(net, sample, kwargs, cache):
+    patch = kwargs.get("patch_size", 2)
+    latent = tuple(sample.shape[-2:])
+    return latent, (latent[0] // patch, latent[1] // patch)
+
+
+def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as complex products: x (batch, tokens, heads, head_dim), freqs (batch, tokens, head_dim / 2)
+    complex."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs.unsqueeze(2)).flatten(3).type_as(x)
+
+
+def project(attn, call: dict, text_tokens: int, grid):
+    """ZSingleStreamAttnProcessor's projections: image tokens first (`grid` of them, then its padding to a multiple
+    of 32), the caption after them in the main layers. The batch's padding mask becomes the key mask."""
+    hidden_states = call["hidden_states"]
+    query, key, value = (proj(hidden_states).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k,
+                                                                                            attn.to_v))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    freqs = call.get("freqs_cis")
+    if freqs is not None:
+        query, key = _rotate(query, freqs), _rotate(key, freqs)
+    mask = call.get("attention_mask")
+    if mask is not None:
+        call["_key_mask"] = mask.reshape(mask.shape[0], -1).bool()  # (batch, tokens)
+    length, n = hidden_states.shape[1], grid[0] * grid[1]
+    query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # (batch, heads, tokens, head_dim)
+    return query, key, value, slice(_ceil(n), length), slice(0, n)  # the image refiner's caption slice is empty
+
+
+def finish(attn, out, call: dict, text: slice, image: slice):
+    out = attn.to_out[0](out)
+    return attn.to_out[1](out) if len(attn.to_out) > 1 else out
+
+
+Z_IMAGE = Family("zimage", "Z-Image", "joint", pipelines=("ZImagePipeline",), networks=("ZImageTransformer2DModel",),
+                 flow=True, text_parts=("qwen3",), processors=("ZSingleStreamAttnProcessor",), invertible=False,
+                 conditional_first=True, batch_padded=True,
+                 arguments=("attn", "hidden_states", "encoder_hidden_states", "attention_mask", "freqs_cis"),
+                 tokens=tokens, guidance=guidance, modules=modules, place=place, inputs=inputs, grid=grid,
+                 project=project, finish=finish)
+FAMILIES = (Z_IMAGE,)
+
+
+def by_parts(pipe) -> Family | None:
+    net = getattr(pipe, "transformer", None)
+    return Z_IMAGE if type(net).__name__ in Z_IMAGE.networks else None
