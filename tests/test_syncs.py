@@ -6,12 +6,12 @@ import torch
 
 from prompt2prompt.attention import Controllers
 from prompt2prompt.edits import EditOptions, edit
-from prompt2prompt.generation import GenerationOptions, generate
+from prompt2prompt.generation import GenerationOptions, generate, guidance_arguments
 from prompt2prompt.profiling import LoopWatch
 from prompt2prompt.store import AttentionStore
 from prompt2prompt.testing import tiny_pipeline
 
-KINDS = ["sd1", "sdxl", "sd3", "flux"]
+KINDS = ["sd1", "sdxl", "sd3", "flux", "flux2", "qwenimage", "zimage"]
 OPTS = GenerationOptions(steps=4, seed=0, height=32, width=32, max_sequence_length=16)
 PROMPTS = ["a red circle and a blue square", "a red circle and a blue cross"]
 
@@ -34,7 +34,8 @@ def _reads(pipe, what: str):
                 return {}
 
             kwargs = {"max_sequence_length": options.max_sequence_length} if hasattr(pipe, "transformer") else {}
-            pipe(PROMPTS, num_inference_steps=options.steps, height=options.height, width=options.width,
+            kwargs.update(guidance_arguments(pipe, options.guidance, None, len(PROMPTS)))  # guided as ours are
+            pipe(prompt=list(PROMPTS), num_inference_steps=options.steps, height=options.height, width=options.width,
                  output_type="latent", callback_on_step_end=window, **kwargs)
         elif what == "attend":
             generate(pipe, PROMPTS[:1], Controllers(AttentionStore(), watch), options, progress=False)

@@ -238,7 +238,7 @@ def generate(
     if options.max_sequence_length is not None:
         pipe_kwargs["max_sequence_length"] = options.max_sequence_length
     args = dict(
-        prompt=None if embedded else prompts,
+        prompt=None if embedded else list(prompts),  # a copy: some pipelines (Z-Image) rewrite the list they get
         **guidance_arguments(pipe, options.guidance, None if embedded else options.negative_prompt, len(prompts)),
         num_inference_steps=options.steps,
         latents=latents,

@@ -1,12 +1,16 @@
-"""Tiny random pipelines, built offline in code (as diffusers' own tests do): SD 1.x, 2.x, XL, 3 and Flux.
+"""Tiny random pipelines, built offline in code (as diffusers' own tests do): SD 1.x, 2.x, XL, 3, Flux.1, Flux.2
+[klein], Qwen-Image and Z-Image.
 
 They have the real architectures at toy widths: SD 1.x (epsilon, 32-wide text), SD 2.x (v-prediction, linear
 projections, a wider text encoder, "!" padding), SDXL (two text encoders, added time/text conditioning), SD3 (an
 MM-DiT with two CLIP encoders and a T5 encoder, image tokens then text in each joint attention, a context-only last
 block, qk-norm and a dual-attention block as SD3.5), Flux (an MM-DiT with a CLIP and a T5 encoder, text then image in
-its double-stream blocks, single-stream blocks, rotary embeddings, packed latents). The T5 tokenizer is a small
-SentencePiece-style unigram model made with the `tokenizers` library and wrapped in transformers' fast T5 class.
-Used by the tests and the benchmarks; weights are random, seeded.
+its double-stream blocks, single-stream blocks, rotary embeddings, packed latents), Flux.2 [klein] (a 28-layer Qwen3
+read at layers 9, 18 and 27, parallel single-stream attention, patchified latents), Qwen-Image (a Qwen2.5-VL text
+encoder, its 34-token template opening dropped, complex rotary embeddings) and Z-Image (a Qwen3 base, refiners and
+image-first main layers). The T5 tokenizer is a small SentencePiece-style unigram model made with the `tokenizers`
+library and wrapped in transformers' fast T5 class; the Qwen tokenizer a byte-level BPE whose merges make every listed
+word one token, with a chat template in Qwen's format. Used by the tests and the benchmarks; weights are random, seeded.
 """
 
 from __future__ import annotations
@@ -288,12 +292,12 @@ KINDS = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "qwenimage", "zimage")  #
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m prompt2prompt.testing KIND FOLDER: save a tiny random pipeline (sd1, sd2 or sdxl) to FOLDER."""
+    """python -m prompt2prompt.testing KIND FOLDER: save a tiny random pipeline of KIND (see KINDS) to FOLDER."""
     import argparse
     import tempfile
 
-    parser = argparse.ArgumentParser(description="Save a tiny random Stable Diffusion pipeline (for trying the "
-                                     "tool and for tests; its pictures are noise).")
+    parser = argparse.ArgumentParser(description="Save a tiny random pipeline of one of the supported families (for "
+                                     "trying the tool and for tests; its pictures are noise).")
     parser.add_argument("kind", choices=KINDS, help="architecture family")
     parser.add_argument("folder", help="where to save the pipeline")
     args = parser.parse_args(argv)
