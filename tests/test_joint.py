@@ -124,6 +124,7 @@ def test_flux2_words_sit_inside_the_chat_template_and_edits_keep_it_aligned(join
     assert source.ids == tuple(ids) and source.length == 24
     assert source.head == 3 and source.tokens[:3] == ("<|im_start|>", "user", "Ċ")  # the opening "<|im_start|>user\n"
     assert source.positions("circle") == (5,) and source.end == 6 and source.tokens[6] == "<end>"  # <|im_end|>
+    assert source.real_positions() == [3, 4, 5, 6] and source.real_positions(start=True) == list(range(7))  # maps
     target = prompt_tokens(pipe, "a red square", 24)
     mapper = replace_mapper(source, target)
     assert all(mapper[i, i] == 1 for i in range(24)) and mapper.sum() == 24  # same token counts: the identity

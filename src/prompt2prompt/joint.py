@@ -1,16 +1,21 @@
-"""MM-DiT joint attention (SD3 / SD3.5, Flux.1) routed through the same controllers as the UNet's layers.
+"""MM-DiT joint attention (SD3 / SD3.5, Flux.1, Flux.2 [klein], Qwen-Image, Z-Image) routed through the same
+controllers as the UNet's layers.
 
-In an MM-DiT, image and text tokens attend jointly: one softmax over the image and the text keys (SD3: image tokens
-then text; Flux: text then image, in its double-stream blocks; its single-stream blocks get text and image already
-concatenated). Each attention module is seen as two sites: its image-to-text block (`is_cross`, what a word's map and
-a Prompt-to-Prompt replacement act on) and its image-to-image block (self-attention). `JointRoutedProcessor` is
-installed in diffusers' processor slot of every attention module (by `attention.control`) and:
+In an MM-DiT, image and text tokens attend jointly: one softmax over the image and the text keys (SD3 and Z-Image:
+image tokens then text; Flux and Qwen-Image: text then image, in their double-stream blocks; Flux's single-stream
+blocks get text and image already concatenated). Each attention module is seen as two sites: its image-to-text block
+(`is_cross`, what a word's map and a Prompt-to-Prompt replacement act on) and its image-to-image block
+(self-attention). `JointRoutedProcessor` is installed in the processor slot of every attention module the family
+routes (by `attention.control`); what differs per family (the projections of its stock processors, the layout of its
+sequence, its padding mask, the grid, which rows of a call are conditional) comes from its `families.Family`. It:
 
-- calls the original processor unchanged (its fused kernel / attention dispatcher) where the controller wants neither;
-- where only the image-to-text block is wanted, runs one fused attention whose values carry an extra channel that is 1
-  on text keys, which gives each query's total attention on the text; with a softmax over the text keys alone (queries
-  x text keys: no (tokens x tokens) matrix is ever formed) that is the image-to-text block of the joint softmax,
-  exactly. A replacement C' of that block changes the image queries' output by (C' - C) @ V_text;
+- calls the original processor unchanged (its fused kernel / attention dispatcher) where the controller wants neither,
+  and on the unconditional call of a family that runs guidance as separate calls;
+- where only the image-to-text block is wanted, runs the fused attention once and takes each query's softmax
+  denominator from the kernel itself (or, where the kernel cannot give it, from an extra value channel that is 1 on
+  text keys); with the image x text scores alone (no (tokens x tokens) matrix is ever formed) that is the image-to-text
+  block of the joint softmax, exactly. A replacement C' of that block changes the image queries' output by
+  (C' - C) @ V_text;
 - where the image-to-image block is wanted too, computes the joint attention explicitly (small maps only).
 
 The text queries' rows are never changed: an edit acts on what the image attends to, as in the UNet.

@@ -213,7 +213,7 @@ class Router:
         return res
 
     def conditional(self, batch: int) -> int:
-        """How many of a call's `batch` rows are conditional (the last ones): the rows controllers see."""
+        """How many of a call's `batch` rows are conditional (which ones: `rows`): the rows controllers see."""
         return min(batch, self.run.prompts) if self.run else batch
 
     def rows(self, batch: int) -> slice:

@@ -71,9 +71,9 @@ class PromptTokens:
         The denoiser sees the templated tokens from position `skip` on (a pipeline that drops the template's
         opening), at most `length` of them, padded to `length` (or, not `padded`, as many as there are, rounded up
         to a `multiple`: a denoiser that pads the text itself); the tokenizer reads at most max_tokens (default
-        skip + length). The prompt's words are found by their character
-        offsets in the rendered text; the template's tokens before and after the prompt are its `head` and `tail`,
-        kept in place by the edits' alignment."""
+        skip + length). The prompt's words are found by their character offsets in the rendered text; the
+        template's tokens before and after the prompt are its `head` and `tail`, kept in place by the edits'
+        alignment; its maps are those of the prompt's tokens and the token closing them."""
         marker = "\x00"
         opening = render(marker).split(marker)[0]
         text = render(prompt)
@@ -129,6 +129,9 @@ class PromptTokens:
         """Positions of the prompt's own tokens (words and the end token; a start token if asked), not padding."""
         if self.parts:
             return [offset + i for _, offset, p in self.parts for i in p.real_positions(start)]
+        if self.tail is not None:  # a template around the prompt: its words and the token closing them (its opening
+            # as the start)
+            return list(range(0 if start else self.head, min(self.tail + 1, len(self.tokens))))
         return [i for i, t in enumerate(self.tokens) if start or t != "<start>"]
 
     def word_positions(self) -> list[int]:
