@@ -97,13 +97,26 @@ MUTANTS = {
         "tokens.py", "if e > s and s < m.end() and e > m.start()", "if e > s and s < m.end()",
         ["tests/test_tokens.py", "tests/test_alignment.py"]),
     "refine-off-by-one": (
-        "alignment.py", "index[j + 1], weight[j + 1] = i + 1, 1.0", "index[j + 1], weight[j + 1] = i, 1.0",
+        "alignment.py", "index[j + head], weight[j + head] = i + head, 1.0",
+        "index[j + head], weight[j + head] = i, 1.0",
         ["tests/test_alignment.py"]),
     "store-counts-frozen": (
         "store.py", "                self.counts[name] += 1", "                pass", ["tests/test_attention.py"]),
     "flux-grid-read-every-step": (
-        "attention.py", "if self._ids is None or self._ids[0] is not ids:", "if True:",
+        "families/flux.py", 'if cache.get("ids") is not ids:', "if True:",
         ["tests/test_syncs.py::test_controlled_loops_read_nothing_on_the_host_that_stock_does_not"]),
+    "unconditional-call-edited": (
+        "joint.py", "router.passive = router.calls > 0", "router.passive = False",
+        ["tests/test_joint.py::test_flux2_controller_sees_the_conditional_call_only"]),
+    "conditional-rows-always-last": (
+        "routing.py", "return slice(0, n) if self.conditional_first else", "return",
+        ["tests/test_joint.py::test_zimage_controller_sees_the_conditional_rows_which_come_first"]),
+    "padded-text-keys-attended": (
+        "joint.py", "mask = call.get(\"_key_mask\")", "mask = None",
+        ["tests/test_joint.py::test_qwenimage_padded_text_gets_no_attention_and_edits_keep_the_source"]),
+    "template-opening-unaligned": (
+        "alignment.py", "mapper[range(head), range(head)] = 1.0", "mapper[0, 0] = 1.0",
+        ["tests/test_joint.py::test_flux2_words_sit_inside_the_chat_template_and_edits_keep_it_aligned"]),
 }
 FAST = ("foreign-file-replaced", "sixteen-bits-clipped", "yaml-aliases-allowed", "case-limit-ignored",
         "word-tokens-overreach", "refine-off-by-one", "fireflow-as-euler")  # the CI's subset: each caught in seconds
