@@ -1,6 +1,8 @@
 """FlowEdit (flowedit.py) on tiny random SD3 and Flux.1 pipelines: the same prompt gives the image back exactly, n_max
-0 moves nothing, an edit moves the latent by the velocity differences it sums, seeded, with the family's defaults;
-bad options and a UNet pipeline get one sentence."""
+0 moves nothing, an edit moves the latent by the velocity differences it sums, seeded, with the family's defaults; a
+local blend keeps the latent outside its mask exactly; bad options and a UNet pipeline get one sentence."""
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -74,6 +76,25 @@ def test_bad_options_and_models_are_one_sentence(pipe, pipes):
         flowedit(pipes["sd1"], _picture(), "a", "b", progress=False)
 
 
+def test_blend_keeps_the_latent_outside_the_mask_exactly(pipe):
+    """FlowEdit with a local blend (this project's addition): outside the blend words' mask the edited latent is the
+    image's own, exactly; inside it moved as FlowEdit moves it; the mask is the union of both prompts' maps."""
+    from prompt2prompt.images import prepare_image
+
+    options = FlowEditOptions(steps=4, blend=("square",), threshold=0.9, max_sequence_length=16, **SIZE)
+    blended = flowedit(pipe, _picture(), "a red square", "a blue square", options, progress=False)
+    plain = flowedit(pipe, _picture(), "a red square", "a blue square", replace(options, blend=()), progress=False)
+    own = encode(pipe, prepare_image(_picture(), (32, 32)))  # (1, channels, h, w)
+    mask = blended.mask[0, 0]  # (h, w) at the latent's size, also for Flux's packed tokens
+    assert mask.shape == own.shape[2:] and 0 < mask.sum() < mask.numel()
+    torch.testing.assert_close(blended.latent[0][:, ~mask], own[0][:, ~mask], atol=0, rtol=0)
+    assert (plain.latent[0][:, ~mask] - own[0][:, ~mask]).abs().max() > 1e-3  # without it, there moved too
+    assert (blended.latent[0][:, mask] - own[0][:, mask]).abs().max() > 1e-3
+    assert plain.mask is None and blended.settings["blend"] == ("square",)
+    with pytest.raises(InputError, match="need blend words"):
+        FlowEditOptions(subtract=("red",))
+
+
 def test_cli_edit_from_image_on_a_saved_flux_folder(joint_pipes, tmp_path, capsys):
     import json
 
@@ -90,11 +111,18 @@ def test_cli_edit_from_image_on_a_saved_flux_folder(joint_pipes, tmp_path, capsy
     assert settings["method"] == "flowedit" and settings["steps"] == 6 and settings["n_max"] == 4
     assert settings["source_guidance"] == 1.5 and settings["target_guidance"] == 5.5  # Flux's defaults
     assert {p.name for p in out.iterdir()} >= {"input.png", "edit.png", "grid.png", "index.html", "settings.json"}
+    blended = tmp_path / "blended"
+    assert main(["edit", "a red square", "a blue square", "--from-image", str(tmp_path / "in.png"), "--model",
+                 str(folder), "--steps", "6", "--n-max", "4", "--height", "32", "--width", "32", "--blend", "square",
+                 "--threshold", "0.9", "--out", str(blended), "--quiet"]) == 0
+    assert (blended / "blend_mask.png").exists() and "outside the mask" in (blended / "index.html").read_text()
     image = str(tmp_path / "in.png")
     capsys.readouterr()  # what saving and the first run printed
     for argv, said in [(["a red square", "--from-image", image], "expected SOURCE TARGET, got 1 prompt"),
-                       (["a red square", "a blue circle", "--from-image", image, "--blend", "square"],
-                        "takes no --blend"),
+                       (["a red square", "a blue circle", "--from-image", image, "--reweight", "square=2"],
+                        "takes no --reweight"),
+                       (["a red square", "a blue circle", "--from-image", image, "--blend", "hexagon", "--height",
+                         "32", "--width", "32"], "the blend word 'hexagon' is in none of the prompts"),
                        (["a red square", "a blue circle", "--from-image", str(tmp_path / "missing.png")], "missing")]:
         assert main(["edit", *argv, "--model", str(folder), "--out", str(tmp_path / "bad"), "--quiet"]) == 2
         err = capsys.readouterr().err

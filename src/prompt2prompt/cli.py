@@ -208,16 +208,18 @@ def _flowedit(args) -> None:
         raise P2PError(f"--from-image edits one image from its caption to one target: expected SOURCE TARGET, got "
                        f"{1 + len(args.targets)} prompt(s)")
     _prompts(args.source, *args.targets)
-    controls = [flag for flag, given in (("--from", args.from_inversion), ("--blend", args.blend),
-                                         ("--subtract", args.subtract), ("--reweight", args.reweight),
+    controls = [flag for flag, given in (("--from", args.from_inversion), ("--reweight", args.reweight),
                                          ("--reference", args.reference), ("--feather", args.feather is not None))
                 if given]
     if controls:
-        raise P2PError(f"--from-image (FlowEdit) takes no {', '.join(controls)}: FlowEdit edits the whole image "
-                       "without attention control; use --from INVERSION for a controlled edit of an inverted image")
+        raise P2PError(f"--from-image (FlowEdit) takes no {', '.join(controls)}: FlowEdit moves the whole image, "
+                       "optionally kept to a local blend's mask (--blend); use --from INVERSION for a "
+                       "Prompt-to-Prompt edit of an inverted image")
     options = FlowEditOptions(steps=args.steps, n_max=args.n_max, n_avg=args.n_avg,
                               source_guidance=args.source_guidance, target_guidance=args.target_guidance,
-                              seed=args.seed, height=args.height, width=args.width)
+                              seed=args.seed, height=args.height, width=args.width, blend=tuple(args.blend or ()),
+                              subtract=tuple(args.subtract or ()), threshold=args.threshold,
+                              blend_start=0.0 if args.blend_start is None else args.blend_start)
     device = _device(args)
     _folder(args)
     image = read_image(args.from_image)  # before the model loads: a missing or unreadable image fails at once

@@ -191,8 +191,8 @@ def write_edit(result: EditResult, out, model: str = "", inversion=None) -> dict
 
 
 def write_flowedit(result, out, model: str = "") -> dict:
-    """A FlowEdit result (`flowedit.FlowEditResult`): input.png, edit.png, a labelled pair, settings.json and a
-    self-contained index.html, written whole or not at all."""
+    """A FlowEdit result (`flowedit.FlowEditResult`): input.png, edit.png, a labelled pair, the local-blend mask
+    (blend_mask.png, with blend words), settings.json and a self-contained index.html, written whole or not at all."""
     from .metrics import psnr
 
     settings = {**result.settings, "model": str(model)}
@@ -207,15 +207,29 @@ def write_flowedit(result, out, model: str = "") -> dict:
         files.update(input="input.png", edit="edit.png", grid="grid.png")
         write_json(tmp / "settings.json", settings)
         files["settings"] = "settings.json"
+        shown = [("input and edit", pair)]
         table = [("edit vs input (PSNR)", f"{psnr(result.image, result.source):.2f} dB", "how much of the picture "
-                  "changed (no mask: FlowEdit edits the whole image)"),
-                 ("model calls", str(settings["model_calls"]), f"{settings['n_max']} of {settings['steps']} steps, "
-                  f"{settings['n_avg']} noise draw(s), source and target")]
+                  "changed" + ("" if result.mask is not None else " (no mask: FlowEdit edits the whole image)"))]
+        if result.mask is not None:  # the local blend's mask, at the image's size
+            inside = np.asarray(Image.fromarray(result.mask[0, 0].numpy().astype(np.uint8) * 255).resize(
+                result.source.size, Image.NEAREST)) > 0
+            overlay = plot.mask_overlay(result.image, inside, size=256)
+            overlay.save(tmp / "blend_mask.png")
+            files["blend_mask"] = "blend_mask.png"
+            shown.append((f"local-blend mask ({', '.join(settings['blend'])}): inside (bright, red outline) may "
+                          "change, outside the latent is the input's own", overlay))
+            table.append(("outside the mask (PSNR)", f"{psnr(result.image, result.source, ~inside):.2f} dB",
+                          "decoded pixels outside the mask against the input (the latent there is the input's; "
+                          "the autoencoder's round trip remains)"))
+        table.append(("model calls", str(settings["model_calls"]), f"{settings['n_max']} of {settings['steps']} "
+                      f"steps, {settings['n_avg']} noise draw(s), source and target"))
         text = (f"The image, captioned “{source}”, moved towards “{target}” by the difference of the target's and "
                 f"the source's velocities (guidance {settings['source_guidance']:g} and "
-                f"{settings['target_guidance']:g}), without inverting it.")
+                f"{settings['target_guidance']:g}), without inverting it"
+                + (", and kept to the input's own latent outside the blend words' attention mask." if
+                   result.mask is not None else "."))
         (tmp / "index.html").write_text(page(f"prompt2prompt: FlowEdit ({source} -> {target})",
-                                             [Section("FlowEdit", text, [("input and edit", pair)], table)],
+                                             [Section("FlowEdit", text, shown, table)],
                                              settings))
         files["html"] = "index.html"
     return {k: Path(out) / v for k, v in files.items()}

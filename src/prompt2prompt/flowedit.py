@@ -13,20 +13,32 @@ may move). With the target prompt equal to the source and equal guidance the dif
 back exactly. Each velocity is the pipeline's own guided one (`flow.velocity`: SD3's classifier-free guidance, Flux's
 guidance input), the source with its guidance and the target with its (usually higher) one. The defaults per family
 (`families.Family.flowedit`) are those of the paper's published settings.
+
+With `blend` words (this project's addition: FlowEdit itself has no mask), the velocities run under attention control
+that sums those words' cross-attention (the source's words in the source's calls, the target's in the target's), and
+after every walked step from `blend_start` on the edited latent is set back to the image's own outside the local-blend
+mask (`edits.LocalBlend`'s mask: the union of both prompts' thresholded maps): the rest of the picture stays as it was,
+exactly in the latent.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from tqdm import tqdm
 
+from .attention import control
+from .edits import LocalBlend, _accumulate
 from .errors import InputError, ModelError, PromptError
 from .families import family_of
+from .routing import AttentionController
+from .tokens import batch_tokens
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,10 @@ class FlowEditOptions:
     height: int | None = None  # pixels to edit at; None: the model's native size
     width: int | None = None
     max_sequence_length: int | None = None  # T5 tokens of the prompts; None: the pipeline's default
+    blend: tuple[str, ...] = ()  # local blend: words whose attention marks the region that may change; () none
+    subtract: tuple[str, ...] = ()  # local blend: words whose region must not change
+    threshold: float = 0.3  # local blend: mask threshold on the normalised attention
+    blend_start: float = 0.0  # local blend: fraction of the walked steps before blending starts
 
     def __post_init__(self):
         for name, low in (("steps", 1), ("n_max", 0), ("n_avg", 1), ("seed", 0), ("height", 1), ("width", 1),
@@ -47,6 +63,16 @@ class FlowEditOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise InputError(f"{name.replace('_', ' ')} must be a whole number >= {low}, got {value!r}")
+        for name in ("threshold", "blend_start"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise InputError(f"{name.replace('_', ' ')} must be a number from 0 to 1, got {value!r}")
+        for name in ("blend", "subtract"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(w, str) and w.strip() for w in value):
+                raise InputError(f"{name} must be a sequence of words, got {value!r}")
+        if self.subtract and not self.blend:
+            raise InputError(f"subtract words {self.subtract} need blend words: they are taken out of its mask")
         for name in ("source_guidance", "target_guidance"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -67,9 +93,9 @@ class FlowEditOptions:
         if n_max > steps:
             raise InputError(f"n_max is how many of the {steps} steps are walked: expected at most {steps}, got "
                              f"{n_max}")
-        return FlowEditOptions(steps, n_max, self.n_avg, source if self.source_guidance is None else
-                               self.source_guidance, target if self.target_guidance is None else self.target_guidance,
-                               self.seed, self.height, self.width, self.max_sequence_length)
+        return replace(self, steps=steps, n_max=n_max,
+                       source_guidance=source if self.source_guidance is None else self.source_guidance,
+                       target_guidance=target if self.target_guidance is None else self.target_guidance)
 
 
 @dataclass
@@ -77,6 +103,8 @@ class FlowEditResult:
     image: Image.Image  # the edited image
     source: Image.Image  # the input as edited (cropped and resized to the model's size)
     latent: torch.Tensor  # (1, channels, h, w) the edited latent
+    mask: torch.Tensor | None = None  # (1, 1, h, w) bool at the latent's size: the local-blend mask of the last
+    # blended step (True: may change); None without blend words or before the first blended step
     settings: dict = field(default_factory=dict)  # prompts, options (defaults filled in), family, seconds
 
 
@@ -95,6 +123,7 @@ def flowedit(pipe, image, source: str, target: str, options: FlowEditOptions = F
     for name, prompt in (("source", source), ("target", target)):
         if not (prompt or "").strip():
             raise PromptError(f"expected a {name} prompt with at least one word, got {prompt!r}")
+    feed = _blend_feed(pipe, source, target, options)  # None without blend words; their words checked here
     notes: list[str] = []
     prepared = prepare_image(image, image_size_for(pipe, options.height, options.width), notes=notes)
     start = time.perf_counter()
@@ -111,19 +140,74 @@ def flowedit(pipe, image, source: str, target: str, options: FlowEditOptions = F
         generator = torch.Generator("cpu").manual_seed(options.seed)
         edited = x_src.clone()
         first = options.steps - options.n_max
-        for i in tqdm(range(first, options.steps), desc="FlowEdit", disable=not progress, leave=False):
-            t, t_next = sigmas[i], sigmas[i + 1]
-            delta = torch.zeros_like(x_src)
-            for _ in range(options.n_avg):
-                noise = torch.randn(x_src.shape, generator=generator, dtype=torch.float32).to(x_src.device)
-                z_src = (1 - t) * x_src + t * noise
-                z_tar = edited + z_src - x_src
-                delta += (v_tar(z_tar.to(dtype), t * scale).float() - v_src(z_src.to(dtype), t * scale).float())
-            edited = edited + (t_next - t) * delta / options.n_avg
+        with control(pipe, feed, prompts=1) if feed is not None else nullcontext():
+            for k, i in enumerate(tqdm(range(first, options.steps), desc="FlowEdit", disable=not progress,
+                                       leave=False)):
+                t, t_next = sigmas[i], sigmas[i + 1]
+                delta = torch.zeros_like(x_src)
+                for _ in range(options.n_avg):
+                    noise = torch.randn(x_src.shape, generator=generator, dtype=torch.float32).to(x_src.device)
+                    z_src = (1 - t) * x_src + t * noise
+                    z_tar = edited + z_src - x_src
+                    with _row(feed, 1):
+                        target_velocity = v_tar(z_tar.to(dtype), t * scale).float()
+                    with _row(feed, 0):
+                        delta += target_velocity - v_src(z_src.to(dtype), t * scale).float()
+                edited = edited + (t_next - t) * delta / options.n_avg
+                if feed is not None:  # outside the mask, back to the image's own latent
+                    kept = feed.blend.step_end(k, t, torch.cat([x_src, edited]))
+                    edited = edited if kept is None else kept[1:]
         latent = unpack(pipe, edited.to(dtype), prepared.size)
         picture = decode(pipe, latent)
     settings = {"method": "flowedit", "prompts": [source, target], **asdict(options), "family": family_of(pipe).name,
                 "seconds": time.perf_counter() - start, "conversions": notes,
                 "model_calls": options.n_max * options.n_avg * 2}
-    return FlowEditResult(picture, prepared, latent.detach().cpu(), settings)
+    mask = None if feed is None or feed.blend.mask is None else feed.blend.mask[1:].cpu()  # (1, 1, grid)
+    if mask is not None and mask.shape[-2:] != latent.shape[-2:]:  # packed tokens: each a patch of the latent
+        mask = F.interpolate(mask.float(), size=tuple(latent.shape[-2:])) > 0.5
+    return FlowEditResult(picture, prepared, latent.detach().cpu(), mask=mask, settings=settings)
+
+
+class _BlendFeed(AttentionController):
+    """Sums the blend words' cross-attention into a `LocalBlend` from FlowEdit's separate velocity calls: `row` says
+    whose call runs (0: the source's, 1: the target's); the call's conditional row adds to that row of the sums."""
+
+    def __init__(self, blend: LocalBlend, steps: int):
+        self.blend, self.steps, self.row = blend, steps, 0
+
+    def begin(self, run) -> None:
+        if self.blend._words is None:  # the first call of either prompt: the blend's shapes, its start in walked steps
+            self.blend.begin(run)
+            self.blend.start = int(self.blend.start_fraction * self.steps)
+
+    def wants(self, site) -> bool:
+        return self.blend.wants(site)
+
+    def attention(self, probs, site):
+        # probs: (1, heads, pixels, tokens), the running prompt's conditional row
+        blend, row = self.blend, slice(self.row, self.row + 1)
+        if blend.acc is None:
+            blend.acc = torch.zeros(2, *site.res, device=probs.device)
+            blend.acc_sub = None if blend._sub is None else torch.zeros_like(blend.acc)
+        _accumulate(blend.acc[row], probs, (blend._words[0], blend._words[1][row]), site.res)
+        if blend._sub is not None:
+            _accumulate(blend.acc_sub[row], probs, (blend._sub[0], blend._sub[1][row]), site.res)
+        return None
+
+
+def _blend_feed(pipe, source: str, target: str, options: FlowEditOptions) -> _BlendFeed | None:
+    if not options.blend:
+        return None
+    tokens = batch_tokens(pipe, [source, target], options.max_sequence_length)
+    blend = LocalBlend(tokens, tuple(options.blend), tuple(options.subtract), options.threshold, options.blend_start,
+                       steps=options.n_max)
+    return _BlendFeed(blend, options.n_max)
+
+
+@contextmanager
+def _row(feed: _BlendFeed | None, row: int):
+    """The velocity call inside is the source's (0) or the target's (1)."""
+    if feed is not None:
+        feed.row = row
+    yield
 
