@@ -189,7 +189,7 @@ def _edit_flags(p: argparse.ArgumentParser) -> None:
                    help="local blend mask threshold, between 0 and 1 (default: 0.3)")
     p.add_argument("--blend-start", type=number(0, 1), default=None,
                    help="fraction of the loop before local blending starts, 0 to 1 (default: 0.2; with --reference "
-                   "the notebook's)")
+                   "the notebook's; with --from-image 0, of FlowEdit's walked steps)")
     p.add_argument("--pooled", default="own", choices=["own", "source"],
                    help="SDXL: each prompt's own pooled text embedding, or the source's for every prompt "
                    "(default: own)")
