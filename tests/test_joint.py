@@ -191,6 +191,12 @@ def test_zimage_controller_sees_the_conditional_rows_which_come_first(joint):
         torch.testing.assert_close(block, same, atol=1e-6, rtol=1e-5)
     tokens = prompt_tokens(pipe, "a red circle")
     assert tokens.length == 32 and tokens.positions("circle") == (5,)  # <|im_start|> user \n a red circle
+    # a negative prompt longer than the prompts (its caption padded to 64): the prompts' text stays theirs
+    negative = GenerationOptions(steps=2, seed=1, height=32, width=32, negative_prompt="a big red circle " * 8)
+    probe = Probe(cross=True)
+    r = edit(pipe, "a red circle", "a red square", EditOptions(blend=("circle", "square"), threshold=0.9), negative,
+             extra=probe, progress=False)
+    assert {p.shape[-1] for _, p in probe.seen} == {32} and r.controlled.latents.shape[0] == 2
 
 
 @pytest.mark.parametrize("kind", ["flux2", "qwenimage", "zimage"])

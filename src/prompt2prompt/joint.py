@@ -94,7 +94,7 @@ def _on_transformer_call(router: Router, family: Family):
 
     def hook(module, args, kwargs):
         if family.inputs is not None:
-            sample, batch, router.text_tokens = family.inputs(args, kwargs)
+            sample, batch, router.text_tokens = family.inputs(args, kwargs, router.prompts)
         else:
             sample = args[0] if args else kwargs["hidden_states"]
             text = kwargs.get("encoder_hidden_states")

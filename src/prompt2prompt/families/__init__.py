@@ -60,8 +60,8 @@ class Family:
     noise: Callable | None = None  # (pipe, height, width, generator) -> the initial latent the pipeline takes, drawn
     # on the CPU; None: (1, in_channels, height / vae factor, width / vae factor) standard normal
     grid: Callable | None = None  # joint: (net, sample, kwargs, cache: dict) -> (latent size, image-token grid)
-    inputs: Callable | None = None  # joint: (args, kwargs) of a denoiser call -> (its image input, batch rows, text
-    # tokens); None: `hidden_states` and `encoder_hidden_states`
+    inputs: Callable | None = None  # joint: (args, kwargs, conditional rows or None) of a denoiser call -> (its image
+    # input, batch rows, text tokens of the conditional rows); None: `hidden_states` and `encoder_hidden_states`
     modules: Callable | None = None  # joint: (net) -> {processor key: attention module} to route, for a network
     # without `attn_processors` or whose other modules stay untouched; None: every one of `net.attn_processors`
     place: Callable | None = None  # joint: (module name) -> its place: "joint" (text and image), "single" (text

@@ -50,12 +50,13 @@ def place(name: str) -> str:
     return "image" if name.startswith("noise_refiner") else "joint"
 
 
-def inputs(args, kwargs):
-    """(first image latent (channels, frames, h, w), rows, caption tokens of the main layers) of a transformer call
-    (x and cap_feats are lists, one tensor per row)."""
+def inputs(args, kwargs, prompts: int | None):
+    """(first image latent (channels, frames, h, w), rows, the conditional rows' caption tokens in the main layers)
+    of a transformer call (x and cap_feats are lists, one tensor per row; the conditional rows first). A longer
+    negative prompt's extra caption tokens are masked out of the conditional rows: they are not part of their text."""
     images = args[0] if args else kwargs["x"]
     captions = args[2] if len(args) > 2 else kwargs["cap_feats"]
-    return images[0], len(images), max(_ceil(len(c)) for c in captions)
+    return images[0], len(images), max(_ceil(len(c)) for c in captions[: prompts or len(captions)])
 
 
 def grid(net, sample, kwargs, cache):
@@ -89,7 +90,8 @@ def project(attn, call: dict, text_tokens: int, grid):
         call["_key_mask"] = mask.reshape(mask.shape[0], -1).bool()  # (batch, tokens)
     length, n = hidden_states.shape[1], grid[0] * grid[1]
     query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # (batch, heads, tokens, head_dim)
-    return query, key, value, slice(_ceil(n), length), slice(0, n)  # the image refiner's caption slice is empty
+    text = slice(min(_ceil(n), length), min(_ceil(n) + text_tokens, length))  # empty in the image refiner
+    return query, key, value, text, slice(0, n)
 
 
 def finish(attn, out, call: dict, text: slice, image: slice):
