@@ -235,6 +235,17 @@ class LocalBlend(AttentionController):
             self.acc_sub = _accumulate(self.acc_sub, probs, self._sub, site.res)
         return None
 
+    def attention_of(self, row: int, probs, site) -> None:
+        """The attention of prompt `row` alone (probs: (1, heads, pixels, tokens)), from a call that holds that prompt
+        only (FlowEdit's separate source and target velocity calls), added to its row of the sums."""
+        if self.acc is None:
+            self.acc = torch.zeros(len(self.words), *site.res, device=probs.device)
+            self.acc_sub = None if self._sub is None else torch.zeros_like(self.acc)
+        one = slice(row, row + 1)
+        _accumulate(self.acc[one], probs, (self._words[0], self._words[1][one]), site.res)
+        if self._sub is not None:
+            _accumulate(self.acc_sub[one], probs, (self._sub[0], self._sub[1][one]), site.res)
+
     def _mask(self, maps: torch.Tensor, pool: bool = True) -> torch.Tensor:
         maps = maps[:, None]  # (prompts, 1, h, w)
         if pool:

@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .attention import control
-from .edits import LocalBlend, _accumulate
+from .edits import LocalBlend
 from .errors import InputError, ModelError, PromptError
 from .families import family_of
 from .routing import AttentionController
@@ -173,10 +173,11 @@ class _BlendFeed(AttentionController):
     whose call runs (0: the source's, 1: the target's); the call's conditional row adds to that row of the sums."""
 
     def __init__(self, blend: LocalBlend, steps: int):
-        self.blend, self.steps, self.row = blend, steps, 0
+        self.blend, self.steps, self.row, self.begun = blend, steps, 0, False
 
     def begin(self, run) -> None:
-        if self.blend._words is None:  # the first call of either prompt: the blend's shapes, its start in walked steps
+        if not self.begun:  # the first call of either prompt: the blend's shapes, its start in walked steps
+            self.begun = True
             self.blend.begin(run)
             self.blend.start = int(self.blend.start_fraction * self.steps)
 
@@ -184,14 +185,7 @@ class _BlendFeed(AttentionController):
         return self.blend.wants(site)
 
     def attention(self, probs, site):
-        # probs: (1, heads, pixels, tokens), the running prompt's conditional row
-        blend, row = self.blend, slice(self.row, self.row + 1)
-        if blend.acc is None:
-            blend.acc = torch.zeros(2, *site.res, device=probs.device)
-            blend.acc_sub = None if blend._sub is None else torch.zeros_like(blend.acc)
-        _accumulate(blend.acc[row], probs, (blend._words[0], blend._words[1][row]), site.res)
-        if blend._sub is not None:
-            _accumulate(blend.acc_sub[row], probs, (blend._sub[0], blend._sub[1][row]), site.res)
+        self.blend.attention_of(self.row, probs, site)  # probs: (1, heads, pixels, tokens), the running prompt's row
         return None
 
 

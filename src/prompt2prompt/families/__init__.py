@@ -8,10 +8,11 @@ chat template's offset, several encoders' parts), what initial noise the pipelin
 is run (rows of one call, or one call per branch), and whether it samples by flow matching or in the DDIM family.
 
 Each family lives in its own adapter module in this package (`sd.py`, `sd3.py`, `flux.py`, `flux2.py`, ...), found
-when the package is imported: adding a family is one adapter file (its `FAMILIES` records, optionally `by_parts`)
-plus its tiny pipeline in `testing.py` and its tests. A pipeline is recognised by its class (diffusers' own
-pipelines), else by its components (a pipeline class no record names, e.g. an img2img variant), and a bare denoising
-network (training) by its class. The record is computed once per object and kept while the object lives.
+when the package is imported: adding a family is one adapter file (its `FAMILIES` records; `by_parts` where one
+pipeline or network class serves several families) plus its tiny pipeline in `testing.py` and its tests. A pipeline
+is recognised by its class (diffusers' own pipelines), else (a pipeline class no record names, e.g. an img2img
+variant) by its adapters' `by_parts` or its denoising network's class, and a bare denoising network (training) by its
+class. The record is computed once per object and kept while the object lives.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Family:
     denoiser: str  # "unet": cross-attention layers to the text; "joint": MM-DiT attention over text and image tokens
     pipelines: tuple[str, ...] = ()  # diffusers' pipeline classes of this family (loading accepts these)
     networks: tuple[str, ...] = ()  # its denoising network's classes (a bare network, in training)
-    text_first: bool = False  # joint: the sequence is text then image (Flux) rather than image then text (SD3)
+    text_first: bool = False  # joint: the sequence is text then image (Flux) rather than image then text (SD3); a
+    # description: the adapter's `project` places the tokens
     packed: bool = False  # the pipeline's latents are a sequence of grid tokens (Flux), not an image
     flow: bool = False  # samples by flow matching (SD3, Flux); else a DDIM-family sampler (epsilon or v)
     pooled: bool = False  # `encode_prompt` gives each prompt a pooled embedding beside its sequence (SDXL, SD3)
@@ -78,9 +80,9 @@ class Family:
 
 
 def _adapters() -> list:
-    """The adapter modules of this package, in their `ORDER` (component detection tries them in it)."""
+    """The adapter modules of this package."""
     modules = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)]
-    return sorted((m for m in modules if hasattr(m, "FAMILIES")), key=lambda m: getattr(m, "ORDER", 100))
+    return [m for m in modules if hasattr(m, "FAMILIES")]
 
 
 _ADAPTERS = _adapters()
@@ -130,6 +132,9 @@ def _detect(pipe) -> Family:
         found = getattr(adapter, "by_parts", lambda p: None)(pipe)
         if found is not None:
             return found
+    net = getattr(pipe, "transformer", None)  # or its denoising network's class does
+    if type(net).__name__ in NETWORKS:
+        return NETWORKS[type(net).__name__]
     if hasattr(pipe, "transformer_blocks"):  # a bare MM-DiT of a class not named above
         raise ModelError(f"{name} is an MM-DiT this version cannot route; supported: {', '.join(NETWORKS)}")
     if hasattr(pipe, "attn_processors"):  # a bare UNet-like network

@@ -7,8 +7,6 @@ import torch
 
 from . import Family
 
-ORDER = 30  # component detection: after the other transformer families, whose parts are more specific
-
 
 def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
     from ..tokens import PromptTokens, sequence_length
@@ -35,17 +33,17 @@ def grid(net, sample, kwargs, cache):
 def project(attn, call: dict, text_tokens: int, grid):
     """FluxAttnProcessor's projections (diffusers' own helper, which knows fused projections): text then image;
     a single-stream block's sequence holds `text_tokens` text tokens first."""
-    from diffusers.models.embeddings import apply_rotary_emb
     from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
     encoder_hidden_states = call.get("encoder_hidden_states")
     query, key, value, eq, ek, ev = _get_qkv_projections(attn, call["hidden_states"], encoder_hidden_states)
-    return _joint(attn, query, key, value, eq, ek, ev, encoder_hidden_states, text_tokens,
-                  call.get("image_rotary_emb"), apply_rotary_emb)
+    return _joint(attn, query, key, value, eq, ek, ev, encoder_hidden_states, text_tokens, call.get("image_rotary_emb"))
 
 
-def _joint(attn, query, key, value, eq, ek, ev, encoder_hidden_states, text_tokens, rotary, apply_rotary_emb):
+def _joint(attn, query, key, value, eq, ek, ev, encoder_hidden_states, text_tokens, rotary):
     """Flux-style heads, qk-norms, text-first concatenation and rotary embedding (Flux.1 and Flux.2 alike)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
     query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))  # (b, tokens, heads, d)
     query, key = attn.norm_q(query), attn.norm_k(key)
     t = text_tokens
@@ -74,7 +72,3 @@ FLUX = Family("flux", "Flux.1", "joint", pipelines=("FluxPipeline",), networks=(
               processors=("FluxAttnProcessor", "FluxAttnProcessor2_0"), flowedit=(28, 24, 1.5, 5.5), tokens=tokens,
               noise=noise, grid=grid, project=project, finish=finish)
 FAMILIES = (FLUX,)
-
-
-def by_parts(pipe) -> Family | None:
-    return FLUX if getattr(pipe, "transformer", None) is not None and hasattr(pipe, "text_encoder_2") else None

@@ -13,22 +13,23 @@ from . import Family
 from .flux import _joint
 from .flux import grid as flux_grid
 
-ORDER = 20
-
 
 def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
     """The prompt's tokens inside the chat text the pipeline encodes (`_get_qwen3_prompt_embeds`: one user turn,
     generation prompt added, thinking off), padded to max_sequence_length."""
     from ..tokens import PromptTokens, sequence_length
 
-    return PromptTokens.from_template(pipe.tokenizer, prompt, _chat(pipe.tokenizer),
+    return PromptTokens.from_template(pipe.tokenizer, prompt, chat(pipe.tokenizer, thinking=False),
                                       sequence_length(pipe, max_sequence_length))
 
 
-def _chat(tokenizer):
+def chat(tokenizer, thinking: bool):
+    """content -> the chat text a Qwen3 reads for one user turn with the generation prompt (Flux.2 klein: thinking
+    off; Z-Image: on)."""
+
     def render(content: str) -> str:
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True, enable_thinking=False)
+                                             add_generation_prompt=True, enable_thinking=thinking)
 
     return render
 
@@ -53,8 +54,6 @@ def noise(pipe, height: int, width: int, generator: torch.Generator) -> torch.Te
 def project(attn, call: dict, text_tokens: int, grid):
     """Flux2AttnProcessor's and Flux2ParallelSelfAttnProcessor's projections; the parallel one's MLP half is kept in
     `call` for `finish`."""
-    from diffusers.models.embeddings import apply_rotary_emb
-
     hidden_states, encoder_hidden_states = call["hidden_states"], call.get("encoder_hidden_states")
     if hasattr(attn, "to_qkv_mlp_proj"):  # single-stream: one projection gives q, k, v and the MLP's input
         fused = attn.to_qkv_mlp_proj(hidden_states)
@@ -67,8 +66,7 @@ def project(attn, call: dict, text_tokens: int, grid):
         from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 
         query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-    return _joint(attn, query, key, value, eq, ek, ev, encoder_hidden_states, text_tokens,
-                  call.get("image_rotary_emb"), apply_rotary_emb)
+    return _joint(attn, query, key, value, eq, ek, ev, encoder_hidden_states, text_tokens, call.get("image_rotary_emb"))
 
 
 def finish(attn, out, call: dict, text: slice, image: slice):
@@ -85,8 +83,3 @@ FLUX2 = Family("flux2", "Flux.2 [klein]", "joint", pipelines=("Flux2KleinPipelin
                guidance_calls=True, guidance=guidance, tokens=tokens, noise=noise, grid=flux_grid,
                project=project, finish=finish)
 FAMILIES = (FLUX2,)
-
-
-def by_parts(pipe) -> Family | None:
-    net = getattr(pipe, "transformer", None)
-    return FLUX2 if type(net).__name__ in FLUX2.networks else None

@@ -12,8 +12,6 @@ import torch
 from . import Family
 from .flux import noise
 
-ORDER = 25
-
 
 def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
     """The prompt's tokens as `_get_qwen_prompt_embeds` keeps them: the template's first
@@ -84,8 +82,3 @@ QWEN_IMAGE = Family("qwenimage", "Qwen-Image", "joint", pipelines=("QwenImagePip
                                "attention_mask", "image_rotary_emb"),
                     tokens=tokens, noise=noise, grid=grid, project=project, finish=finish, guidance=guidance)
 FAMILIES = (QWEN_IMAGE,)
-
-
-def by_parts(pipe) -> Family | None:
-    net = getattr(pipe, "transformer", None)
-    return QWEN_IMAGE if type(net).__name__ in QWEN_IMAGE.networks else None

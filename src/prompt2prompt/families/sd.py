@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from . import Family
 
-ORDER = 90  # component detection: last (an SD3 or Flux pipeline also has a text encoder and a second one)
-
-
 
 def load(index: dict) -> dict:
     """No safety checker (a research tool looks at every image; diffusers warns unless it is named)."""

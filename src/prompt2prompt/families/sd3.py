@@ -10,8 +10,6 @@ import torch
 
 from . import Family
 
-ORDER = 10
-
 
 def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
     """CLIP's part (77 positions) then T5's (max_sequence_length; zeros when the pipeline has no T5)."""
@@ -78,7 +76,3 @@ SD3 = Family("sd3", "Stable Diffusion 3 / 3.5", "joint", pipelines=("StableDiffu
              default_part="clip", processors=("JointAttnProcessor2_0",), flowedit=(50, 33, 3.5, 13.5),
              tokens=tokens, grid=grid, project=project, finish=finish, load=load)
 FAMILIES = (SD3,)
-
-
-def by_parts(pipe) -> Family | None:
-    return SD3 if hasattr(pipe, "text_encoder_3") else None

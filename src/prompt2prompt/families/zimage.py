@@ -13,7 +13,6 @@ import torch
 
 from . import Family
 
-ORDER = 22
 PAD = 32  # the transformer pads image and caption tokens to multiples of this (transformer_z_image.SEQ_MULTI_OF)
 
 
@@ -25,13 +24,10 @@ def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
     """The chat-templated prompt (thinking on, as the pipeline asks), up to max_sequence_length tokens, padded by
     the transformer to a multiple of 32 (the batch to its longest: `tokens.batch_tokens`)."""
     from ..tokens import PromptTokens, sequence_length
+    from .flux2 import chat
 
-    def render(content: str) -> str:
-        return pipe.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  add_generation_prompt=True, enable_thinking=True)
-
-    return PromptTokens.from_template(pipe.tokenizer, prompt, render, sequence_length(pipe, max_sequence_length),
-                                      padded=False, multiple=PAD)
+    return PromptTokens.from_template(pipe.tokenizer, prompt, chat(pipe.tokenizer, thinking=True),
+                                      sequence_length(pipe, max_sequence_length), padded=False, multiple=PAD)
 
 
 def guidance(scale: float, negative_prompt: str | None, prompts: int) -> dict:
@@ -106,8 +102,3 @@ Z_IMAGE = Family("zimage", "Z-Image", "joint", pipelines=("ZImagePipeline",), ne
                  tokens=tokens, guidance=guidance, modules=modules, place=place, inputs=inputs, grid=grid,
                  project=project, finish=finish)
 FAMILIES = (Z_IMAGE,)
-
-
-def by_parts(pipe) -> Family | None:
-    net = getattr(pipe, "transformer", None)
-    return Z_IMAGE if type(net).__name__ in Z_IMAGE.networks else None
