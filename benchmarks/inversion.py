@@ -10,7 +10,8 @@ seconds per image. Then, from each method's inversion, a replace edit (one objec
 PSNR against the input over the unedited object and the background, i.e. outside both the edited object's true mask
 and its new shape's region in the edit (colour segmentation), grown by 2 pixels, and whether the edited object shows
 the new shape; both as decoded and with the input's background kept outside the blend mask (`p2p edit --from` does
-that by default; background.py).
+that by default; background.py). On a flow model the same edit is also made by FlowEdit (no inversion; the family's
+FlowEdit defaults), without and with the local blend, measured the same way.
 
     python benchmarks/inversion.py --cost sd15 [--cost-size 32] [--steps 5]   # or --cost sdxl
 
@@ -36,6 +37,7 @@ from PIL import Image
 from prompt2prompt.background import keep_background
 from prompt2prompt.edits import EditOptions, edit
 from prompt2prompt.flow import is_flow
+from prompt2prompt.flowedit import FlowEditOptions, flowedit
 from prompt2prompt.generation import GenerationOptions, generate, native_size
 from prompt2prompt.inversion import (
     InversionOptions,
@@ -84,7 +86,25 @@ def methods(pipe, steps: int, guidance: float, max_sequence_length: int | None):
     return [(m, opts(m, steps), None) for m in ("null-text", "ddim", "negative-prompt", "direct")]
 
 
+FLOWEDITS = ("flowedit", "flowedit + blend")  # FlowEdit rows of a flow model: without and with the local blend
+
+
 COST_METHODS = ("plain", "ddim", "negative-prompt", "direct", "null-text")
+
+
+def measure_edit(row: dict, scene, image, shape: str, pictures: dict) -> None:
+    """Adds to `row`, for each picture ("edit": as decoded, "kept": with the input's background kept), the PSNR against
+    the input outside the edited object's old and new regions (grown by 2 pixels) and whether it shows the new shape."""
+    old = np.asarray(Image.fromarray(scene.masks()[1]).resize(image.size, Image.NEAREST))
+    for key, edited in pictures.items():
+        new = segment(np.asarray(edited, dtype=np.float32) / 255).get(scene.objects[1].colour)
+        outside = ~grow(old | new) if new is not None else ~grow(old)
+        row[f"{key}_outside"].append(psnr(edited, image, outside))
+        row[f"{key}_ok"].append(float(new is not None and classify_shape(new)[0] == shape))
+
+
+def _last(values: list) -> str:
+    return f"{values[-1]:.1f}" if values else "-"
 
 
 def cost_worker(args) -> None:
@@ -159,7 +179,8 @@ def main() -> None:
         return
     pipe = load_pipeline(args.model)
     compared = methods(pipe, args.steps, args.guidance, args.max_sequence_length)
-    labels = [label for label, _, _ in compared]
+    calls = {label: n for label, _, n in compared}
+    labels = [label for label, _, _ in compared] + list(FLOWEDITS if is_flow(pipe) else ())
     rows = {m: {"psnr_input": [], "psnr_ae": [], "seconds": [], "edit_outside": [], "edit_ok": [], "kept_outside": [],
                 "kept_ok": []} for m in labels}
     ae_psnr = []  # the autoencoder's own reconstruction against the input: the ceiling of any inversion
@@ -184,36 +205,51 @@ def main() -> None:
                      vanilla=False, progress=False, inversion=inv)
             decoded = r.controlled.images[1]
             (kept,), _ = keep_background([decoded], inv.image, r.mask[1:], int(pipe.vae_scale_factor))
-            old = np.asarray(Image.fromarray(scene.masks()[1]).resize(image.size, Image.NEAREST))
-            for key, edited in (("edit", decoded), ("kept", kept)):
-                new = segment(np.asarray(edited, dtype=np.float32) / 255).get(scene.objects[1].colour)
-                outside = ~grow(old | new) if new is not None else ~grow(old)
-                rows[method][f"{key}_outside"].append(psnr(edited, image, outside))
-                rows[method][f"{key}_ok"].append(float(new is not None and classify_shape(new)[0] == shape))
+            measure_edit(rows[method], scene, image, shape, {"edit": decoded, "kept": kept})
             edits[method].append({"caption": scene.caption, "target": target, "edit_ok": rows[method]["edit_ok"][-1],
                                   "psnr_outside": rows[method]["edit_outside"][-1],
                                   "psnr_outside_kept": rows[method]["kept_outside"][-1],
                                   "kept_ok": rows[method]["kept_ok"][-1],
                                   "psnr_source_vs_input": psnr(r.controlled.images[0], image)})
+        for method in FLOWEDITS if is_flow(pipe) else ():
+            target, shape = swapped(scene)
+            words = (scene.objects[1].shape, shape) if method.endswith("blend") else ()
+            start = time.perf_counter()
+            options = FlowEditOptions(blend=words, max_sequence_length=args.max_sequence_length)
+            fe = flowedit(pipe, image, scene.caption, target, options, progress=False)
+            rows[method]["seconds"].append(time.perf_counter() - start)
+            calls[method] = fe.settings["model_calls"]
+            pictures = {"edit": fe.image}
+            if fe.mask is not None:
+                (pictures["kept"],), _ = keep_background([fe.image], fe.source, fe.mask, int(pipe.vae_scale_factor))
+            measure_edit(rows[method], scene, image, shape, pictures)
+            edits[method].append({"caption": scene.caption, "target": target, "edit_ok": rows[method]["edit_ok"][-1],
+                                  "psnr_outside": rows[method]["edit_outside"][-1]})
         print(f"[{n + 1}/{len(items)}] " + "  ".join(
-            f"{m}: {rows[m]['psnr_input'][-1]:.1f} dB, edit outside {rows[m]['edit_outside'][-1]:.1f} dB "
-            f"(kept {rows[m]['kept_outside'][-1]:.1f})"
+            f"{m}: {_last(rows[m]['psnr_input'])} dB, edit outside {_last(rows[m]['edit_outside'])} dB "
+            f"(kept {_last(rows[m]['kept_outside'])})"
             for m in labels), flush=True)
     guidance = args.guidance or "the method's"
     print(f"\n{len(items)} rendered images, {args.steps} steps, guidance {guidance}, model {args.model}")
     print(f"{'method':<20}{'PSNR vs input':>15}{'PSNR vs AE':>12}{'calls':>7}{'s/image':>10}"
           f"{'edit: PSNR out':>16}{'edit ok':>9}{'kept: PSNR out':>16}{'kept ok':>9}")
     summary = {}
-    for m, _, calls in compared:
-        s = {k: float(np.mean(v)) for k, v in rows[m].items()}
-        summary[m] = {**s, "model_calls": calls}
-        print(f"{m:<20}{s['psnr_input']:>15.2f}{s['psnr_ae']:>12.2f}{calls or '':>7}{s['seconds']:>10.2f}"
-              f"{s['edit_outside']:>16.2f}{s['edit_ok']:>9.0%}{s['kept_outside']:>16.2f}{s['kept_ok']:>9.0%}")
+    for m in labels:
+        s = {k: float(np.mean(v)) if v else None for k, v in rows[m].items()}
+        summary[m] = {**s, "model_calls": calls.get(m)}
+
+        def cell(key, width, form=".2f", s=s):
+            return f"{'-' if s[key] is None else format(s[key], form):>{width}}"
+
+        print(f"{m:<20}{cell('psnr_input', 15)}{cell('psnr_ae', 12)}{calls.get(m) or '':>7}{cell('seconds', 10)}"
+              f"{cell('edit_outside', 16)}{cell('edit_ok', 9, '.0%')}{cell('kept_outside', 16)}"
+              f"{cell('kept_ok', 9, '.0%')}")
     ae_ceiling = float(np.mean(ae_psnr))
     print(f"autoencoder reconstruction vs input (the ceiling): {ae_ceiling:.2f} dB")
     print("edit: replace + local blend from each inversion; PSNR outside the edited object against the input, and the "
           "share of edits that show the new shape; kept: the same edit with the input's background kept outside the "
-          "blend mask (the default of `p2p edit --from`)")
+          "blend mask (the default of `p2p edit --from`); flowedit: FlowEdit from the image itself (no inversion), "
+          "without and with the local blend")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"settings": vars(args), "summary": summary, "autoencoder_psnr": ae_ceiling, "edits": edits,
