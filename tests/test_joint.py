@@ -354,3 +354,64 @@ def test_attention_with_lse_is_the_softmax_denominator():
     scores = q @ k.transpose(-1, -2) * 8**-0.5
     torch.testing.assert_close(lse, scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, scores.softmax(-1) @ v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["projected", "contiguous"])
+@pytest.mark.parametrize("rows", [slice(0, 1), slice(1, 3), slice(0, 3)])
+def test_window_and_folded_are_the_indexed_and_flattened_tensors(layout, rows):
+    """The one-op views and copies of the joint path equal plain indexing, flattening and scaling, for a projected
+    layout ((batch, tokens, heads, dim) transposed: heads of a row do not follow each other) and a contiguous one."""
+    from prompt2prompt.joint import _folded, _window
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(3, 10, 4, 8, generator=g).transpose(1, 2) if layout == "projected" else \
+        torch.randn(3, 4, 10, 8, generator=g)  # (batch, heads, tokens, dim)
+    tokens, scale = slice(6, 10), torch.tensor(0.25)
+    part = t[rows, :, tokens]
+    torch.testing.assert_close(_window(t, rows, tokens), part, atol=0, rtol=0)
+    torch.testing.assert_close(_window(t, rows, tokens, slice(2, 5)), part[..., 2:5], atol=0, rtol=0)
+    lse = t[..., 0].contiguous()  # (batch, heads, tokens)
+    torch.testing.assert_close(_window(lse, rows, tokens), lse[rows, :, tokens, None], atol=0, rtol=0)
+    torch.testing.assert_close(_folded(part), part.flatten(0, 1), atol=0, rtol=0)
+    torch.testing.assert_close(_folded(part, scale), part.flatten(0, 1) * 0.25, atol=0, rtol=0)
+    torch.testing.assert_close(_folded(part, transposed=True), part.flatten(0, 1).transpose(1, 2), atol=0, rtol=0)
+    # a view where the rows' heads fold into one batch dimension (no copy, no operation), else one copy
+    folded = _folded(_window(t, rows, tokens))
+    shares = folded.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+    assert shares == (rows.stop - rows.start == 1 or layout == "contiguous")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_edit_through_the_text_block_equals_the_explicit_joint_softmax(joint, kind):
+    """An edit with local blend changes the output by (new - old) @ V_text on the fast path; computing every layer's
+    joint softmax explicitly (a controller that wants the image blocks too, changing nothing) gives the same result."""
+    pipe, _ = joint[kind]
+    prompts = ["a red circle and a blue cross", "a red square and a blue cross"]
+    results = []
+    for extra in ((), (Everything(),)):
+        _, p2p, blend = edit_controllers(pipe, prompts, EditOptions(blend=("circle", "square")), OPTS.steps,
+                                         OPTS.max_sequence_length)
+        ctl = Controllers(*edit_controller(p2p, blend).controllers, *extra)
+        results.append(generate(pipe, prompts, ctl, OPTS, progress=False).latents)
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)
+    assert not torch.equal(results[0][0], results[0][1])
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux", "zimage"])
+def test_controller_sees_each_prompts_own_conditional_rows(joint, kind):
+    """In a batch of two prompts (SD3: unconditional rows first; Z-Image: conditional rows first; Flux: no
+    unconditional rows) each row of the block a controller sees is that prompt's own conditional attention: the same
+    as when the prompt runs alone, and different between the prompts."""
+    pipe, _ = joint[kind]
+    prompts = ["a red circle and a blue square", "a blue cross and a red circle"]
+    both = Probe(cross=True)
+    generate(pipe, prompts, both, OPTS, progress=False)
+    for row, prompt in enumerate(prompts):
+        alone = Probe(cross=True)
+        generate(pipe, [prompt], alone, OPTS, progress=False)
+        assert len(alone.seen) == len(both.seen) > 0
+        for (_, b), (_, a) in zip(both.seen, alone.seen):
+            width = a.shape[-1]  # Z-Image pads a batch's prompts to its longest: the padded keys get nothing
+            torch.testing.assert_close(b[row:row + 1, ..., :width], a, atol=1e-5, rtol=1e-4)
+            assert not b[row, ..., width:].any()
+    assert all(not torch.allclose(b[0], b[1], atol=1e-4) for _, b in both.seen)

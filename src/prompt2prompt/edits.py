@@ -250,7 +250,8 @@ class LocalBlend(AttentionController):
         maps = maps[:, None]  # (prompts, 1, h, w)
         if pool:
             maps = F.max_pool2d(maps, 3, stride=1, padding=1)
-        maps = F.interpolate(maps, size=self.latent_size)  # nearest, as the p2p code
+        if tuple(maps.shape[-2:]) != tuple(self.latent_size):
+            maps = F.interpolate(maps, size=self.latent_size)  # nearest, as the p2p code
         peak = maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
         return (maps / peak) > self.threshold
 
@@ -263,11 +264,10 @@ class LocalBlend(AttentionController):
             keep_out = self._mask(self.acc_sub, pool=False)
             mask = mask & ~(keep_out[:1] | keep_out)
         self.mask = mask
-        m = mask[1:].to(latents.dtype)  # (targets, 1, h, w)
         if latents.ndim == 3:  # packed latents (Flux): (prompts, tokens, channels), tokens in grid order
-            m = m.flatten(2).transpose(1, 2)  # (targets, tokens, 1)
-        source = latents[:1]
-        return torch.cat([source, source + m * (latents[1:] - source)])
+            mask = mask.flatten(2).transpose(1, 2)  # (prompts, tokens, 1)
+        # inside the mask each prompt's own latent, outside the source's (row 0 is the source's either way)
+        return torch.where(mask, latents, latents[:1])
 
 
 class PromptToPrompt(AttentionController):
@@ -349,7 +349,7 @@ class PromptToPrompt(AttentionController):
         # autograd needs the original
         base, edited = probs[:1], probs[1:]
         if not site.layer.is_cross:
-            return _rows(probs, base.expand_as(edited))
+            return _rows(probs, edited, base)
         if self.mode == "replace":
             # (targets or, for the identity, 1 to broadcast, heads, queries, tokens)
             mapped = base if self.identity else torch.matmul(base, self.mapper[:, None])
@@ -366,14 +366,15 @@ class PromptToPrompt(AttentionController):
             mapped = mapped * self.equalizer[:, None, None, :]
         if not self.cross_whole[site.step]:  # alpha is 0/1 per token: the source's (mapped) where 1, its own where 0
             mapped = torch.where(self.alpha_on[site.step][:, None, None, :], mapped, edited)
-        return _rows(probs, mapped.expand_as(edited))
+        return _rows(probs, edited, mapped)
 
 
-def _rows(probs: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
-    """probs with rows 1: set to edited: in place where autograd allows (the router then keeps probs as it is)."""
+def _rows(probs: torch.Tensor, edited: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """probs with its rows 1: (`edited`, a view of them) set to `new` (broadcast to their shape): in place where
+    autograd allows (the router then keeps probs as it is)."""
     if probs.requires_grad:
-        return torch.cat([probs[:1], edited])
-    probs[1:].copy_(edited)
+        return torch.cat([probs[:1], new.expand_as(edited)])
+    edited.copy_(new)
     return probs
 
 

@@ -55,10 +55,41 @@ def attention_with_lse(query, key, value, scale: float) -> tuple[torch.Tensor, t
             return None
     except (RuntimeError, TypeError, NotImplementedError, AttributeError):
         return None
-    lse = lse[..., : query.shape[2]]  # the memory-efficient kernel pads its statistics' length
+    if lse.shape[-1] != query.shape[2]:
+        lse = lse[..., : query.shape[2]]  # the memory-efficient kernel pads its statistics' length
     if tuple(out.shape) != (*query.shape[:-1], value.shape[-1]) or tuple(lse.shape) != tuple(query.shape[:-1]):
         return None
-    return out, lse.float()
+    return out, lse if lse.dtype == torch.float32 else lse.float()
+
+
+def _window(t: torch.Tensor, rows: slice, tokens: slice, keys: slice | None = None) -> torch.Tensor:
+    """t[rows, :, tokens] (or t[rows, :, tokens, keys]) of a (batch, heads, tokens, channels) tensor as one view
+    operation (indexing makes two per sliced dimension); a (batch, heads, tokens) tensor gives (rows, heads, tokens,
+    1)."""
+    sb, sh, st, sc = t.stride() if t.dim() == 4 else (*t.stride(), 1)
+    keys = slice(0, t.shape[3] if t.dim() == 4 else 1) if keys is None else keys
+    return t.as_strided((rows.stop - rows.start, t.shape[1], tokens.stop - tokens.start, keys.stop - keys.start),
+                        (sb, sh, st, sc), t.storage_offset() + rows.start * sb + tokens.start * st + keys.start * sc)
+
+
+def _folded(t: torch.Tensor, scale: torch.Tensor | None = None, transposed: bool = False) -> torch.Tensor:
+    """(n, heads, tokens, channels) -> (n * heads, tokens, channels), or (n * heads, channels, tokens) transposed, for
+    one batched product; times `scale` (0-d) if given. A view where the heads of one row fold with any strides, else
+    one copy into a new contiguous tensor (the scale riding on it)."""
+    n, heads, tokens, channels = t.shape
+    sb, sh, st, sc = t.stride()
+    if n == 1 or sb == heads * sh:  # one row, or rows whose heads follow each other in memory: a view
+        size, stride = (n * heads, tokens, channels), (sh, st, sc)
+        folded = t.as_strided(size if not transposed else (size[0], channels, tokens),
+                              stride if not transposed else (sh, sc, st), t.storage_offset())
+        return folded if scale is None else torch.mul(folded, scale)
+    source = t if not transposed else t.as_strided((n, heads, channels, tokens), (sb, sh, sc, st), t.storage_offset())
+    copy = torch.empty(source.shape, dtype=t.dtype, device=t.device)  # (n, heads, tokens or channels, ...)
+    if scale is None:
+        copy.copy_(source)
+    else:
+        torch.mul(source, scale, out=copy)
+    return copy.view(n * heads, *copy.shape[2:])
 
 
 def joint_layers(name: str, module, family: Family | None = None) -> tuple[LayerInfo, LayerInfo]:
@@ -127,7 +158,7 @@ class JointRoutedProcessor:
         # the family's projections are restated (by its adapter) only for its stock processors
         self.stock = type(original).__name__ in family.processors and family.project is not None
         self._pads = None  # (layout, zero channels, text marker) for the fused call, made once per layout
-        self._zeros = None
+        self._scales, self._scales_of = None, None  # the softmax scale as a tensor, and its value
         # the original's own signature: the arguments are bound by name only where the controller wants the call
         # (each module class passes them positionally in its own order), and the model's check of which keyword
         # arguments its processor takes still sees the original's
@@ -198,25 +229,28 @@ class JointRoutedProcessor:
         Where the kernel cannot give it (gradients on, as in training; another device), the values carry an extra
         channel that is 1 on the text keys, so the fused kernel returns each query's total attention on the text,
         and the block is a softmax over the text keys times that share (as also where some text keys are masked out:
-        `mask`, (batch, tokens) bool, False on them)."""
+        `mask`, (batch, tokens) bool, False on them).
+
+        Written for few operations (each is a kernel launch on a GPU): the parts of the batch are taken as single
+        strided views (`_window`), heads fold into the batch of one product (`_folded`), the scale rides on the
+        queries' copy, and the change of the output is added into the kernel's own output."""
         batch, heads, length, head_dim = value.shape
         rows = self.router.rows(batch)  # the conditional rows (the unconditional ones: nothing to read)
-        prompts, scale = rows.stop - rows.start, 1 / math.sqrt(head_dim)
-        # image x text scores of the conditional rows; heads fold into the batch as views (the sequence slices keep a
-        # uniform batch stride), so the product is one bmm
-        scores = torch.baddbmm(self._zero(query), query[rows, :, image].flatten(0, 1),
-                               key[rows, :, text].flatten(0, 1).transpose(1, 2), beta=0,
-                               alpha=scale).view(prompts, heads, -1, text.stop - text.start)
+        prompts, images, texts = rows.stop - rows.start, image.stop - image.start, text.stop - text.start
+        scale = 1 / math.sqrt(head_dim)
+        # (prompts * heads, image, text): the image x text scores of the conditional rows, scaled
+        scores = torch.bmm(_folded(_window(query, rows, image), self._scale(scale, query)),
+                           _folded(_window(key, rows, text), transposed=True)).view(prompts, heads, images, texts)
         if mask is not None:  # padded text keys: no attention
             scores = scores.masked_fill(~mask[rows, None, None, text], -math.inf)
         fast = None if (torch.is_grad_enabled() and query.requires_grad) or mask is not None else \
             attention_with_lse(query, key, value, scale)
         if fast is not None:
             out, lse = fast  # (batch, heads, tokens, head_dim), (batch, heads, tokens) float32
-            lse = lse[rows, :, image, None]
+            lse = _window(lse, rows, image)  # (prompts, heads, image, 1)
 
             def text_block() -> torch.Tensor:  # (prompts, heads, image, text), float32 whatever the model's precision
-                return torch.exp(scores.float() - lse)
+                return torch.sub(scores, lse).exp_()
         else:
             # The fused CPU / CUDA kernels need one head size for queries, keys and values: queries and keys get zero
             # channels (their dot products do not change), values the marker and zeros, 8 channels in all (keeping
@@ -237,27 +271,32 @@ class JointRoutedProcessor:
         new = self.router.controller.attention(block, site)
         if new is not None:  # the output moves by (new - old) @ V_text
             old = text_block() if new is block else block  # a controller that wrote into the block: made again
-            change = new - old
+            # (prompts, heads, image, text); into the remade block's memory where autograd is not watching
+            change = new - old if old is block or torch.is_grad_enabled() else torch.sub(new, old, out=old)
             change = change if change.dtype == value.dtype else change.to(value.dtype)
+            moved = torch.bmm(change.view(prompts * heads, images, texts), _folded(_window(value, rows, text)))
             out = out.clone() if out.requires_grad else out
-            out[rows, :, image].add_(torch.bmm(change.flatten(0, 1), value[rows, :, text].flatten(0, 1)).view(
-                prompts, heads, -1, head_dim))
+            _window(out, rows, image).add_(moved.view(prompts, heads, images, head_dim))
         return out
 
-    def _zero(self, like: torch.Tensor) -> torch.Tensor:
-        """A 0-d zero on the tensor's device and dtype (baddbmm's ignored addend), made once."""
-        if self._zeros is None or self._zeros.dtype != like.dtype or self._zeros.device != like.device:
-            self._zeros = torch.zeros((), dtype=like.dtype, device=like.device)
-        return self._zeros
+    def _scale(self, scale: float, like: torch.Tensor) -> torch.Tensor:
+        """The softmax scale as a 0-d tensor on the tensor's device and dtype, made once (a Python number would be
+        wrapped into a tensor on every call)."""
+        if self._scales is None or self._scales.dtype != like.dtype or self._scales.device != like.device or \
+                self._scales_of != scale:
+            self._scales, self._scales_of = torch.tensor(scale, dtype=like.dtype, device=like.device), scale
+        return self._scales
 
     def _explicit(self, query, key, value, text: slice, image: slice, text_site: Site | None, image_site: Site,
                   mask=None):
         """The joint attention with the probabilities materialised (batch, heads, tokens, tokens), one product for
         the whole batch (small grids only); the controller sees the conditional rows' blocks. mask: (batch, tokens)
         bool, False on keys no query attends to (padded text); None: all count."""
-        batch, head_dim = query.shape[0], query.shape[-1]
+        batch, heads, length, head_dim = value.shape
         rows = self.router.rows(batch)
-        scores = torch.matmul(query * (1 / math.sqrt(head_dim)), key.transpose(-1, -2))
+        # (batch, heads, tokens, tokens): one product for the whole batch, heads folded into it
+        scores = torch.bmm(_folded(query, self._scale(1 / math.sqrt(head_dim), query)),
+                           _folded(key, transposed=True)).view(batch, heads, length, length)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, None, :], -math.inf)
         probs = torch.softmax(scores, -1, dtype=torch.float32)  # float32 whatever the model's precision
@@ -265,8 +304,13 @@ class JointRoutedProcessor:
         for site, columns in ((text_site, text), (image_site, image)):
             if site is None:
                 continue
-            block = probs[rows, :, image, columns]
+            block = _window(probs, rows, image, columns)  # (prompts, heads, image, columns)
             new = controller.attention(block, site)
             if new is not None and new is not block:
-                probs[rows, :, image, columns] = new.to(probs.dtype)
-        return torch.matmul(probs if probs.dtype == value.dtype else probs.to(value.dtype), value)
+                if probs.requires_grad:
+                    probs[rows, :, image, columns] = new.to(probs.dtype)
+                else:
+                    block.copy_(new)
+        probs = probs if probs.dtype == value.dtype else probs.to(value.dtype)
+        out = torch.bmm(probs.view(batch * heads, length, length), _folded(value))  # (batch * heads, tokens, dim)
+        return out.view(batch, heads, length, head_dim)
