@@ -170,11 +170,14 @@ def _to(t: torch.Tensor | None, run: RunInfo) -> torch.Tensor | None:
     return None if t is None else t.to(run.device, torch.float32)
 
 
-def _columns(weights: torch.Tensor, run: RunInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompts, tokens) 0/1 word positions -> (the columns any prompt uses, (prompts, 1, 1, columns) their weights),
-    on the run's device, made once per run: a few columns picked cost less than a product over every token."""
+def _columns(weights: torch.Tensor, run: RunInfo) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompts, tokens) 0/1 word positions -> (the columns any prompt uses, (prompts, 1, 1, columns) their weights or
+    None where all are 1), on the run's device, made once per run: a few columns picked cost less than a product over
+    every token."""
     columns = weights.amax(0).nonzero()[:, 0]
-    return columns.to(run.device), _to(weights[:, None, None, columns], run)
+    picked = weights[:, None, None, columns]  # (prompts, 1, 1, columns)
+    # None where every prompt counts every picked column (a word swap's words share their positions)
+    return columns.to(run.device), None if bool((picked == 1).all()) else _to(picked, run)
 
 
 def _accumulate(acc: torch.Tensor | None, probs: torch.Tensor, words: tuple[torch.Tensor, torch.Tensor],
@@ -182,7 +185,7 @@ def _accumulate(acc: torch.Tensor | None, probs: torch.Tensor, words: tuple[torc
     """acc + the head mean of the words' attention per pixel (prompts, h, w), in float32."""
     columns, weights = words
     picked = probs.index_select(-1, columns)  # (prompts, heads, pixels, columns)
-    summed = (picked * weights).sum((1, 3)).view(-1, *res)  # (prompts, h, w): heads and words summed
+    summed = (picked if weights is None else picked * weights).sum((1, 3)).view(-1, *res)  # (prompts, h, w)
     if acc is None:
         return summed.float() / probs.shape[1]
     return acc.add_(summed, alpha=1 / probs.shape[1])
@@ -242,9 +245,9 @@ class LocalBlend(AttentionController):
             self.acc = torch.zeros(len(self.words), *site.res, device=probs.device)
             self.acc_sub = None if self._sub is None else torch.zeros_like(self.acc)
         one = slice(row, row + 1)
-        _accumulate(self.acc[one], probs, (self._words[0], self._words[1][one]), site.res)
-        if self._sub is not None:
-            _accumulate(self.acc_sub[one], probs, (self._sub[0], self._sub[1][one]), site.res)
+        for acc, (columns, weights) in ((self.acc, self._words), (self.acc_sub, self._sub or (None, None))):
+            if columns is not None:
+                _accumulate(acc[one], probs, (columns, None if weights is None else weights[one]), site.res)
 
     def _mask(self, maps: torch.Tensor, pool: bool = True) -> torch.Tensor:
         maps = maps[:, None]  # (prompts, 1, h, w)
@@ -349,7 +352,7 @@ class PromptToPrompt(AttentionController):
         # autograd needs the original
         base, edited = probs[:1], probs[1:]
         if not site.layer.is_cross:
-            return _rows(probs, edited, base)
+            return _rows(probs, base, edited, base)
         if self.mode == "replace":
             # (targets or, for the identity, 1 to broadcast, heads, queries, tokens)
             mapped = base if self.identity else torch.matmul(base, self.mapper[:, None])
@@ -366,14 +369,17 @@ class PromptToPrompt(AttentionController):
             mapped = mapped * self.equalizer[:, None, None, :]
         if not self.cross_whole[site.step]:  # alpha is 0/1 per token: the source's (mapped) where 1, its own where 0
             mapped = torch.where(self.alpha_on[site.step][:, None, None, :], mapped, edited)
-        return _rows(probs, edited, mapped)
+        # a block of a joint softmax comes back new: the joint path moves the output by (new - old) @ V_text and would
+        # have to make the old block again (two operations more than the concatenation) had it been overwritten
+        return _rows(probs, base, edited, mapped, in_place=site.layer.place not in JOINT_PLACES)
 
 
-def _rows(probs: torch.Tensor, edited: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """probs with its rows 1: (`edited`, a view of them) set to `new` (broadcast to their shape): in place where
-    autograd allows (the router then keeps probs as it is)."""
-    if probs.requires_grad:
-        return torch.cat([probs[:1], new.expand_as(edited)])
+def _rows(probs: torch.Tensor, base: torch.Tensor, edited: torch.Tensor, new: torch.Tensor,
+          in_place: bool = True) -> torch.Tensor:
+    """probs (its row 0 `base` and rows 1: `edited`, views) with the rows 1: set to `new` (broadcast to their shape):
+    in place where asked and autograd allows (the router then keeps probs as it is), else a new tensor."""
+    if probs.requires_grad or not in_place:
+        return torch.cat([base, new if new.shape == edited.shape else new.expand_as(edited)])
     edited.copy_(new)
     return probs
 
