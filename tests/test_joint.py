@@ -329,20 +329,23 @@ def test_replacement_changes_the_edited_image_and_never_the_source(joint, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_marker_channel_fallback_gives_the_same_block(joint, kind, monkeypatch):
-    """Without the kernel's logsumexp (gradients on, another device) the text-marker channel gives the same block."""
+def test_the_fallbacks_give_the_same_blocks(joint, kind, monkeypatch):
+    """Without the kernel's logsumexp (gradients on, another device) the text-marker channel gives the same
+    image-to-text block, and a plain softmax the same blocks over every key."""
     from prompt2prompt import joint as joint_module
 
     pipe, _ = joint[kind]
     prompts = ["a red circle and a blue square"]
-    fast = Probe(cross=True)
-    generate(pipe, prompts, fast, OPTS, progress=False)
-    monkeypatch.setattr(joint_module, "attention_with_lse", lambda *a, **k: None)
-    marker = Probe(cross=True)
-    generate(pipe, prompts, marker, OPTS, progress=False)
-    assert len(fast.seen) == len(marker.seen) > 0
-    for (_, a), (_, b) in zip(fast.seen, marker.seen):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for cross in (True, None):
+        fast = Probe(cross=cross)
+        generate(pipe, prompts, fast, OPTS, progress=False)
+        with monkeypatch.context() as m:
+            m.setattr(joint_module, "attention_with_lse", lambda *a, **k: None)
+            fallback = Probe(cross=cross)
+            generate(pipe, prompts, fallback, OPTS, progress=False)
+        assert len(fast.seen) == len(fallback.seen) > 0
+        for (_, a), (_, b) in zip(fast.seen, fallback.seen):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_attention_with_lse_is_the_softmax_denominator():
@@ -375,6 +378,13 @@ def test_window_and_folded_are_the_indexed_and_flattened_tensors(layout, rows):
     torch.testing.assert_close(_folded(part), part.flatten(0, 1), atol=0, rtol=0)
     torch.testing.assert_close(_folded(part, scale), part.flatten(0, 1) * 0.25, atol=0, rtol=0)
     torch.testing.assert_close(_folded(part, transposed=True), part.flatten(0, 1).transpose(1, 2), atol=0, rtol=0)
+    leaf = t.detach().requires_grad_()  # with autograd (training's grounding losses): the same values, gradients
+    folded = _folded(_window(leaf, rows, tokens), scale, transposed=True)
+    torch.testing.assert_close(folded, part.flatten(0, 1).transpose(1, 2) * 0.25, atol=0, rtol=0)
+    folded.sum().backward()
+    expected = torch.zeros_like(t)
+    expected[rows, :, tokens] = 0.25
+    torch.testing.assert_close(leaf.grad, expected, atol=0, rtol=0)
     # a view where the rows' heads fold into one batch dimension (no copy, no operation), else one copy
     folded = _folded(_window(t, rows, tokens))
     shares = folded.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
@@ -382,9 +392,10 @@ def test_window_and_folded_are_the_indexed_and_flattened_tensors(layout, rows):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_edit_through_the_text_block_equals_the_explicit_joint_softmax(joint, kind):
-    """An edit with local blend changes the output by (new - old) @ V_text on the fast path; computing every layer's
-    joint softmax explicitly (a controller that wants the image blocks too, changing nothing) gives the same result."""
+def test_edit_through_the_text_keys_equals_the_edit_through_every_key(joint, kind):
+    """An edit with local blend changes the output by (new - old) @ V over the text keys; with the blocks over every
+    key read (a controller that wants the image blocks too, changing nothing) the same edit moves it by the change
+    over every key, and gives the same result."""
     pipe, _ = joint[kind]
     prompts = ["a red circle and a blue cross", "a red square and a blue cross"]
     results = []

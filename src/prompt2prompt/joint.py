@@ -11,12 +11,12 @@ sequence, its padding mask, the grid, which rows of a call are conditional) come
 
 - calls the original processor unchanged (its fused kernel / attention dispatcher) where the controller wants neither,
   and on the unconditional call of a family that runs guidance as separate calls;
-- where only the image-to-text block is wanted, runs the fused attention once and takes each query's softmax
-  denominator from the kernel itself (or, where the kernel cannot give it, from an extra value channel that is 1 on
-  text keys); with the image x text scores alone (no (tokens x tokens) matrix is ever formed) that is the image-to-text
-  block of the joint softmax, exactly. A replacement C' of that block changes the image queries' output by
-  (C' - C) @ V_text;
-- where the image-to-image block is wanted too, computes the joint attention explicitly (small maps only).
+- where the controller wants a block, runs the fused attention once and takes each query's softmax denominator from
+  the kernel itself (or, where the kernel cannot give it, from a plain softmax or an extra value channel that is 1 on
+  text keys); with the conditional rows' image queries scored against the keys read (the text keys for the
+  image-to-text block, every key when the image-to-image block is wanted too; no (tokens x tokens) matrix is formed)
+  that gives the blocks of the joint softmax, exactly. A replacement C' of a block changes the image queries' output
+  by (C' - C) @ V over its keys.
 
 The text queries' rows are never changed: an edit acts on what the image attends to, as in the UNet.
 """
@@ -39,7 +39,7 @@ def attention_with_lse(query, key, value, scale: float) -> tuple[torch.Tensor, t
     """(output, logsumexp) of softmax attention from the fused kernel itself: output as scaled_dot_product_attention's,
     logsumexp (batch, heads, queries) float32, the log of each query's softmax denominator. Inference only (the
     kernels give no gradient through the logsumexp). None where this torch has no such kernel for these tensors: the
-    caller then falls back to a marker channel (`JointRoutedProcessor._text_only`)."""
+    caller then falls back (`JointRoutedProcessor._controlled`)."""
     device = query.device.type
     try:
         if device == "cpu":
@@ -84,6 +84,9 @@ def _folded(t: torch.Tensor, scale: torch.Tensor | None = None, transposed: bool
                               stride if not transposed else (sh, sc, st), t.storage_offset())
         return folded if scale is None else torch.mul(folded, scale)
     source = t if not transposed else t.as_strided((n, heads, channels, tokens), (sb, sh, sc, st), t.storage_offset())
+    if torch.is_grad_enabled() and t.requires_grad:  # autograd takes no out= arguments
+        source = source if scale is None else source * scale
+        return source.reshape(n * heads, *source.shape[2:])
     copy = torch.empty(source.shape, dtype=t.dtype, device=t.device)  # (n, heads, tokens or channels, ...)
     if scale is None:
         copy.copy_(source)
@@ -201,10 +204,8 @@ class JointRoutedProcessor:
             raise P2PError(f"{type(self.original).__name__} was given an attention mask, which attention control on "
                            f"{self.family.title} does not know")
         mask = call.get("_key_mask")  # (batch, tokens) bool, False on padded keys; None: every key counts
-        if want_image:
-            out = self._explicit(query, key, value, text, image, text_site if want_text else None, image_site, mask)
-        else:
-            out = self._text_only(query, key, value, text, image, text_site, mask)
+        out = self._controlled(query, key, value, text, image, text_site if want_text else None,
+                               image_site if want_image else None, mask)
         out = out if out.dtype == query.dtype else out.to(query.dtype)
         batch, heads, length, head_dim = out.shape
         out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)  # (batch, tokens, heads * head_dim)
@@ -221,36 +222,46 @@ class JointRoutedProcessor:
             self._pads = (key, torch.zeros(1, 1, 1, pad, dtype=value.dtype, device=value.device), marker)
         return self._pads[1], self._pads[2]
 
-    def _text_only(self, query, key, value, text: slice, image: slice, site: Site, mask=None):
-        """Fused attention plus the image-to-text block of the joint softmax, without the (tokens x tokens) matrix.
+    def _controlled(self, query, key, value, text: slice, image: slice, text_site: Site | None,
+                    image_site: Site | None, mask=None):
+        """Fused attention plus the blocks of the joint softmax the controller wants, without the (tokens x tokens)
+        matrix: the image queries' rows over the text keys (`text_site`) or over every key (`image_site` too).
 
-        The block is exp(scores - logsumexp) over the text keys, where the logsumexp of each query's joint softmax is
-        the fused kernel's own statistic (`attention_with_lse`: one call for the whole batch, the stock call's cost).
-        Where the kernel cannot give it (gradients on, as in training; another device), the values carry an extra
-        channel that is 1 on the text keys, so the fused kernel returns each query's total attention on the text,
-        and the block is a softmax over the text keys times that share (as also where some text keys are masked out:
-        `mask`, (batch, tokens) bool, False on them).
+        A block is exp(scores - logsumexp), where the logsumexp of each query's joint softmax is the fused kernel's
+        own statistic (`attention_with_lse`: one call for the whole batch, the stock call's cost); only the
+        conditional rows' image queries are scored. Where the kernel cannot give it (gradients on, as in training;
+        another device; masked keys), rows over every key are a plain softmax beside the fused call, and rows over
+        the text keys alone take the text's share of the softmax from an extra value channel that is 1 on the text
+        keys (`mask`: (batch, tokens) bool, False on padded keys). A controller's change of the blocks moves the
+        image queries' output by (new - old) @ V over the same keys; the text queries' rows are never changed.
 
-        Written for few operations (each is a kernel launch on a GPU): the parts of the batch are taken as single
-        strided views (`_window`), heads fold into the batch of one product (`_folded`), the scale rides on the
-        queries' copy, and the change of the output is added into the kernel's own output."""
+        Written for few operations (each is a kernel launch on a GPU): the parts of the batch are single strided
+        views (`_window`), heads fold into the batch of one product (`_folded`), the scale rides on the queries'
+        copy, and the change of the output is added into the kernel's own output."""
         batch, heads, length, head_dim = value.shape
         rows = self.router.rows(batch)  # the conditional rows (the unconditional ones: nothing to read)
-        prompts, images, texts = rows.stop - rows.start, image.stop - image.start, text.stop - text.start
+        keys = slice(0, length) if image_site is not None else text  # the columns read
+        prompts, images, width = rows.stop - rows.start, image.stop - image.start, keys.stop - keys.start
         scale = 1 / math.sqrt(head_dim)
-        # (prompts * heads, image, text): the image x text scores of the conditional rows, scaled
+        # (prompts * heads, image, keys): the conditional rows' image queries scored against the keys read, scaled
         scores = torch.bmm(_folded(_window(query, rows, image), self._scale(scale, query)),
-                           _folded(_window(key, rows, text), transposed=True)).view(prompts, heads, images, texts)
+                           _folded(_window(key, rows, keys), transposed=True)).view(prompts, heads, images, width)
         if mask is not None:  # padded text keys: no attention
-            scores = scores.masked_fill(~mask[rows, None, None, text], -math.inf)
+            scores = scores.masked_fill(~mask[rows, None, None, keys], -math.inf)
         fast = None if (torch.is_grad_enabled() and query.requires_grad) or mask is not None else \
             attention_with_lse(query, key, value, scale)
         if fast is not None:
             out, lse = fast  # (batch, heads, tokens, head_dim), (batch, heads, tokens) float32
             lse = _window(lse, rows, image)  # (prompts, heads, image, 1)
 
-            def text_block() -> torch.Tensor:  # (prompts, heads, image, text), float32 whatever the model's precision
+            def blocks() -> torch.Tensor:  # (prompts, heads, image, keys), float32 whatever the model's precision
                 return torch.sub(scores, lse).exp_()
+        elif width == length:  # every key: the image queries' whole rows of the joint softmax
+            out = F.scaled_dot_product_attention(query, key, value, scale=scale,
+                                                 attn_mask=None if mask is None else mask[:, None, None, :])
+
+            def blocks() -> torch.Tensor:
+                return torch.softmax(scores, -1, dtype=torch.float32)
         else:
             # The fused CPU / CUDA kernels need one head size for queries, keys and values: queries and keys get zero
             # channels (their dot products do not change), values the marker and zeros, 8 channels in all (keeping
@@ -264,19 +275,37 @@ class JointRoutedProcessor:
             out = fused[..., :head_dim]  # (batch, heads, tokens, head_dim)
             mass = fused[rows, :, image, head_dim:head_dim + 1]  # (prompts, heads, image, 1): attention on the text
 
-            def text_block() -> torch.Tensor:  # (prompts, heads, image, text), float32 whatever the model's precision
+            def blocks() -> torch.Tensor:
                 return torch.softmax(scores, -1, dtype=torch.float32) * mass
 
-        block = text_block()
-        new = self.router.controller.attention(block, site)
-        if new is not None:  # the output moves by (new - old) @ V_text
-            old = text_block() if new is block else block  # a controller that wrote into the block: made again
-            # (prompts, heads, image, text); into the remade block's memory where autograd is not watching
-            change = new - old if old is block or torch.is_grad_enabled() else torch.sub(new, old, out=old)
-            change = change if change.dtype == value.dtype else change.to(value.dtype)
-            moved = torch.bmm(change.view(prompts * heads, images, texts), _folded(_window(value, rows, text)))
-            out = out.clone() if out.requires_grad else out
-            _window(out, rows, image).add_(moved.view(prompts, heads, images, head_dim))
+        probs = blocks()
+        new, written = probs, False  # the blocks as the controller leaves them; whether written into in place
+        controller = self.router.controller
+        for site, columns in ((text_site, text), (image_site, image)):
+            if site is None:
+                continue
+            whole = columns == keys
+            block = new if whole else _window(new, slice(0, prompts), slice(0, images),
+                                              slice(columns.start - keys.start, columns.stop - keys.start))
+            changed = controller.attention(block, site)
+            if changed is None:
+                continue
+            if changed is block:
+                written = True
+            elif whole:
+                new = changed
+            else:
+                block.copy_(changed)
+                written = True
+        if new is probs and not written:
+            return out
+        # the output moves by (new - old) @ V over the keys read
+        old = blocks() if written else probs  # blocks a controller wrote into: made again
+        change = new - old if old is probs or torch.is_grad_enabled() else torch.sub(new, old, out=old)
+        change = change if change.dtype == value.dtype else change.to(value.dtype)
+        moved = torch.bmm(change.view(prompts * heads, images, width), _folded(_window(value, rows, keys)))
+        out = out.clone() if out.requires_grad else out
+        _window(out, rows, image).add_(moved.view(prompts, heads, images, head_dim))
         return out
 
     def _scale(self, scale: float, like: torch.Tensor) -> torch.Tensor:
@@ -286,31 +315,3 @@ class JointRoutedProcessor:
                 self._scales_of != scale:
             self._scales, self._scales_of = torch.tensor(scale, dtype=like.dtype, device=like.device), scale
         return self._scales
-
-    def _explicit(self, query, key, value, text: slice, image: slice, text_site: Site | None, image_site: Site,
-                  mask=None):
-        """The joint attention with the probabilities materialised (batch, heads, tokens, tokens), one product for
-        the whole batch (small grids only); the controller sees the conditional rows' blocks. mask: (batch, tokens)
-        bool, False on keys no query attends to (padded text); None: all count."""
-        batch, heads, length, head_dim = value.shape
-        rows = self.router.rows(batch)
-        # (batch, heads, tokens, tokens): one product for the whole batch, heads folded into it
-        scores = torch.bmm(_folded(query, self._scale(1 / math.sqrt(head_dim), query)),
-                           _folded(key, transposed=True)).view(batch, heads, length, length)
-        if mask is not None:
-            scores = scores.masked_fill(~mask[:, None, None, :], -math.inf)
-        probs = torch.softmax(scores, -1, dtype=torch.float32)  # float32 whatever the model's precision
-        controller = self.router.controller
-        for site, columns in ((text_site, text), (image_site, image)):
-            if site is None:
-                continue
-            block = _window(probs, rows, image, columns)  # (prompts, heads, image, columns)
-            new = controller.attention(block, site)
-            if new is not None and new is not block:
-                if probs.requires_grad:
-                    probs[rows, :, image, columns] = new.to(probs.dtype)
-                else:
-                    block.copy_(new)
-        probs = probs if probs.dtype == value.dtype else probs.to(value.dtype)
-        out = torch.bmm(probs.view(batch * heads, length, length), _folded(value))  # (batch * heads, tokens, dim)
-        return out.view(batch, heads, length, head_dim)
