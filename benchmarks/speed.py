@@ -12,7 +12,9 @@ Configurations:
   stock-1 / stock-2   the unmodified pipeline with 1 and 2 prompts
   attend              1 prompt, recording cross-attention everywhere and self-attention at small maps (AttentionStore)
   edit+blend          2 prompts, replace edit with local blend (the default schedule)
-  edit+blend explicit the same edit with every attention layer explicit (what the reference implementation does)
+  edit+blend explicit the same edit with every attention layer's probabilities read (UNet: explicit, what the
+                      reference implementation does; MM-DiT: every block of the joint softmax, from the kernel's
+                      logsumexp)
 
 Operations: aten operations per denoising step (the torch profiler on the CPU, every dispatched operation, nested ones
 included; a run of --steps steps minus one of half as many, so set-up, text encoding and decoding cancel), as a ratio to
@@ -239,7 +241,7 @@ class Runner:
         from prompt2prompt.edits import EditOptions, edit_controller, edit_controllers
         from prompt2prompt.store import AttentionStore
 
-        class Everything(AttentionController):  # every layer explicit, nothing changed
+        class Everything(AttentionController):  # every layer's probabilities read, nothing changed
             def wants(self, site):
                 return True
 
