@@ -426,3 +426,21 @@ def test_controller_sees_each_prompts_own_conditional_rows(joint, kind):
             torch.testing.assert_close(b[row:row + 1, ..., :width], a, atol=1e-5, rtol=1e-4)
             assert not b[row, ..., width:].any()
     assert all(not torch.allclose(b[0], b[1], atol=1e-4) for _, b in both.seen)
+
+
+class Relaid(AttentionController):
+    """Returns each text block unchanged in value but in another memory layout (heads outermost)."""
+
+    def wants(self, site):
+        return site.layer.is_cross
+
+    def attention(self, probs, site):
+        return probs.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def test_a_block_returned_in_another_layout_changes_nothing(joint):
+    pipe, _ = joint["sd3"]
+    prompts = ["a red circle and a blue square", "a blue cross and a red circle"]
+    stock = generate(pipe, prompts, None, OPTS, progress=False)
+    relaid = generate(pipe, prompts, Relaid(), OPTS, progress=False)
+    torch.testing.assert_close(relaid.latents, stock.latents, atol=1e-5, rtol=1e-5)

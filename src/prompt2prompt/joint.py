@@ -303,6 +303,7 @@ class JointRoutedProcessor:
         old = blocks() if written else probs  # blocks a controller wrote into: made again
         change = new - old if old is probs or torch.is_grad_enabled() else torch.sub(new, old, out=old)
         change = change if change.dtype == value.dtype else change.to(value.dtype)
+        change = change if change.is_contiguous() else change.contiguous()  # a controller's own layout
         moved = torch.bmm(change.view(prompts * heads, images, width), _folded(_window(value, rows, keys)))
         out = out.clone() if out.requires_grad else out
         _window(out, rows, image).add_(moved.view(prompts, heads, images, head_dim))
