@@ -49,6 +49,7 @@ from prompt2prompt.inversion import (
 )
 from prompt2prompt.loading import load_pipeline
 from prompt2prompt.measure import grow
+from prompt2prompt.metrics import iou
 from prompt2prompt.shapes import world
 from prompt2prompt.shapes.evaluate import classify_shape, segment
 
@@ -94,13 +95,17 @@ COST_METHODS = ("plain", "ddim", "negative-prompt", "direct", "null-text")
 
 def measure_edit(row: dict, scene, image, shape: str, pictures: dict) -> None:
     """Adds to `row`, for each picture ("edit": as decoded, "kept": with the input's background kept), the PSNR against
-    the input outside the edited object's old and new regions (grown by 2 pixels) and whether it shows the new shape."""
-    old = np.asarray(Image.fromarray(scene.masks()[1]).resize(image.size, Image.NEAREST))
+    the input outside the edited object's old and new regions (grown by 2 pixels), whether it shows the new shape, and
+    the unchanged object's IoU (its colour's region in the picture against its true mask)."""
+    masks = [np.asarray(Image.fromarray(m).resize(image.size, Image.NEAREST)) for m in scene.masks()[:2]]
+    kept_mask, old = masks
     for key, edited in pictures.items():
-        new = segment(np.asarray(edited, dtype=np.float32) / 255).get(scene.objects[1].colour)
+        regions = segment(np.asarray(edited, dtype=np.float32) / 255)
+        new = regions.get(scene.objects[1].colour)
         outside = ~grow(old | new) if new is not None else ~grow(old)
         row[f"{key}_outside"].append(psnr(edited, image, outside))
         row[f"{key}_ok"].append(float(new is not None and classify_shape(new)[0] == shape))
+        row[f"{key}_keep"].append(iou(kept_mask, regions.get(scene.objects[0].colour, np.zeros_like(kept_mask))))
 
 
 def _last(values: list) -> str:
@@ -181,8 +186,8 @@ def main() -> None:
     compared = methods(pipe, args.steps, args.guidance, args.max_sequence_length)
     calls = {label: n for label, _, n in compared}
     labels = [label for label, _, _ in compared] + list(FLOWEDITS if is_flow(pipe) else ())
-    rows = {m: {"psnr_input": [], "psnr_ae": [], "seconds": [], "edit_outside": [], "edit_ok": [], "kept_outside": [],
-                "kept_ok": []} for m in labels}
+    rows = {m: {"psnr_input": [], "psnr_ae": [], "seconds": [], "edit_keep": [], "edit_outside": [], "edit_ok": [],
+                "kept_keep": [], "kept_outside": [], "kept_ok": []} for m in labels}
     ae_psnr = []  # the autoencoder's own reconstruction against the input: the ceiling of any inversion
     edits = {m: [] for m in labels}
     items = scenes(args.images, args.seed)
@@ -224,15 +229,16 @@ def main() -> None:
                 (pictures["kept"],), _ = keep_background([fe.image], fe.source, fe.mask, int(pipe.vae_scale_factor))
             measure_edit(rows[method], scene, image, shape, pictures)
             edits[method].append({"caption": scene.caption, "target": target, "edit_ok": rows[method]["edit_ok"][-1],
-                                  "psnr_outside": rows[method]["edit_outside"][-1]})
+                                  "psnr_outside": rows[method]["edit_outside"][-1],
+                                  "keep_iou": rows[method]["edit_keep"][-1]})
         print(f"[{n + 1}/{len(items)}] " + "  ".join(
             f"{m}: {_last(rows[m]['psnr_input'])} dB, edit outside {_last(rows[m]['edit_outside'])} dB "
             f"(kept {_last(rows[m]['kept_outside'])})"
             for m in labels), flush=True)
     guidance = args.guidance or "the method's"
     print(f"\n{len(items)} rendered images, {args.steps} steps, guidance {guidance}, model {args.model}")
-    print(f"{'method':<20}{'PSNR vs input':>15}{'PSNR vs AE':>12}{'calls':>7}{'s/image':>10}"
-          f"{'edit: PSNR out':>16}{'edit ok':>9}{'kept: PSNR out':>16}{'kept ok':>9}")
+    print(f"{'method':<20}{'PSNR vs input':>15}{'PSNR vs AE':>12}{'calls':>7}{'s/image':>10}{'edit: keep IoU':>16}"
+          f"{'PSNR out':>10}{'edit ok':>9}{'kept: keep IoU':>16}{'PSNR out':>10}{'kept ok':>9}")
     summary = {}
     for m in labels:
         s = {k: float(np.mean(v)) if v else None for k, v in rows[m].items()}
@@ -242,14 +248,15 @@ def main() -> None:
             return f"{'-' if s[key] is None else format(s[key], form):>{width}}"
 
         print(f"{m:<20}{cell('psnr_input', 15)}{cell('psnr_ae', 12)}{calls.get(m) or '':>7}{cell('seconds', 10)}"
-              f"{cell('edit_outside', 16)}{cell('edit_ok', 9, '.0%')}{cell('kept_outside', 16)}"
-              f"{cell('kept_ok', 9, '.0%')}")
+              f"{cell('edit_keep', 16, '.3f')}{cell('edit_outside', 10)}{cell('edit_ok', 9, '.0%')}"
+              f"{cell('kept_keep', 16, '.3f')}{cell('kept_outside', 10)}{cell('kept_ok', 9, '.0%')}")
     ae_ceiling = float(np.mean(ae_psnr))
     print(f"autoencoder reconstruction vs input (the ceiling): {ae_ceiling:.2f} dB")
-    print("edit: replace + local blend from each inversion; PSNR outside the edited object against the input, and the "
-          "share of edits that show the new shape; kept: the same edit with the input's background kept outside the "
-          "blend mask (the default of `p2p edit --from`); flowedit: FlowEdit from the image itself (no inversion), "
-          "without and with the local blend")
+    print("edit: replace + local blend from each inversion; keep IoU: the unchanged object's region against its true "
+          "mask; PSNR outside the edited object against the input; edit ok: the share of edits that show the new "
+          "shape; kept: the same edit with the input's background kept outside the blend mask (the default of "
+          "`p2p edit --from`); flowedit: FlowEdit from the image itself (no inversion), without and with the local "
+          "blend")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"settings": vars(args), "summary": summary, "autoencoder_psnr": ae_ceiling, "edits": edits,
