@@ -90,7 +90,8 @@ MUTANTS = {
     "joint-text-marker-lost": (
         "joint.py", "marker[:, :, text, 0] = 1", "pass", ["tests/test_joint.py"]),
     "joint-window-first-rows": (  # every window taken from the first rows: SD3's conditional rows are the last
-        "joint.py", "t.storage_offset() + rows.start * sb + tokens.start * st", "t.storage_offset() + tokens.start * st",
+        "joint.py", "t.storage_offset() + rows.start * sb + tokens.start * st",
+        "t.storage_offset() + tokens.start * st",
         ["tests/test_joint.py::test_controller_sees_each_prompts_own_conditional_rows"]),
     "joint-edit-change-lost": (
         "joint.py", "old = text_block() if new is block else block", "old = block", ["tests/test_joint.py"]),

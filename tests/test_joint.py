@@ -444,3 +444,28 @@ def test_a_block_returned_in_another_layout_changes_nothing(joint):
     stock = generate(pipe, prompts, None, OPTS, progress=False)
     relaid = generate(pipe, prompts, Relaid(), OPTS, progress=False)
     torch.testing.assert_close(relaid.latents, stock.latents, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_blocks_in_bf16_are_the_float32_blocks_to_its_precision(joint, kind):
+    """A bf16 model's blocks are float32 (as controllers expect), sum with the image block to 1 per image query, and
+    match the same pipeline's float32 blocks to bf16's precision."""
+    _, folder = joint[kind]
+    prompts = ["a red circle and a blue square"]
+    seen = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        probe = Probe()
+        generate(load_pipeline(str(folder), dtype=dtype), prompts, probe, OPTS, progress=False)
+        seen[dtype] = probe.seen
+    half = seen[torch.bfloat16]
+    assert len(half) == len(seen[torch.float32]) > 0
+    texts = {(s.layer.name.rsplit(":", 1)[0], s.step): p for s, p in half if s.layer.is_cross}
+    for site, block in half:
+        assert block.dtype == torch.float32
+        if not site.layer.is_cross:  # (SD3.5's image-only attention has no text block)
+            text = texts.get((site.layer.name.rsplit(":", 1)[0], site.step))
+            total = block.sum(-1) + (0 if text is None else text.sum(-1))
+            torch.testing.assert_close(total, torch.ones_like(total), atol=2e-2, rtol=0)
+    first = [(a, b) for (s, a), (_, b) in zip(seen[torch.float32], half) if s.step == 0]
+    for a, b in first:  # the first step (the same latents in): only the precision differs
+        torch.testing.assert_close(b, a, atol=2e-2, rtol=5e-2)

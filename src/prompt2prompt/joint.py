@@ -310,9 +310,9 @@ class JointRoutedProcessor:
         return out
 
     def _scale(self, scale: float, like: torch.Tensor) -> torch.Tensor:
-        """The softmax scale as a 0-d tensor on the tensor's device and dtype, made once (a Python number would be
-        wrapped into a tensor on every call)."""
-        if self._scales is None or self._scales.dtype != like.dtype or self._scales.device != like.device or \
-                self._scales_of != scale:
-            self._scales, self._scales_of = torch.tensor(scale, dtype=like.dtype, device=like.device), scale
+        """The softmax scale as a 0-d float32 tensor on the tensor's device, made once (a Python number would be
+        wrapped into a tensor on every call). A 0-d tensor does not change the product's dtype, and the product is
+        computed in float32 before its rounding to a half-precision model's, so the scale itself is never rounded."""
+        if self._scales is None or self._scales.device != like.device or self._scales_of != scale:
+            self._scales, self._scales_of = torch.tensor(scale, dtype=torch.float32, device=like.device), scale
         return self._scales
