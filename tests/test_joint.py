@@ -80,9 +80,9 @@ def test_every_attention_module_is_routed_and_restored(joint, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_text_block_is_the_joint_softmax_block(joint, kind):
-    """The image-to-text block computed without the full matrix equals the block of the explicit joint softmax, and
-    each image query's text mass plus its image mass is 1: a word's map summed with the other tokens' is the query's
-    total attention on the text."""
+    """The image-to-text block read over the text keys alone equals the text columns of the rows read over every key,
+    and each image query's text mass plus its image mass is 1: a word's map summed with the other tokens' is the
+    query's total attention on the text."""
     pipe, _ = joint[kind]
     fast, full = Probe(cross=True), Probe()
     prompts = ["a red circle and a blue square"]
@@ -155,7 +155,8 @@ def test_qwenimage_words_follow_the_dropped_template_opening_and_batches_share_a
 
 def test_qwenimage_padded_text_gets_no_attention_and_edits_keep_the_source(joint):
     """Prompts of different lengths: the shorter one's padded text keys are masked; its blocks are 0 there, the
-    explicit joint softmax agrees with the fast block, and a refinement leaves the source image as it was."""
+    rows over every key (a plain masked softmax here) agree with the text block, and a refinement leaves the source
+    image as it was."""
     pipe, _ = joint["qwenimage"]
     prompts = ["a red circle", "a big red circle and a blue square"]
     fast, full = Probe(cross=True), Probe()
