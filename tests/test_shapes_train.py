@@ -138,6 +138,11 @@ def test_flow_model_trains_resumes_and_loads_with_plain_diffusers(tmp_path):
     main([*args, "--steps", "2"])  # carries on from step 1
     rows = [json.loads(line) for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {"diffusion"}  # no autoencoder stage: it was reused
+    from prompt2prompt.loading import resolve
+
+    for part in ("vae", "tokenizer"):  # copied into the run: a resume reads them, whatever `shapes` is by then
+        for f in (resolve("shapes") / part).iterdir():
+            assert (tmp_path / part / f.name).read_bytes() == f.read_bytes()
     assert np.isfinite([r[k] for r in rows for k in ("loss", "grounding", "coverage")]).all()
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
     # SD3 without T5 loads as diffusers documents it: the absent encoder named as None

@@ -1,14 +1,19 @@
 """Train the bundled shapes models from scratch: tokenizer, autoencoder, then denoiser and text encoders together.
 
-    python -m prompt2prompt.shapes.train --out runs/shapes          # `shapes`: SD 1.x's UNet, DDPM noise
-    python -m prompt2prompt.shapes.train --family sd3 --vae-from shapes --text-length 16 --out runs/shapes-flow
+    python -m prompt2prompt.shapes.train --run shapes               # `shapes`: SD 1.x's UNet, DDPM noise
+    python -m prompt2prompt.shapes.train --run shapes-flow --family sd3 --vae-from shapes --text-length 16
                                                                     # `shapes-flow`: SD3's MM-DiT, flow matching
 
-Seeded and resumable: a checkpoint is written every --checkpoint-every steps and at the end of each stage, and a
-second run with the same --out carries on where the first stopped. Losses go to `loss.jsonl`. The result is a
-standard diffusers `StableDiffusionPipeline` folder in `<out>/pipeline`. `--device cuda` trains on a GPU: every
-random draw (scenes, noise, timesteps, dropped captions) is still made on the CPU, so a run sees the same data on any
-device.
+Seeded and resumable: a checkpoint is written every --checkpoint-every steps (and at least every --checkpoint-minutes)
+and at the end of each stage, and the same command run again carries on where the last one stopped. `--run NAME`
+trains in `$P2P_RUNS/NAME` (default `~/.cache/prompt2prompt/runs/NAME`, outside any checkout, so a run outlives the
+session that started it: `python -m prompt2prompt.shapes.runs` lists runs and resumes them); `--out FOLDER` in any
+other folder. A resumed run must have the recipe it was started with (only --steps, --threads, --device and the
+checkpoint and milestone intervals may change). Losses go to `loss.jsonl` (with the hours trained so far), the EMA
+weights every --milestone-every steps to `milestones/step-N.safetensors` (fp16, with the step, hours and recipe).
+The result is a standard diffusers `StableDiffusionPipeline` folder in `<out>/pipeline`. `--device cuda` trains on a
+GPU: every random draw (scenes, noise, timesteps, dropped captions) is still made on the CPU, so a run sees the same
+data on any device.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -80,12 +87,38 @@ class TrainConfig:
     coverage_weight: float = 0.1  # weight of the pixel-grounding loss (spreads each word's attention over its object)
     coverage_from: int = 8_000  # step from which the pixel-grounding loss applies (a last phase, as shipped)
     checkpoint_every: int = 250
+    checkpoint_minutes: float = 10.0  # a checkpoint at least this often (wall minutes), whatever the step rate
+    milestone_every: int = 2_000  # diffusion steps between milestones (EMA weights in fp16, to evaluate); 0: none
     threads: int = 0  # torch threads; 0 keeps torch's default
     device: str = "cpu"  # where the networks train ("cuda" on a GPU machine). Every random draw (scenes, noise,
     # timesteps, dropped captions) is made on the CPU and moved, so a run's data do not depend on the device
 
 
 LOG_EVERY = 25  # steps between rows of loss.jsonl (each row: the means over those steps)
+FREE = ("steps", "threads", "device", "checkpoint_every", "checkpoint_minutes", "milestone_every")  # may change
+# between a run's sessions; every other setting is its recipe, and a resume with another recipe is refused
+
+
+class Clock:
+    """The wall time a run has trained, over all its sessions (kept in the checkpoint as `seconds`), and when the
+    next checkpoint is due by time."""
+
+    def __init__(self, state: dict, minutes: float):
+        self.state, self.minutes = state, minutes
+        self.base, self.start = state.get("seconds", 0.0), time.time()
+        self.saved = self.start
+
+    @property
+    def seconds(self) -> float:
+        return self.base + time.time() - self.start
+
+    def due(self) -> bool:
+        return time.time() - self.saved >= 60 * self.minutes
+
+    def mark(self) -> None:
+        """Put the trained time in the state; call right before it is saved."""
+        self.state["seconds"] = self.seconds
+        self.saved = time.time()
 
 
 def _log(out: Path, **row) -> None:
@@ -99,7 +132,7 @@ def _save(path: Path, state: dict) -> None:
     tmp.replace(path)  # never leave a half-written checkpoint
 
 
-def train_vae(vae, cfg: TrainConfig, out: Path, state: dict) -> None:
+def train_vae(vae, cfg: TrainConfig, out: Path, state: dict, clock: Clock) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     if "vae_opt" in state:
         opt.load_state_dict(state["vae_opt"])
@@ -133,9 +166,10 @@ def train_vae(vae, cfg: TrainConfig, out: Path, state: dict) -> None:
         opt.step()
         bar.set_postfix(loss=f"{rec_loss.item():.5f}")
         if step % 25 == 0:
-            _log(out, stage="vae", step=step, loss=rec_loss.item(), kl=kl.item())
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+            _log(out, stage="vae", step=step, loss=rec_loss.item(), kl=kl.item(), hours=clock.seconds / 3600)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps or clock.due():
             state.update(vae=vae.state_dict(), vae_opt=opt.state_dict(), vae_step=step + 1)
+            clock.mark()
             _save(out / "checkpoint.pt", state)
     vae.eval()
 
@@ -369,7 +403,36 @@ class Batches:
 TRAINER_FORMAT = 2  # checkpoints of the flat-parameter trainer (1: per-tensor AdamW and diffusers' EMAModel)
 
 
-def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Path, state: dict, vae=None):
+def write_milestone(path: Path, nets: dict, vae, meta: dict) -> None:
+    """The networks' current weights (and the autoencoder's, if given) in fp16, one safetensors file with `meta` (each
+    value JSON) as its metadata: what `runs evaluate` exports and a session may commit as its resume point."""
+    from safetensors.torch import save_file
+
+    parts = {**nets, **({"vae": vae} if vae is not None else {})}
+    tensors = {f"{name}.{key}": (value.half() if value.is_floating_point() else value).detach().cpu().contiguous()
+               for name, net in parts.items() for key, value in net.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+    tmp.replace(path)
+
+
+def load_milestone(path: Path, nets: dict, vae=None) -> dict:
+    """Load a milestone's weights into `nets` (and `vae`, where it holds one); returns its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    for name, net in {**nets, **({"vae": vae} if vae is not None else {})}.items():
+        own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        if own or name != "vae":
+            net.load_state_dict(own)
+    with safe_open(path, "pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
+def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Path, state: dict, vae=None,
+                    clock: Clock | None = None, recipe: dict | None = None):
     """Train the denoiser and text encoders (`nets`, by component name) together; leaves the EMA weights in them.
 
     The parameters live in one flat buffer (`optim.FlatParameters`): fused AdamW, the EMA and gradient clipping are a
@@ -388,6 +451,7 @@ def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Pa
         ema.load_state_dict(state["ema"])
     objective = DenoisingLoss(nets, tokenizer, cfg)
     batches = Batches(data, cfg)
+    clock = clock or Clock(state, cfg.checkpoint_minutes)
     start = state.get("step", 0)
     for net in nets.values():
         net.train()
@@ -423,23 +487,35 @@ def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Pa
                 logged = dict(zip(names, (running / seen).tolist()))  # the one host read of the interval
                 running.zero_()
                 bar.set_postfix({k: f"{v:.4f}" for k, v in logged.items()})
-                _log(out, stage="diffusion", step=step, steps=seen, lr=lr, **logged)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                _log(out, stage="diffusion", step=step, steps=seen, lr=lr, hours=clock.seconds / 3600, **logged)
+            if cfg.milestone_every and (step + 1) % cfg.milestone_every == 0:
+                from .runs import milestone_path
+
+                kept = flat.param.detach().clone()
+                ema.copy_to(flat.param)  # the EMA weights are the model
+                write_milestone(milestone_path(out, step + 1), nets, None if cfg.vae_from else vae,
+                                {"step": step + 1, "hours": clock.seconds / 3600, "config": recipe or asdict(cfg),
+                                 "scaling_factor": batches.scaling, "shift_factor": data["shift_factor"]})
+                with torch.no_grad():
+                    flat.param.copy_(kept)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or clock.due():
                 state.update({name: net.state_dict() for name, net in nets.items()}, opt=opt.state_dict(),
                              ema=ema.state_dict(), step=step + 1, trainer=TRAINER_FORMAT)
+                clock.mark()
                 _save(out / "checkpoint.pt", state)
     ema.copy_to(flat.param)  # the EMA weights are the model we ship
     flat.release()
 
 
-def save_pipeline(folder: Path, vae, nets: dict, tokenizer, data: dict, cfg: TrainConfig) -> Path:
-    """A standard diffusers pipeline folder: StableDiffusionPipeline (sd1) or StableDiffusion3Pipeline (sd3)."""
+def save_pipeline(folder: Path, vae, nets: dict, tokenizer, factors: dict, cfg: TrainConfig) -> Path:
+    """A standard diffusers pipeline folder: StableDiffusionPipeline (sd1) or StableDiffusion3Pipeline (sd3);
+    factors: the latents' scaling_factor and shift_factor (from the encoded dataset or a milestone)."""
     from diffusers import StableDiffusionPipeline
 
     vae, nets = vae.to("cpu"), {name: net.to("cpu") for name, net in nets.items()}  # a pipeline folder loads anywhere
-    vae.register_to_config(scaling_factor=data["scaling_factor"])
+    vae.register_to_config(scaling_factor=factors["scaling_factor"])
     if cfg.family == "sd3":
-        vae.register_to_config(shift_factor=data["shift_factor"])
+        vae.register_to_config(shift_factor=factors["shift_factor"])
         pipe = sd3_pipeline(nets, vae, tokenizer)
         tokenizer_folders = ("tokenizer", "tokenizer_2")
     else:
@@ -480,12 +556,43 @@ def _flag(text: str) -> bool:
     return text.lower() in ("1", "true", "yes")
 
 
+def _replay(out: Path, cfg: TrainConfig, architecture: dict) -> list[str]:
+    """The arguments that start this run again exactly: its folder and every setting spelt out, so a resume keeps the
+    recipe even if the trainer's defaults change meanwhile."""
+    argv = ["--out", str(out.resolve())]
+    for key, value in {**asdict(cfg), **architecture}.items():
+        values = value if isinstance(value, tuple | list) else (value,)
+        argv += [f"--{key.replace('_', '-')}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return argv
+
+
+def _claim(out: Path, parser) -> Path:
+    """One trainer per run folder: a second one would interleave its checkpoints with the first's."""
+    lock = out / "train.pid"
+    try:
+        pid = int(lock.read_text())
+        if pid != os.getpid():
+            os.kill(pid, 0)
+            parser.error(f"another trainer (pid {pid}) is training in {out}: stop it first, or train elsewhere")
+    except (OSError, ValueError):  # no lock, or its process is gone
+        pass
+    lock.write_text(str(os.getpid()))
+    return lock
+
+
 def main(argv: list[str] | None = None) -> None:
+    from .runs import run_folder, runs_root
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/shapes", help="run folder: checkpoint, loss log, final pipeline")
+    parser.add_argument("--run", default=None, metavar="NAME",
+                        help=f"train in RUNS/NAME, RUNS being $P2P_RUNS or {runs_root()} now: outside the checkout, "
+                        "so the run outlives the session (default: shapes, or shapes-flow with --family sd3)")
+    parser.add_argument("--out", default=None, help="train in this folder instead of a named run's")
     parser.add_argument("--export", default=None, metavar="FOLDER",
                         help="only write the checkpoint's EMA weights as a pipeline to FOLDER (to look at a run "
                         "while it trains), then stop")
+    parser.add_argument("--weights", default=None, metavar="FILE",
+                        help="with --export: the weights of this milestone file instead of the checkpoint's")
     for field, default in asdict(TrainConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=_flag if isinstance(default, bool) else type(default),
                             default=default, help=f"TrainConfig.{field} (default {default})")
@@ -502,6 +609,10 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.zero_snr and (cfg.family != "sd1" or cfg.prediction != "v_prediction"):
         parser.error(f"--zero-snr true: expected --family sd1 with --prediction v_prediction, got --family "
                      f"{cfg.family} --prediction {cfg.prediction}")
+    if args.weights and not args.export:
+        parser.error("--weights: expected it with --export FOLDER (a milestone is exported, never trained from)")
+    if args.out and args.run:
+        parser.error(f"--out {args.out} and --run {args.run} name the run's folder twice: give one")
     from ..errors import P2PError
     from ..loading import resolve_device
 
@@ -509,8 +620,20 @@ def main(argv: list[str] | None = None) -> None:
         resolve_device(cfg.device)  # the same check as every p2p command's --device
     except P2PError as error:
         parser.error(f"--device: {error}")
+    try:
+        out = Path(args.out).expanduser() if args.out else run_folder(
+            args.run or ("shapes-flow" if cfg.family == "sd3" else "shapes"))
+    except P2PError as error:
+        parser.error(f"--run: {error}")
     architecture = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in model_fields()}
-    out = Path(args.out)
+    recipe = {k: v for k, v in {**asdict(cfg), **architecture}.items() if k not in FREE}
+    ckpt = out / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False, map_location="cpu") if ckpt.exists() else {}
+    if not args.export and "recipe" in state and state["recipe"] != json.loads(json.dumps(recipe)):
+        changed = [f"--{k.replace('_', '-')} {recipe.get(k)} (was {v})" for k, v in state["recipe"].items()
+                   if json.loads(json.dumps(recipe.get(k))) != v]
+        parser.error(f"{out} holds a run of another recipe; resume it with the settings it was started with, or "
+                     f"train in another folder. Changed: {'; '.join(changed)}")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -519,53 +642,83 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import CLIPTokenizer
 
-    if cfg.vae_from:  # the autoencoder and tokenizer of a trained pipeline
+    if cfg.vae_from:  # the autoencoder and tokenizer of a trained pipeline, copied into the run at its start, so
+        # that a resume reads the same ones even if the source changes meanwhile (a bundled model shipped anew)
         from diffusers import AutoencoderKL
 
         from ..loading import resolve
 
-        source = resolve(cfg.vae_from)
-        tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer", model_max_length=cfg.text_length)
-        vae = AutoencoderKL.from_pretrained(source / "vae")
+        for part in ("vae", "tokenizer"):
+            if not (out / part).exists():
+                out.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(resolve(cfg.vae_from) / part, out / f".{part}.tmp", dirs_exist_ok=True)
+                (out / f".{part}.tmp").replace(out / part)
+        tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer", model_max_length=cfg.text_length)
+        vae = AutoencoderKL.from_pretrained(out / "vae")
     else:
-        tokenizer = CLIPTokenizer.from_pretrained(train_tokenizer(out / "tokenizer"), model_max_length=cfg.text_length)
+        folder = out / "tokenizer"
+        if not (folder / "merges.txt").exists():
+            train_tokenizer(folder)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=cfg.text_length)
         vae = None
     model_cfg = replace(ShapesModelConfig(), **architecture, vocab_size=len(tokenizer),
                         max_length=tokenizer.model_max_length)
     vae = (vae or build_vae(model_cfg)).to(cfg.device)
     nets = {name: net.to(cfg.device) for name, net in build_nets(cfg, model_cfg).items()}
-    ckpt = out / "checkpoint.pt"
-    state = torch.load(ckpt, weights_only=False, map_location="cpu") if ckpt.exists() else {"config": asdict(cfg)}
+    state.setdefault("config", asdict(cfg))
     if "vae" in state:
         vae.load_state_dict(state["vae"])
-    t0 = time.time()
-    if not cfg.vae_from and state.get("vae_step", 0) < cfg.vae_steps:
-        train_vae(vae, cfg, out, state)
-    vae.eval()
-    data_path = out / "latents.pt"
-    if data_path.exists():
-        data = torch.load(data_path, map_location="cpu")
-    else:
-        data = encode_dataset(vae, tokenizer, cfg)
-        _save(data_path, data)
     if args.export:
-        if state.get("trainer") != TRAINER_FORMAT:
-            parser.error(f"--export: expected a checkpoint of trainer format {TRAINER_FORMAT} in {out}, found "
-                         f"{'none' if 'step' not in state else 'an older one'}")
-        for name, net in nets.items():
-            net.load_state_dict(state[name])
-        flat = FlatParameters(nets)
-        ema = EMA(flat.param, cfg.ema_decay)
-        ema.load_state_dict(state["ema"])
-        ema.copy_to(flat.param)
-        flat.release()
-        save_pipeline(Path(args.export), vae, nets, tokenizer, data, cfg)
-        print(f"exported step {state['step']} to {args.export}")
+        export(args, parser, out, state, nets, vae, tokenizer, cfg)
         return
-    (out / "config.json").write_text(json.dumps({**asdict(cfg), **architecture}, indent=2))  # the model card quotes it
-    train_diffusion(nets, data, tokenizer, cfg, out, state, vae)
-    folder = save_pipeline(out / "pipeline", vae, nets, tokenizer, data, cfg)
-    print(f"saved {folder} after {(time.time() - t0) / 60:.1f} min this run")
+    lock = _claim(out, parser)
+    try:
+        state["recipe"] = json.loads(json.dumps(recipe))
+        earlier = json.loads((out / "command.json").read_text()) if (out / "command.json").exists() else {}
+        typed = earlier.get("typed") or list(sys.argv[1:] if argv is None else argv)  # as first written: the row's
+        (out / "command.json").write_text(json.dumps({"argv": _replay(out, cfg, architecture), "typed": typed,
+                                                      "config": asdict(cfg), "architecture": architecture}, indent=2))
+        clock = Clock(state, cfg.checkpoint_minutes)
+        if not cfg.vae_from and state.get("vae_step", 0) < cfg.vae_steps:
+            train_vae(vae, cfg, out, state, clock)
+        vae.eval()
+        data_path = out / "latents.pt"
+        if data_path.exists():
+            data = torch.load(data_path, map_location="cpu")
+        else:
+            data = encode_dataset(vae, tokenizer, cfg)
+            _save(data_path, data)
+        (out / "config.json").write_text(json.dumps({**asdict(cfg), **architecture}, indent=2))  # the card quotes it
+        train_diffusion(nets, data, tokenizer, cfg, out, state, vae, clock, {**asdict(cfg), **architecture})
+        folder = save_pipeline(out / "pipeline", vae, nets, tokenizer, data, cfg)
+        print(f"saved {folder} after {clock.seconds / 3600:.2f} h of training in all")
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def export(args, parser, out: Path, state: dict, nets: dict, vae, tokenizer, cfg: TrainConfig) -> None:
+    """--export: the checkpoint's EMA weights (or a milestone's, --weights) as a pipeline folder; trains nothing."""
+    if args.weights:
+        weights = Path(args.weights).expanduser()
+        if not weights.is_file():
+            parser.error(f"--weights: expected a milestone file (.safetensors), got {weights}")
+        meta = load_milestone(weights, nets, None if "vae" in state or cfg.vae_from else vae)
+        save_pipeline(Path(args.export), vae, nets, tokenizer, meta, cfg)
+        print(f"exported the milestone of step {meta['step']} to {args.export}")
+        return
+    if state.get("trainer") != TRAINER_FORMAT:
+        parser.error(f"--export: expected a checkpoint of trainer format {TRAINER_FORMAT} in {out}, found "
+                     f"{'none' if 'step' not in state else 'an older one'}")
+    for name, net in nets.items():
+        net.load_state_dict(state[name])
+    flat = FlatParameters(nets)
+    ema = EMA(flat.param, cfg.ema_decay)
+    ema.load_state_dict(state["ema"])
+    ema.copy_to(flat.param)
+    flat.release()
+    data = torch.load(out / "latents.pt", map_location="cpu")
+    save_pipeline(Path(args.export), vae, nets, tokenizer, data, cfg)
+    print(f"exported step {state['step']} to {args.export}")
 
 
 if __name__ == "__main__":
