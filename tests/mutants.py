@@ -94,7 +94,7 @@ MUTANTS = {
         "t.storage_offset() + tokens.start * st",
         ["tests/test_joint.py::test_controller_sees_each_prompts_own_conditional_rows"]),
     "joint-edit-change-lost": (
-        "joint.py", "old = text_block() if new is block else block", "old = block", ["tests/test_joint.py"]),
+        "joint.py", "old = blocks() if written else probs", "old = probs", ["tests/test_joint.py"]),
     "fireflow-as-euler": (
         "flow.py", "end = x - d / 2 * self._velocity + d * v", "end = x + d * v", ["tests/test_flow.py"]),
     "word-tokens-overreach": (
@@ -126,17 +126,29 @@ FAST = ("foreign-file-replaced", "sixteen-bits-clipped", "yaml-aliases-allowed",
         "word-tokens-overreach", "refine-off-by-one", "fireflow-as-euler")  # the CI's subset: each caught in seconds
 
 
+def stale(name: str) -> str:
+    """Why a mutant cannot be applied (its text is not in its file exactly once), or "" when it can."""
+    file, old, _, _ = MUTANTS[name]
+    path = ROOT / PKG / file
+    if not path.exists():
+        return f"{PKG}/{file} does not exist"
+    found = path.read_text().count(old)
+    return "" if found == 1 else f"expected its text once in {PKG}/{file}, found it {found} times"
+
+
 def run(name: str) -> bool:
-    """True when the mistake makes at least one of its tests fail."""
+    """True when the mistake makes at least one of its tests fail. A mutant whose text the code no longer holds is
+    reported and counts as not caught (its test may still be right, but nothing checks it), and the run goes on."""
     file, old, new, tests = MUTANTS[name]
+    why = stale(name)
+    if why:
+        print(f"{name:<28} STALE  {why}", flush=True)
+        return False
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "src"
         shutil.copytree(ROOT / "src", copy)
         path = copy / "prompt2prompt" / file
-        text = path.read_text()
-        if text.count(old) != 1:
-            sys.exit(f"{name}: expected the text once in {PKG}/{file}, found it {text.count(old)} times")
-        path.write_text(text.replace(old, new))
+        path.write_text(path.read_text().replace(old, new))
         env = {**os.environ, "PYTHONPATH": f"{copy}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         probe = subprocess.run([sys.executable, "-c", "import prompt2prompt; print(prompt2prompt.__file__)"],
                                env=env, capture_output=True, text=True, cwd=ROOT)
@@ -150,6 +162,10 @@ def run(name: str) -> bool:
 
 
 def main(argv: list[str]) -> int:
+    unknown = [n for n in argv if n != "--fast" and n not in MUTANTS]
+    if unknown:
+        print(f"unknown mutant(s) {', '.join(unknown)}; expected --fast or names from: {', '.join(MUTANTS)}")
+        return 2
     names = list(FAST) if argv == ["--fast"] else argv or list(MUTANTS)
     missed = [n for n in names if not run(n)]
     print(f"{len(names) - len(missed)} of {len(names)} mistakes caught")

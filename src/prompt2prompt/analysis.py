@@ -16,6 +16,7 @@ import torch
 from .edits import EditOptions, LatentTrace, edit_controller, edit_controllers
 from .generation import Generation, GenerationOptions, generate
 from .maps import CrossAttentionMaps, cross_maps
+from .metrics import relative_change
 from .routing import Controllers
 from .store import AttentionStore, RecordOptions
 from .tokens import batch_tokens
@@ -51,8 +52,21 @@ def word_index_map(maps: CrossAttentionMaps, prompt: int) -> torch.Tensor:
     return owner[maps.argmax(prompt)]
 
 
-def _drift(trace: LatentTrace) -> list[float]:
-    return [float((x[1] - x[0]).norm() / x[0].norm().clamp_min(1e-12)) for x in trace.latents]
+def first_step_change(maps: CrossAttentionMaps) -> tuple[float, tuple[float, float]]:
+    """From the first step's maps of a source (prompt 0) and a word-swapped prompt (1): the share of pixels whose
+    most-attended word differs, and in each prompt the share whose most-attended word is one of the swapped ones."""
+    words_src, words_tgt = word_index_map(maps, 0), word_index_map(maps, 1)
+    changed = float((words_src != words_tgt).float().mean())
+    pairs = zip(maps.prompts[0].words, maps.prompts[1].words)
+    differing = torch.tensor([k for k, (a, b) in enumerate(pairs) if a.text.lower() != b.text.lower()],
+                             dtype=torch.long)
+    share = tuple(float(torch.isin(w, differing).float().mean()) for w in (words_src, words_tgt))
+    return changed, share
+
+
+def drift(trace: LatentTrace) -> list[float]:
+    """Per step: |x_target - x_source| / |x_source| of the first two prompts' latents."""
+    return [relative_change(x[0], x[1]) for x in trace.latents]
 
 
 def swap_analysis(pipe, source: str, target: str, generation: GenerationOptions = GenerationOptions(),
@@ -66,9 +80,5 @@ def swap_analysis(pipe, source: str, target: str, generation: GenerationOptions 
     trace_c = LatentTrace()
     controlled = generate(pipe, prompts, edit_controller(p2p, blend, trace_c), generation, progress=progress)
     maps = cross_maps(first, tokens, settings={"prompts": prompts, **generation.to_dict(), "steps_recorded": [0, 1]})
-    words_src, words_tgt = word_index_map(maps, 0), word_index_map(maps, 1)
-    changed = float((words_src != words_tgt).float().mean())
-    pairs = zip(tokens[0].words, tokens[1].words)
-    differing = [k for k, (a, b) in enumerate(pairs) if a.text.lower() != b.text.lower()]
-    share = tuple(float(torch.isin(w, torch.tensor(differing)).float().mean()) for w in (words_src, words_tgt))
-    return SwapAnalysis(prompts, changed, share, _drift(trace_v), _drift(trace_c), maps, vanilla, controlled)
+    changed, share = first_step_change(maps)
+    return SwapAnalysis(prompts, changed, share, drift(trace_v), drift(trace_c), maps, vanilla, controlled)

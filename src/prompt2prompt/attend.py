@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import P2PError
 from .generation import Generation, GenerationOptions, generate
 from .loading import default_part, family
 from .maps import CrossAttentionMaps, SelfAttentionMaps, cross_maps, self_maps
+from .routing import AttentionController, Controllers
 from .store import AttentionStore, RecordOptions
 from .tokens import PromptTokens, batch_tokens
 
@@ -31,6 +33,27 @@ class AttendResult:
         return self_maps(self.store, res)
 
 
+class _SidesCheck(AttentionController):
+    """Refuses map sides the model does not have as soon as the first step has shown its sides (not after the whole
+    generation). It notes each cross-attention call's side in `wants` and asks for no probabilities, so it costs
+    nothing; it must come first in `Controllers` (which stops asking at the first controller that wants a call)."""
+
+    def __init__(self, res: tuple[int, ...]):
+        self.res, self.seen = res, set()
+
+    def wants(self, site) -> bool:
+        if site.step == 0 and site.layer.is_cross:
+            self.seen.add(max(site.res))
+        return False
+
+    def step_end(self, step, timestep, latents):
+        missing = [side for side in self.res if side not in self.seen]
+        if step == 0 and missing:
+            raise P2PError(f"this model has no cross-attention maps {missing[0]} positions a side at this image size; "
+                           f"its maps are {', '.join(map(str, sorted(self.seen)))} a side (choose res among them)")
+        return None
+
+
 def attend(
     pipe,
     prompts: str | list[str],
@@ -38,12 +61,16 @@ def attend(
     record: RecordOptions = RecordOptions(),
     model: str = "",
     progress: bool = True,
+    res: int | tuple[int, ...] | None = None,
 ) -> AttendResult:
-    """Generate one image per prompt (shared initial latent) and record cross- and self-attention on the way."""
+    """Generate one image per prompt (shared initial latent) and record cross- and self-attention on the way.
+    res: map sides the caller will ask for; a side the model does not have is refused after the first step."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     tokens = batch_tokens(pipe, prompts, options.max_sequence_length)
     store = AttentionStore(record)
-    gen = generate(pipe, prompts, store, options, progress=progress)
+    sides = (res,) if isinstance(res, int) else tuple(res or ())
+    controller = Controllers(_SidesCheck(sides), store) if sides else store
+    gen = generate(pipe, prompts, controller, options, progress=progress)
     width, height = gen.images[0].size
     settings = {
         "prompts": prompts,

@@ -11,9 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import argtypes
 from .argtypes import number, whole
 from .errors import InputError, P2PError
 from .loading import DEFAULT_MODEL
+from .numbers import MAX_STEPS
 
 
 class Parser(argparse.ArgumentParser):
@@ -26,8 +28,9 @@ class Parser(argparse.ArgumentParser):
 # -- flags every command shares ------------------------------------------------------------------------------------
 def _machine(p: argparse.ArgumentParser, out: str, out_is: str = "output folder") -> None:
     """The flags every command has: model, device, precision, output, quietness."""
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"bundled model name, local diffusers folder, or cached hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None,
+                   help=f"bundled model name, local diffusers folder, or cached hub id (default: {DEFAULT_MODEL}; "
+                   "with `p2p edit --from`, the model the inversion was made with)")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N or mps (default: cuda if "
                    "available, else cpu)")
     _precision(p)
@@ -50,12 +53,13 @@ def _precision(p: argparse.ArgumentParser) -> None:
                    "GPU device (default: none)")
 
 
-def _sampling(p: argparse.ArgumentParser, seed: bool = True, guidance: float | None = 7.5,
+def _sampling(p: argparse.ArgumentParser, seed: bool = True, guidance: float | None = None,
               guidance_default: str = "7.5", steps_default: str = "50") -> None:
     if seed:
-        p.add_argument("--seed", type=whole(0), default=0, help="seed of the shared initial latent and of the "
-                       "scheduler's noise (default: 0)")
-    p.add_argument("--steps", type=whole(1), default=None, help=f"denoising steps (default: {steps_default})")
+        p.add_argument("--seed", type=argtypes.seed(), default=None,
+                       help="seed of the shared initial latent and of the scheduler's noise (default: 0)")
+    p.add_argument("--steps", type=argtypes.steps(), default=None,
+                   help=f"denoising steps, at most {MAX_STEPS} (default: {steps_default})")
     p.add_argument("--guidance", type=number(0), default=guidance,
                    help=f"classifier-free guidance scale; 1 or less turns it off (default: {guidance_default})")
     p.add_argument("--height", type=whole(1), default=None, help="image height in pixels (default: the model's)")
@@ -71,7 +75,9 @@ def _common(p: argparse.ArgumentParser, out: str, out_is: str = "output folder",
 def _options(args):
     from .generation import GenerationOptions
 
-    return GenerationOptions(steps=50 if args.steps is None else args.steps, guidance=args.guidance, seed=args.seed,
+    return GenerationOptions(steps=50 if args.steps is None else args.steps,
+                             guidance=7.5 if args.guidance is None else args.guidance,
+                             seed=0 if args.seed is None else args.seed,
                              height=args.height, width=args.width)
 
 
@@ -127,6 +133,13 @@ def _pipe(args, device):
     return load_pipeline(args.model, device=device[0], dtype=device[1], offload=device[2])
 
 
+def _recorded(model: str) -> str:
+    """A model as a file records it for later commands: a local folder by its absolute path (so the file works from
+    any folder), a bundled name or hub id as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
 def _folder(args) -> None:
     from .outputs import check_output_folder
 
@@ -145,32 +158,47 @@ def cmd_attend(args) -> None:
     pipe = _pipe(args, device)
     _warn_truncated(pipe, [args.prompt], args.quiet, args.model)
     record = RecordOptions(self_attention=args.components > 0)
-    result = attend(pipe, args.prompt, options, record, model=args.model, progress=not args.quiet)
     res = tuple(args.res) if args.res else None
+    result = attend(pipe, args.prompt, options, record, model=args.model, progress=not args.quiet, res=res)
     files = write_attend(result, args.out, res=res, components=args.components)
     print(f"wrote {len(files)} files to {args.out}; open {files['html']}")
 
 
 def _edit_options(args):
+    """The edit's options from its flags; a flag left out (None) takes EditOptions' own default."""
     from .edits import EditOptions
 
+    given = {k: getattr(args, k) for k in ("mode", "cross_steps", "self_steps", "pooled", "joint")
+             if getattr(args, k) is not None}
     return EditOptions.from_text(
-        mode=args.mode, cross_steps=args.cross_steps, self_steps=args.self_steps, reweight=args.reweight or (),
-        blend=args.blend or (), subtract=args.subtract or (), reference=args.reference, blend_start=args.blend_start,
-        threshold=args.threshold, pooled=args.pooled, joint=args.joint,
+        **given, reweight=args.reweight or (), blend=args.blend or (), subtract=args.subtract or (),
+        reference=args.reference, blend_start=args.blend_start, threshold=args.threshold,
         keep_background=getattr(args, "keep_background", True), feather=getattr(args, "feather", None),
         self_max_side=getattr(args, "self_max_side", None))
 
 
+def _given(args, flags: dict) -> list[str]:
+    """The flags of `flags` ({flag: attribute}) given on this command line (their attribute is not None)."""
+    return [flag for flag, attr in flags.items() if getattr(args, attr, None) not in (None, False)]
+
+
+def _refuse_joint_on_unet(args, pipe) -> None:
+    from .families import family_of
+
+    if getattr(args, "joint", None) is not None and not family_of(pipe).joint:
+        raise P2PError(f"--joint sets how a replaced block enters an MM-DiT's joint softmax; "
+                       f"{family_of(pipe).title} has cross-attention layers of its own: leave --joint out")
+
+
 def _edit_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", default="auto", choices=["auto", "replace", "refine", "reweight"],
+    p.add_argument("--mode", default=None, choices=["auto", "replace", "refine", "reweight"],
                    help="replace: word swap (same number of words); refine: added words (token alignment); "
                    "reweight: same prompt, re-weighted words (needs --reweight); auto: replace if the word counts "
                    "match, else refine (default: auto)")
-    p.add_argument("--cross-steps", default="0.8",
+    p.add_argument("--cross-steps", default=None,
                    help="fraction of the denoising loop whose cross-attention comes from the source: 0.8, a pair "
                    "0.1,0.8, or per word default=1.0,lion=0.4 (pairs per word as lion=0.1:0.4) (default: 0.8)")
-    p.add_argument("--self-steps", default="0.4",
+    p.add_argument("--self-steps", default=None,
                    help="fraction (or pair) of the loop whose self-attention comes from the source (default: 0.4)")
     p.add_argument("--self-max-side", type=whole(1), default=None, metavar="PX",
                    help="replace self-attention only at maps this many positions a side or fewer (default: a "
@@ -182,7 +210,7 @@ def _edit_flags(p: argparse.ArgumentParser) -> None:
                    help="local blend: words whose attention marks the region allowed to change (in any prompt; with "
                    "--reference, one per prompt, source first)")
     p.add_argument("--subtract", nargs="+", metavar="WORD", help="local blend: words whose region must not change")
-    p.add_argument("--joint", default="raw", choices=["raw", "renormalize"],
+    p.add_argument("--joint", default=None, choices=["raw", "renormalize"],
                    help="MM-DiT (SD3, Flux): a replaced image-to-text block enters the joint softmax as the source's "
                    "(raw), or rescaled to the edited prompt's own total text attention (renormalize) (default: raw)")
     p.add_argument("--threshold", type=number(0, 1, open_low=True, open_high=True), default=0.3,
@@ -190,8 +218,8 @@ def _edit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blend-start", type=number(0, 1), default=None,
                    help="fraction of the loop before local blending starts, 0 to 1 (default: 0.2; with --reference "
                    "the notebook's; with --from-image 0, of FlowEdit's walked steps)")
-    p.add_argument("--pooled", default="own", choices=["own", "source"],
-                   help="SDXL: each prompt's own pooled text embedding, or the source's for every prompt "
+    p.add_argument("--pooled", default=None, choices=["own", "source"],
+                   help="SDXL and SD3: each prompt's own pooled text embedding, or the source's for every prompt "
                    "(default: own)")
     p.add_argument("--reference", nargs="?", const="stable", default=None, choices=["stable", "null-text"],
                    help="reproduce the Prompt-to-Prompt code's edits exactly, as its stable (default) or null-text "
@@ -208,16 +236,19 @@ def _flowedit(args) -> None:
         raise P2PError(f"--from-image edits one image from its caption to one target: expected SOURCE TARGET, got "
                        f"{1 + len(args.targets)} prompt(s)")
     _prompts(args.source, *args.targets)
-    controls = [flag for flag, given in (("--from", args.from_inversion), ("--reweight", args.reweight),
-                                         ("--reference", args.reference), ("--feather", args.feather is not None))
-                if given]
+    controls = _given(args, {"--from": "from_inversion", "--reweight": "reweight", "--reference": "reference",
+                             "--feather": "feather", "--mode": "mode", "--cross-steps": "cross_steps",
+                             "--self-steps": "self_steps", "--self-max-side": "self_max_side", "--joint": "joint",
+                             "--pooled": "pooled", "--guidance": "guidance"})
+    controls += [] if args.keep_background else ["--no-keep-background"]
     if controls:
         raise P2PError(f"--from-image (FlowEdit) takes no {', '.join(controls)}: FlowEdit moves the whole image, "
-                       "optionally kept to a local blend's mask (--blend); use --from INVERSION for a "
-                       "Prompt-to-Prompt edit of an inverted image")
-    options = FlowEditOptions(steps=args.steps, n_max=args.n_max, n_avg=args.n_avg,
+                       "optionally kept to a local blend's mask (--blend), guided by --source-guidance and "
+                       "--target-guidance; use --from INVERSION for a Prompt-to-Prompt edit of an inverted image")
+    options = FlowEditOptions(steps=args.steps, n_max=args.n_max, n_avg=1 if args.n_avg is None else args.n_avg,
                               source_guidance=args.source_guidance, target_guidance=args.target_guidance,
-                              seed=args.seed, height=args.height, width=args.width, blend=tuple(args.blend or ()),
+                              seed=0 if args.seed is None else args.seed, height=args.height, width=args.width,
+                              blend=tuple(args.blend or ()),
                               subtract=tuple(args.subtract or ()), threshold=args.threshold,
                               blend_start=0.0 if args.blend_start is None else args.blend_start)
     device = _device(args)
@@ -233,10 +264,21 @@ def _flowedit(args) -> None:
 def cmd_edit(args) -> None:
     from .edits import edit
     from .figures import write_edit
-    from .inversion import Inversion, check_inversion
+    from .inversion import Inversion, check_inversion, inversion_model
 
     if args.from_image:
         return _flowedit(args)
+    flowedit_only = _given(args, {"--n-max": "n_max", "--n-avg": "n_avg", "--source-guidance": "source_guidance",
+                                  "--target-guidance": "target_guidance"})
+    if flowedit_only:
+        raise P2PError(f"{', '.join(flowedit_only)} set FlowEdit, which runs with --from-image IMAGE; without it "
+                       "they would change nothing")
+    if args.from_inversion:
+        sampling = _given(args, {"--steps": "steps", "--guidance": "guidance", "--height": "height",
+                                 "--width": "width", "--seed": "seed"})
+        if sampling:
+            raise P2PError(f"--from INVERSION samples with the inversion's own steps, guidance and size, from its "
+                           f"inverted latent (no seed): leave out {', '.join(sampling)}, or invert again with them")
     if not args.targets:  # re-weighting the prompt itself: the edited prompt is the source
         if not (args.reweight or args.mode == "reweight"):
             raise P2PError("expected one or more edited prompts after the source prompt, or --reweight WORD=FACTOR to "
@@ -253,7 +295,10 @@ def cmd_edit(args) -> None:
     inversion = Inversion.load(args.from_inversion) if args.from_inversion else None
     if inversion is not None:
         check_inversion(None, inversion, args.source)  # the caption, before the model loads
+        if args.model is None:  # the file records its model: that is the default
+            args.model = inversion_model(inversion)
     pipe = _pipe(args, device)
+    _refuse_joint_on_unet(args, pipe)
     if inversion is not None:
         check_inversion(pipe, inversion, args.source)
     _warn_truncated(pipe, [args.source, *args.targets], args.quiet, args.model)
@@ -289,7 +334,7 @@ def cmd_invert(args) -> None:
     image = read_image(args.image)  # before the model loads: a missing or unreadable image fails at once
     pipe = _pipe(args, device)
     _warn_truncated(pipe, [args.caption], args.quiet, args.model)
-    inv = invert(pipe, image, args.caption, options, progress=not args.quiet, model=args.model)
+    inv = invert(pipe, image, args.caption, options, progress=not args.quiet, model=_recorded(args.model))
     for note in inv.settings["conversions"]:
         print(f"p2p invert: {note}", file=sys.stderr)
     rec = sample_back(pipe, inv, progress=not args.quiet).images[0]
@@ -306,14 +351,21 @@ def cmd_invert(args) -> None:
 
 
 def cmd_sweep(args) -> None:
+    import torch
+
+    from .numbers import check_memory, check_processes, check_threads
     from .study import load
     from .sweep import launch, run_from_args
 
+    check_threads(args.threads)  # the machine's limits, before the study is read
+    check_processes(args.processes, args.threads, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     study = load(args.study)  # a bad study is refused here, before any process starts
     if args.processes > 1:
         from .loading import resolve
 
-        resolve(study.model)  # a missing model too, before the processes start
+        folder = resolve(study.model)  # a missing model too, before the processes start
+        if not torch.cuda.is_available():
+            check_memory(args.processes, folder)
         extra = [*(["--threads", str(args.threads)] if args.threads else []),
                  *(["--retry-failed"] if args.retry_failed else []), *(["--quiet"] if args.quiet else []),
                  *(["--offload", args.offload] if args.offload else [])]
@@ -348,6 +400,7 @@ def cmd_swap(args) -> None:
     options, generation, device = _edit_options(args), _options(args), _device(args)
     _folder(args)
     pipe = _pipe(args, device)
+    _refuse_joint_on_unet(args, pipe)
     _warn_truncated(pipe, [args.source, args.target], args.quiet, args.model)
     result = swap_analysis(pipe, args.source, args.target, generation, options, progress=not args.quiet)
     files = write_swap(result, args.out, model=args.model)
@@ -362,7 +415,8 @@ def cmd_demo(args) -> None:
     from .demo import DemoOptions, quick_options, run_demo
 
     options = quick_options() if args.quick else DemoOptions()
-    options = replace(options, **{k: v for k, v in (("steps", args.steps), ("pairs", args.pairs)) if v is not None})
+    given = (("steps", args.steps), ("pairs", args.pairs), ("guidance", args.guidance), ("seed", args.seed))
+    options = replace(options, **{k: v for k, v in given if v is not None})
     device = _device(args)
     _folder(args)
     pipe = _pipe(args, device)
@@ -413,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-max", type=whole(0), default=None, metavar="N",
                    help="FlowEdit: the last N of the --steps noise levels are walked (the edit's strength) "
                    "(default: the family's, SD3 33 of 50, Flux 24 of 28)")
-    p.add_argument("--n-avg", type=whole(1), default=1, metavar="N",
+    p.add_argument("--n-avg", type=whole(1), default=None, metavar="N",
                    help="FlowEdit: noise draws averaged per step (default: 1)")
     p.add_argument("--source-guidance", type=number(0), default=None,
                    help="FlowEdit: guidance of the source velocity (default: the family's, SD3 3.5, Flux 1.5)")
@@ -427,9 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Show on the bundled model, with pictures and the numbers that measure them, what "
                        "each word attends to, why a one-word change moves the whole image, and how attention control "
                        "(replace, local blend, refine, re-weight) keeps it; one self-contained HTML report.")
-    p.add_argument("--steps", type=whole(1), default=None, help="denoising steps (default: 50; 8 with --quick)")
+    p.add_argument("--steps", type=argtypes.steps(), default=None,
+                   help=f"denoising steps, at most {MAX_STEPS} (default: 50; 8 with --quick)")
     p.add_argument("--pairs", type=whole(0), default=None,
                    help="seeded edit pairs to measure (default: 6; 1 with --quick)")
+    p.add_argument("--guidance", type=number(0), default=None,
+                   help="classifier-free guidance scale; 1 or less turns it off (default: 7.5)")
+    p.add_argument("--seed", type=argtypes.seed(), default=None,
+                   help="seed of the showcased prompts (default: 2; the measured pairs keep their own seeds)")
     p.add_argument("--quick", action="store_true", help="a reduced tour (few steps, short sweeps) for a fast check")
     _machine(p, "p2p-out/demo")
     p.set_defaults(func=cmd_demo)
@@ -461,13 +520,17 @@ def build_parser() -> argparse.ArgumentParser:
     _precision(p)
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("invert", help="invert a real image (null-text, DDIM, negative-prompt, direct; FireFlow or "
-                       "Euler on flow models) for editing",
-                       description="Invert an image under its caption so that sampling regenerates it, on SD 1.x, "
-                       "2.x, XL and SD3 pipelines (Flux is not supported yet). The result (starting latent, "
-                       "per-step unconditional embeddings, a direct inversion's latent path, settings) goes to one "
-                       "safetensors file for `p2p edit --from`; the reconstruction is written beside it and its "
-                       "PSNR printed. Inversion is deterministic: it takes no seed.")
+    from .families import FAMILIES
+
+    inverts = ", ".join(dict.fromkeys(f.title for f in FAMILIES.values() if f.invertible))
+    not_yet = ", ".join(dict.fromkeys(f.title for f in FAMILIES.values() if not f.invertible))
+    p = sub.add_parser("invert", help="invert a real image (null-text, DDIM, negative-prompt, direct; FireFlow, "
+                       "RF-Solver or Euler on flow models) for editing",
+                       description=f"Invert an image under its caption so that sampling regenerates it, on {inverts} "
+                       f"pipelines (not yet: {not_yet}). The result (starting latent, per-step unconditional "
+                       "embeddings, a direct inversion's latent path, the model, settings) goes to one safetensors "
+                       "file for `p2p edit --from`; the reconstruction is written beside it and its PSNR printed. "
+                       "Inversion is deterministic: it takes no seed.")
     p.add_argument("image", help="image file, any size and mode (centre-cropped and resized to the inversion size; "
                    "enlarging more than 4 times is refused)")
     p.add_argument("caption", help="a caption of the image (becomes the source prompt of edits)")
@@ -483,8 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar=("LEFT", "RIGHT", "TOP", "BOTTOM"),
                    help="pixels to cut from each side before the centre crop (default: 0 0 0 0)")
     _machine(p, "p2p-out/inversion.safetensors", "inversion file to write")
-    _sampling(p, seed=False, guidance=None, guidance_default="7.5 for the DDPM-type methods, 2 for fireflow and euler, "
-              "where 7.5 does not invert")
+    _sampling(p, seed=False, guidance=None, guidance_default="7.5 for the DDPM-type methods, 2 for fireflow, "
+              "rf-solver and euler, where 7.5 does not invert")
     p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("swap-analysis", help="why a one-word swap changes the whole image, vanilla vs controlled",
@@ -503,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     from .outputs import Terminated, terminate_like_interrupt
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "model", DEFAULT_MODEL) is None and not getattr(args, "from_inversion", None):
+        args.model = DEFAULT_MODEL  # (an edit from an inversion file takes the file's model: cmd_edit)
     terminate_like_interrupt()  # SIGTERM unwinds as Ctrl-C does: temporary files and folders are removed
     try:
         args.func(args)
@@ -511,7 +576,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         signal = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print(f"p2p {args.command}: {signal}; no unfinished output was kept", file=sys.stderr)
+        kept = ("every finished case is kept; run the same command again to continue" if args.command == "sweep"
+                else "no unfinished output was kept")
+        print(f"p2p {args.command}: {signal}; {kept}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     return 0
 

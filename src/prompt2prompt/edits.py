@@ -9,6 +9,7 @@ differences the README lists; `EditOptions.reference()` reproduces the original 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -16,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from .alignment import reference_refine_alignment, reference_replace_mapper, refine_alignment, replace_mapper
-from .errors import PromptError
+from .errors import NonFiniteError, PromptError
 from .families import family_of
 from .generation import Generation, GenerationOptions, generate
 from .joint import JOINT_PLACES
 from .loading import execution_device
-from .routing import AttentionController, Controllers, RunInfo, Site
+from .numbers import FACTOR_MAX, check_factor
+from .routing import AttentionController, Controllers, RunInfo, Site, denoiser
 from .schedule import Span, check_span, resolve_cross, step_range
 from .tokens import PromptTokens, batch_tokens
 
@@ -63,8 +65,11 @@ class EditOptions:
             check_span(span, "the cross-attention span" if word == "default" else f"the step span of {word!r}")
         check_span(self.self_steps, "the self-attention span")
         for word, factor in self.reweight:
-            if not isinstance(factor, (int, float)) or not math.isfinite(factor):
-                raise PromptError(f"the re-weight factor of {word!r} must be a finite number, got {factor!r}")
+            check_factor(factor, f"the re-weight factor of {word!r}", error=PromptError)
+        words = [word.lower() for word, _ in self.reweight]
+        twice = sorted({w for w in words if words.count(w) > 1})
+        if twice:  # the last would silently win
+            raise PromptError(f"{', '.join(map(repr, twice))} re-weighted twice; expected each word once")
         if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0):
             raise PromptError(f"the local-blend threshold must be between 0 and 1 (exclusive), got {self.threshold!r}")
         check_span(self.blend_start, "the local-blend start")
@@ -114,9 +119,10 @@ class EditOptions:
                 value = float(factor)
             except ValueError:
                 value = None
-            if not word or value is None or not math.isfinite(value):
-                raise PromptError(f"--reweight expects WORD=FACTOR with a finite factor, such as circle=2 or "
-                                  f"circle=-1, got {item!r}")
+            if not word or value is None or not math.isfinite(value) or abs(value) > FACTOR_MAX:
+                raise PromptError(f"--reweight expects WORD=FACTOR with a finite factor within +-"
+                                  f"{FACTOR_MAX:.4g} (float32's range), such as circle=2 or circle=-1, got "
+                                  f"{item!r}")
             factors.append((word, value))
         spans = parse_spans(self_steps)
         if isinstance(spans, dict):
@@ -411,6 +417,8 @@ def edit_controllers(pipe, prompts: list[str], options: EditOptions, steps: int 
                      ) -> tuple[list[PromptTokens], PromptToPrompt, LocalBlend | None]:
     """The edit's controllers, every option and word checked before any work. steps: the loop length to assume when
     the pipeline cannot tell it (the pipelines' own loop length is used otherwise)."""
+    for word, factor in options.reweight:  # a re-weighted map goes back to the model's dtype: it must hold the factor
+        check_factor(factor, f"the re-weight factor of {word!r}", denoiser(pipe).dtype, PromptError)
     tokens = batch_tokens(pipe, prompts, max_sequence_length)
     p2p = PromptToPrompt(tokens, options, steps)
     blend = None
@@ -433,15 +441,23 @@ def edit_controller(p2p: PromptToPrompt, blend: LocalBlend | None, extra: Attent
 
 def _source_pooled(pipe, prompts: list[str], generation: GenerationOptions) -> dict:
     """SDXL or SD3 with pooled="source": every prompt's pooled text embedding replaced by the source's (pipeline
-    kwargs)."""
+    kwargs). Every text encoder reads the same prompts (and negative prompt), as the pipeline itself does when only
+    `prompt` is given: its encode_prompt's `prompt_2`, `prompt_3`, ... are named from its own signature."""
+    import inspect
+
+    names = inspect.signature(pipe.encode_prompt).parameters
+    negative = [generation.negative_prompt] * len(prompts) if generation.negative_prompt else None
+    texts = {k: list(prompts) for k in names if k == "prompt" or re.fullmatch(r"prompt_\d", k)}
+    texts.update({k: negative for k in names if re.fullmatch(r"negative_prompt(_\d)?", k)})
+    if "max_sequence_length" in names and generation.max_sequence_length is not None:
+        texts["max_sequence_length"] = generation.max_sequence_length
     with torch.no_grad():
-        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompts, device=execution_device(pipe), num_images_per_prompt=1,
-            do_classifier_free_guidance=generation.guidance > 1,
-            negative_prompt=[generation.negative_prompt] * len(prompts) if generation.negative_prompt else None)
+        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            **texts, device=execution_device(pipe), num_images_per_prompt=1,
+            do_classifier_free_guidance=generation.guidance > 1)
     kwargs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled[:1].expand_as(pooled).clone()}
     if generation.guidance > 1:
-        kwargs.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+        kwargs.update(negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled)
     return kwargs
 
 
@@ -468,11 +484,21 @@ def edit(pipe, source: str, targets: list[str] | str, options: EditOptions = Edi
 
     tokens, p2p, blend = edit_controllers(pipe, prompts, options, generation.steps, generation.max_sequence_length)
     controlled_kwargs = dict(pipe_kwargs)
-    if options.pooled == "source" and family_of(pipe).pooled:
+    if options.pooled == "source":
+        if not family_of(pipe).pooled:
+            raise PromptError(f"pooled='source' (--pooled source: every prompt gets the source's pooled text "
+                              f"embedding) works on SDXL and SD3 pipelines, not on {family_of(pipe).title}: leave it "
+                              "at 'own'")
         if inversion is not None:
             raise PromptError("pooled='source' is not available when editing from an inversion")
         controlled_kwargs.update(_source_pooled(pipe, prompts, generation))
-    controlled = run(edit_controller(p2p, blend, extra), **controlled_kwargs)
+    try:
+        controlled = run(edit_controller(p2p, blend, extra), **controlled_kwargs)
+    except NonFiniteError as error:
+        if not options.reweight:
+            raise
+        factors = ", ".join(f"{word}={factor:g}" for word, factor in options.reweight)
+        raise NonFiniteError(f"{error} (re-weight factors {factors})", error.step) from None
     plain = run(None, **pipe_kwargs) if vanilla else None
     settings = {"prompts": prompts, **options.to_dict(), "mode": p2p.mode, "requested_mode": options.mode,
                 **generation.to_dict()}

@@ -15,3 +15,11 @@ class ModelError(P2PError):
 
 class InputError(P2PError):
     """An image that cannot be read, a file of the wrong kind, options that contradict each other."""
+
+
+class NonFiniteError(InputError):
+    """A generation whose latents became NaN or infinite: a setting overflowed the model's numbers."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step

@@ -23,7 +23,6 @@ exactly in the latent.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
@@ -35,8 +34,9 @@ from tqdm import tqdm
 
 from .attention import control
 from .edits import LocalBlend
-from .errors import InputError, ModelError, PromptError
+from .errors import InputError, ModelError, NonFiniteError, PromptError
 from .families import family_of
+from .numbers import MAX_STEPS, check_finite, check_seed, check_whole
 from .routing import AttentionController
 from .tokens import batch_tokens
 
@@ -58,11 +58,11 @@ class FlowEditOptions:
     blend_start: float = 0.0  # local blend: fraction of the walked steps before blending starts
 
     def __post_init__(self):
-        for name, low in (("steps", 1), ("n_max", 0), ("n_avg", 1), ("seed", 0), ("height", 1), ("width", 1),
-                          ("max_sequence_length", 1)):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise InputError(f"{name.replace('_', ' ')} must be a whole number >= {low}, got {value!r}")
+        check_seed(self.seed)
+        for name, low, high in (("steps", 1, MAX_STEPS), ("n_max", 0, MAX_STEPS), ("n_avg", 1, None),
+                                ("height", 1, None), ("width", 1, None), ("max_sequence_length", 1, None)):
+            if getattr(self, name) is not None:
+                check_whole(getattr(self, name), name.replace("_", " "), low, high)
         for name in ("threshold", "blend_start"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -74,10 +74,8 @@ class FlowEditOptions:
         if self.subtract and not self.blend:
             raise InputError(f"subtract words {self.subtract} need blend words: they are taken out of its mask")
         for name in ("source_guidance", "target_guidance"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value < 0):
-                raise InputError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {value!r}")
+            if getattr(self, name) is not None:
+                check_finite(getattr(self, name), name.replace("_", " "), 0)
 
     def resolved(self, pipe) -> FlowEditOptions:
         """The options with the family's defaults filled in, checked against each other."""
@@ -125,7 +123,8 @@ def flowedit(pipe, image, source: str, target: str, options: FlowEditOptions = F
             raise PromptError(f"expected a {name} prompt with at least one word, got {prompt!r}")
     feed = _blend_feed(pipe, source, target, options)  # None without blend words; their words checked here
     notes: list[str] = []
-    prepared = prepare_image(image, image_size_for(pipe, options.height, options.width), notes=notes)
+    prepared = prepare_image(image, image_size_for(pipe, options.height, options.width), notes=notes,
+                             purpose="editing")
     start = time.perf_counter()
     with exclusive(pipe), torch.no_grad():
         x_src = encode(pipe, prepared)  # (1, channels, h, w)
@@ -157,6 +156,10 @@ def flowedit(pipe, image, source: str, target: str, options: FlowEditOptions = F
                 if feed is not None:  # outside the mask, back to the image's own latent
                     kept = feed.blend.step_end(k, t, torch.cat([x_src, edited]))
                     edited = edited if kept is None else kept[1:]
+        if not bool(torch.isfinite(edited).all()):  # read once, after the walk
+            raise NonFiniteError(f"FlowEdit's latent became NaN or infinite (source guidance "
+                                 f"{options.source_guidance:g}, target guidance {options.target_guidance:g}): a "
+                                 "setting overflowed the model's numbers; lower it", options.steps)
         latent = unpack(pipe, edited.to(dtype), prepared.size)
         picture = decode(pipe, latent)
     settings = {"method": "flowedit", "prompts": [source, target], **asdict(options), "family": family_of(pipe).name,

@@ -10,10 +10,12 @@ import torch
 from PIL import Image
 
 from .attention import control
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 from .families import family_of
 from .loading import execution_device
+from .numbers import MAX_STEPS, check_finite, check_seed, check_whole
 from .routing import AttentionController, Controllers, denoiser, exclusive
+from .tokens import prompt_tokens
 
 MAX_SIDE = 4096  # pixels: an image side above this is refused (8192 x 8192 took 8 GB of latents and activations)
 
@@ -36,16 +38,12 @@ class GenerationOptions:
     max_sequence_length: int | None = None  # MM-DiT: the T5 tokens the text is padded to; None: the pipeline's default
 
     def __post_init__(self):
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise InputError(f"steps must be a whole number of at least 1, got {self.steps!r}")
-        if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance) or self.guidance < 0:
-            raise InputError(f"guidance must be a finite number >= 0 (1 or less turns it off), got {self.guidance!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise InputError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
+        check_whole(self.steps, "steps", 1, MAX_STEPS)
+        check_finite(self.guidance, "guidance (1 or less turns it off)", 0)
+        check_seed(self.seed)
         for name in ("height", "width", "max_sequence_length"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise InputError(f"{name} must be a positive whole number, got {value!r}")
+            if getattr(self, name) is not None:
+                check_whole(getattr(self, name), name, 1)
         check_size(self.height, self.width)
 
     def to_dict(self) -> dict:
@@ -61,10 +59,20 @@ class Generation:
 
 
 def native_size(pipe) -> tuple[int, int]:
-    """(height, width) in pixels the model was made for."""
+    """(height, width) in pixels the pipeline draws when none is given, by its family's adapter."""
+    family = family_of(pipe)
+    if family.size is not None:
+        return family.size(pipe)[0]
     sample = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
     side = sample * pipe.vae_scale_factor if isinstance(sample, int) else None
     return (side, side) if side else tuple(s * pipe.vae_scale_factor for s in sample)
+
+
+def largest_size(pipe) -> tuple[int, int] | None:
+    """(height, width) in pixels beyond which the denoiser cannot place image tokens (a rotary table's length), or
+    None where nothing in the model bounds it."""
+    family = family_of(pipe)
+    return family.size(pipe)[1] if family.size is not None else None
 
 
 def packed(pipe) -> bool:
@@ -91,7 +99,19 @@ def image_size_for(pipe, height: int | None, width: int | None) -> tuple[int, in
     multiple = size_multiple(pipe)
     if size[0] % multiple or size[1] % multiple:
         raise InputError(f"height and width must be multiples of {multiple} for this model, got {size[0]}x{size[1]}")
+    largest = largest_size(pipe)
+    if largest is not None and (size[0] > largest[0] or size[1] > largest[1]):
+        raise InputError(f"this model places image tokens up to {largest[0]}x{largest[1]} pixels (height x width; its "
+                         f"position table ends there); got {size[0]}x{size[1]}")
     return size
+
+
+def check_steps(pipe, steps: int) -> None:
+    """A DDIM-family scheduler takes at most its training timesteps as steps (diffusers raises deep inside otherwise);
+    a flow scheduler only `MAX_STEPS`, checked with the options."""
+    total = pipe.scheduler.config.get("num_train_timesteps")
+    if total and not family_of(pipe).flow and steps > total:
+        raise InputError(f"this model's scheduler has {total} timesteps: expected at most {total} steps, got {steps}")
 
 
 def initial_latent(pipe, options: GenerationOptions, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -100,11 +120,8 @@ def initial_latent(pipe, options: GenerationOptions, generator: torch.Generator 
 
     generator: draw from it (it advances); default: a fresh CPU generator seeded with options.seed.
     """
-    height, width = options.height or native_size(pipe)[0], options.width or native_size(pipe)[1]
+    height, width = image_size_for(pipe, options.height, options.width)
     factor = pipe.vae_scale_factor
-    multiple = size_multiple(pipe)
-    if height % multiple or width % multiple:
-        raise InputError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
     generator = generator or torch.Generator("cpu").manual_seed(options.seed)
     family = family_of(pipe)
     if family.noise is not None:
@@ -194,6 +211,7 @@ def generate(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise InputError("expected at least one prompt, got none")
+    check_steps(pipe, options.steps)
     generator = torch.Generator("cpu").manual_seed(options.seed)
     latent = initial_latent(pipe, options, generator) if latent is None else latent
     device, dtype = execution_device(pipe), denoiser(pipe).dtype
@@ -228,6 +246,9 @@ def generate(
     def keep_latents(pipe_, step, timestep, kwargs, changed=None):
         changed = {} if changed is None else changed
         final["latents"] = changed.get("latents", kwargs["latents"])
+        # the first step whose latents are not finite, kept on the device (read once, after the loop)
+        broken = ~torch.isfinite(final["latents"]).all()
+        final["first"] = torch.where(broken & (final["first"] < 0), step, final["first"])
         if uncond is not None and step + 1 < options.steps:  # the next step's unconditional embedding
             embeds = kwargs["prompt_embeds"]  # (2 * prompts, tokens, width): [unconditional, conditional]
             n = embeds.shape[0] // 2
@@ -235,6 +256,9 @@ def generate(
         return changed
 
     embedded = "prompt_embeds" in pipe_kwargs
+    if not embedded:  # a prompt the model cannot take (beyond what its text positions reach) is refused by name
+        for prompt in prompts:
+            prompt_tokens(pipe, prompt, options.max_sequence_length)
     if options.max_sequence_length is not None:
         pipe_kwargs["max_sequence_length"] = options.max_sequence_length
     args = dict(
@@ -249,6 +273,7 @@ def generate(
         callback_on_step_end_tensor_inputs=inputs,
         **pipe_kwargs,
     )
+    final["first"] = torch.full((), -1, dtype=torch.long, device=device)  # no non-finite step yet
     with exclusive(pipe), _progress_bar(pipe, progress):
         if controller is None:
             out = pipe(**args, callback_on_step_end=keep_latents)
@@ -259,4 +284,10 @@ def generate(
                     return keep_latents(pipe_, step, timestep, kwargs, router.callback(pipe_, step, timestep, kwargs))
 
                 out = pipe(**args, callback_on_step_end=callback)
+    first = int(final["first"])
+    if first >= 0:
+        cause = f"guidance {options.guidance:g}" if options.guidance > 1 else "no guidance"
+        raise NonFiniteError(f"the latents became NaN or infinite at step {first + 1} of {options.steps} ({cause}): a "
+                             "setting overflowed the model's numbers (a guidance scale or an edit's factor too large "
+                             "for them); lower it", first)
     return Generation(list(out.images), final["latents"].detach(), latent, options)

@@ -30,7 +30,11 @@ def _to_8bit(image: Image.Image) -> tuple[Image.Image, str | None]:
         return Image.fromarray(np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8), "L"), \
             f"{mode} image: {16 if top > 255 else 8}-bit values scaled to 8 bits"
     if mode == "F":
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        values = np.asarray(image, dtype=np.float64)
+        bad = int((~np.isfinite(values)).sum())
+        if bad:  # NaN or infinite pixels have no brightness to scale: refused, not made black
+            raise InputError(f"the floating-point image has {bad:,} of {values.size:,} pixels NaN or infinite; "
+                             "expected finite values (0..1 or 0..255)")
         top = 1.0 if values.max() <= 1.0 else 255.0
         return Image.fromarray(np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8), "L"), \
             f"floating-point image: values 0..{top:g} scaled to 8 bits"
@@ -89,11 +93,13 @@ def read_image(image: str | Path | Image.Image, notes: list[str] | None = None, 
 
 
 def prepare_image(image: str | Path | Image.Image, size: tuple[int, int],
-                  offsets: tuple[int, int, int, int] = (0, 0, 0, 0), notes: list[str] | None = None) -> Image.Image:
+                  offsets: tuple[int, int, int, int] = (0, 0, 0, 0), notes: list[str] | None = None,
+                  purpose: str = "inverting") -> Image.Image:
     """Any image file or PIL image, any mode: offsets cut, centre-cropped to size's aspect, resized to size (h, w).
 
     notes: if given, receives one line per conversion done (bit depth, mode, transparency, crop, resize). An image
-    that would have to be enlarged more than MAX_UPSCALE times is refused.
+    that would have to be enlarged more than MAX_UPSCALE times is refused (purpose: what the size is for, in that
+    sentence: "inverting", "editing").
     """
     notes = [] if notes is None else notes
     image = read_image(image, notes)
@@ -112,7 +118,8 @@ def prepare_image(image: str | Path | Image.Image, size: tuple[int, int],
     w, h = image.size
     scale = max(size[0] / h, size[1] / w)  # ImageOps.fit scales the cropped part up or down by this at least
     if scale > MAX_UPSCALE:
-        raise InputError(f"the image is {w}x{h} pixels (after offsets); inverting it at {size[1]}x{size[0]} would "
+        cut = " (after offsets)" if any(offsets) else ""
+        raise InputError(f"the image is {w}x{h} pixels{cut}; {purpose} it at {size[1]}x{size[0]} would "
                          f"enlarge it {scale:.1f} times (at most {MAX_UPSCALE} is allowed): expected at least "
                          f"{-(-size[1] // MAX_UPSCALE)}x{-(-size[0] // MAX_UPSCALE)} pixels")
     if (w, h) != (size[1], size[0]):

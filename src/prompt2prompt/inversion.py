@@ -16,8 +16,9 @@ Methods for DDPM-type models (SD 1.x, 2.x, the bundled `shapes`):
   attention injected. The paper adds each step's difference (path minus the source's own step) to the source's latents;
   setting them to the path is that sum without its rounding.
 
-Methods for flow-matching models (SD3 / SD3.5, the bundled `shapes-flow`): `fireflow` (default), `euler`; see
-`flow.py`. `auto` picks null-text or fireflow by the model.
+Methods for flow-matching models (SD3 / SD3.5, Flux.1, the bundled `shapes-flow`): `fireflow` (default; second
+order, one model call a step), `rf-solver` (second order, two calls a step), `euler`; see `flow.py`. `auto` picks
+null-text or fireflow by the model. Which families invert: `Family.invertible` (the `p2p invert` help lists them).
 
 Sampling from an inversion needs the same DDIM schedule and guidance; `generate(..., uncond=inversion.uncond)` swaps
 the per-step unconditional embeddings in through the pipeline's step callback.
@@ -26,7 +27,6 @@ the per-step unconditional embeddings in through the pipeline's step callback.
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -41,10 +41,11 @@ from tqdm import tqdm
 from .errors import InputError, ModelError, PromptError
 from .families import FAMILIES, family_of
 from .flow import FLOW_METHODS, is_flow
-from .generation import check_size, image_size_for, size_multiple
+from .generation import check_size, check_steps, image_size_for, size_multiple
 from .images import prepare_image
 from .loading import execution_device
 from .metrics import psnr  # noqa: F401  (re-exported: inversion.psnr is public)
+from .numbers import MAX_STEPS, check_finite, check_whole
 from .routing import exclusive
 
 DDIM_METHODS = ("null-text", "ddim", "negative-prompt", "direct")
@@ -70,22 +71,15 @@ class InversionOptions:
     def __post_init__(self):
         if self.method not in METHODS:
             raise InputError(f"unknown inversion method {self.method!r}: expected one of {', '.join(METHODS)}")
-        whole = {"steps": 1, "inner_steps": 1}
-        for name, low in whole.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InputError(f"{name.replace('_', ' ')} must be a whole number of at least {low}, got {value!r}")
-        if self.guidance is not None and (not isinstance(self.guidance, (int, float))
-                                          or not math.isfinite(self.guidance) or self.guidance < 0):
-            raise InputError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
+        check_whole(self.steps, "steps", 1, MAX_STEPS)
+        check_whole(self.inner_steps, "inner steps", 1)
+        if self.guidance is not None:
+            check_finite(self.guidance, "guidance", 0)
         if self.method == "null-text" and self.guidance is not None and self.guidance <= 1:
             raise InputError(f"null-text inversion optimises the unconditional embedding, which only matters with "
                              f"classifier-free guidance: expected guidance > 1, got {self.guidance!r}")
-        for name in ("lr", "early_stop"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
-                    name == "lr" and value == 0):
-                raise InputError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        check_finite(self.lr, "lr", 0, open_low=True)
+        check_finite(self.early_stop, "early_stop", 0)
         if len(self.offsets) != 4 or any(not isinstance(v, int) or v < 0 for v in self.offsets):
             raise InputError(f"offsets must be four whole numbers >= 0 (left, right, top, bottom), got {self.offsets}")
         for name, unit in (("height", "pixels"), ("width", "pixels"), ("max_sequence_length", "tokens")):
@@ -296,6 +290,22 @@ def ddim_scheduler(pipe):
         pipe.scheduler = original
 
 
+def inversion_model(inversion: Inversion) -> str:
+    """The model an inversion was made with, as its file records it (a bundled name, a folder, a hub id): the model
+    an edit from it uses unless told otherwise. A file that names none, or a folder that is not here, is refused."""
+    recorded = inversion.settings.get("model")
+    if not isinstance(recorded, str) or not recorded:
+        raise InputError("the inversion file does not record the model it was made with: pass --model, the model "
+                         "it was inverted with")
+    from .loading import BUNDLED
+
+    path = Path(recorded).expanduser()
+    if recorded not in BUNDLED and (path.is_absolute() or recorded.startswith((".", "~"))) and not path.is_dir():
+        raise InputError(f"the inversion was made with the model folder {recorded}, which is not there now: pass "
+                         "--model FOLDER, the same model elsewhere")
+    return recorded
+
+
 def check_inversion(pipe, inversion: Inversion, source: str | None = None) -> None:
     """An inversion fits this source caption (if given) and this pipeline (latent channels, text length and width;
     pipe None: the caption only, before any model is loaded)."""
@@ -482,6 +492,7 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
         expected = FLOW_METHODS if flow else DDIM_METHODS
         raise InputError(f"the {options.method} inversion does not apply to this "
                          f"{'flow-matching' if flow else 'DDPM-type'} model: expected one of {', '.join(expected)}")
+    check_steps(pipe, options.steps)
     size = image_size_for(pipe, options.height, options.width)
     notes: list[str] = []
     prepared = prepare_image(image, size, options.offsets, notes)

@@ -112,6 +112,8 @@ def resolve_device(name: str | None) -> torch.device:
             raise ModelError(f"device {name!r} was asked, but MPS (Apple GPUs) is not available here; expected cpu")
     elif device.type != "cpu":
         raise ModelError(f"device {name!r} is not supported: expected cpu, cuda, cuda:N or mps")
+    elif device.index not in (None, 0):
+        raise ModelError(f"device {name!r}: the CPU is one device, cpu (torch would take {name!r} for it silently)")
     return device
 
 

@@ -1,4 +1,4 @@
-"""Image measures used by the evaluator, the edit measurements, inversion and the benchmarks: one definition each."""
+"""Image (and latent) measures of the evaluator, edit measures, inversion and the benchmarks: one definition each."""
 
 from __future__ import annotations
 
@@ -26,3 +26,9 @@ def psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray, mask: np.ndar
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks (0 when both are empty)."""
     return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def relative_change(a, b) -> float:
+    """|b - a| / |a| of two tensors (the latent drift of an edited prompt from its source), in float32."""
+    a, b = a.float(), b.float()
+    return float((b - a).norm() / a.norm().clamp_min(1e-12))

@@ -69,6 +69,13 @@ class AttentionController:
         return None
 
 
+def _begin(controller, run: RunInfo) -> None:
+    """A controller's `begin`, where it has one: any object with wants / attention / step_end is a controller."""
+    begin = getattr(controller, "begin", None)
+    if begin is not None:
+        begin(run)
+
+
 class Controllers(AttentionController):
     """Several controllers at once (for instance an edit and a recorder); each sees the previous one's output."""
 
@@ -89,7 +96,7 @@ class Controllers(AttentionController):
 
     def begin(self, run):
         for c in self.controllers:
-            c.begin(run)
+            _begin(c, run)
 
     def step_end(self, step, timestep, latents):
         changed = None
@@ -183,7 +190,7 @@ class Router:
         """A generation (or a new latent size) begins: the installers' forward pre-hooks call this with its shapes."""
         self.run = run
         self._res.clear()
-        self.controller.begin(run)
+        _begin(self.controller, run)
 
     def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         """Pass as the pipeline's `callback_on_step_end` (with "latents" among its tensor inputs)."""

@@ -105,6 +105,9 @@ def parse_spans(text: str) -> Span | dict[str, Span]:
         out: dict[str, Span] = {}
         for item in text.split(","):
             word, value = item.split("=")
+            if word.strip() in out:  # the last would silently win
+                raise PromptError(f"{word.strip()!r} has two step spans in {text!r}; expected each word (and "
+                                  "default) once")
             nums = [float(x) for x in value.split(":")]
             if len(nums) > 2:
                 raise ValueError(text)

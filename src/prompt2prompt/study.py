@@ -257,4 +257,20 @@ def parse(data: dict, where: str = "the study") -> Study:
 
 
 def load(path: str | Path) -> Study:
-    return parse(read(path), f"the study {Path(path).name}")
+    """A study file, its model folder (when a relative path) read from the study's own folder, not the current one."""
+    from .loading import BUNDLED
+
+    path = Path(path)
+    data = read(path)
+    model = data.get("model")
+    if isinstance(model, str) and model and model not in BUNDLED and not Path(model).expanduser().is_absolute() \
+            and not model.startswith("~"):
+        beside = (path.parent / model).resolve()
+        hub_id = model.count("/") == 1 and not model.startswith(".") and not Path(model).exists()  # owner/name
+        if beside.is_dir():
+            data = {**data, "model": str(beside)}
+        elif not hub_id:
+            raise InputError(f"the study {path.name}: model {model!r} is read relative to the study's folder, and "
+                             f"{beside} is not a folder; expected a bundled name, a folder (relative to the study or "
+                             "absolute) or a hub id")
+    return parse(data, f"the study {path.name}")

@@ -77,6 +77,9 @@ LOCK = ".p2p-sweep.lock"  # held (flock) by the sweep writing the folder: a seco
 HELD = "P2P_SWEEP_LOCK_HELD"  # set by `p2p sweep --processes N` for its processes: it holds the lock for them
 
 
+STOP_WAIT = 60  # seconds a stopped parallel sweep's launcher gets to end its processes before they are killed
+
+
 @contextmanager
 def locked(out: Path, rank: int = 0):
     """Hold the folder's lock for the block (rank 0 only: the other processes of one sweep share it); a folder
@@ -169,7 +172,7 @@ def measure_case(case: Case, images, run: dict, measures: tuple[str, ...]) -> di
     asked for on the bundled models (see `run_sweep`): the shapes world's segmentation means nothing elsewhere."""
     import numpy as np
 
-    from .metrics import psnr
+    from .metrics import psnr, relative_change
 
     out: dict = {"seconds": run["seconds"]}
     if "truth" in measures:
@@ -187,8 +190,7 @@ def measure_case(case: Case, images, run: dict, measures: tuple[str, ...]) -> di
         out["blend_mask_area"] = float(pixels.mean())
         out["psnr_outside_mask"] = psnr(images[0], images[1], ~pixels) if (~pixels).any() else None
     if "drift" in measures:
-        a, b = run["latents"][0].float(), run["latents"][1].float()
-        out["latent_drift"] = float((b - a).norm() / a.norm().clamp_min(1e-12))
+        out["latent_drift"] = relative_change(run["latents"][0], run["latents"][1])
     return {k: (float(v) if isinstance(v, (np.floating,)) else v) for k, v in out.items()}
 
 
@@ -494,8 +496,13 @@ def distributed() -> tuple[int, int, str]:
 
 def launch(study_path: str, out: str, processes: int, extra: list[str]) -> int:
     """`p2p sweep --processes N`: the same sweep through `accelerate launch` with N processes; this process holds the
-    folder's lock for them."""
+    folder's lock for them until every one has ended. Ctrl-C or SIGTERM here is passed to the launcher, which passes
+    it to each process (torch's elastic agent) and waits for them; then it is raised again here (exit 130 / 143), so
+    nothing writes to the folder after the command has returned."""
+    import signal
     import subprocess
+
+    from .outputs import Terminated
 
     folder = check_sweep_folder(out)
     # --multi_gpu also on a CPU-only machine: it starts N processes (gloo); `--cpu` would start one
@@ -505,7 +512,23 @@ def launch(study_path: str, out: str, processes: int, extra: list[str]) -> int:
     fresh = not folder.exists()
     try:
         with locked(folder):
-            return subprocess.run(cmd, env={**os.environ, HELD: str(folder.resolve())}).returncode
+            # its own session: a Ctrl-C at the terminal reaches it once, through this process, not twice
+            launcher = subprocess.Popen(cmd, env={**os.environ, HELD: str(folder.resolve())}, start_new_session=True)
+            try:
+                code = launcher.wait()
+            except KeyboardInterrupt as stop:
+                launcher.send_signal(signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+                try:
+                    launcher.wait(timeout=STOP_WAIT)
+                except subprocess.TimeoutExpired:  # the launcher did not end them in time: end the whole group
+                    os.killpg(launcher.pid, signal.SIGKILL)
+                    launcher.wait()
+                raise
+            if code in (130, -signal.SIGINT):  # stopped from elsewhere: the same exit as a stop here
+                raise KeyboardInterrupt
+            if code in (143, -signal.SIGTERM):
+                raise Terminated
+            return code
     finally:
         _leave_nothing_if_refused(folder, fresh)  # the processes refused the study
 
@@ -562,8 +585,11 @@ def run_from_args(args, study: Study | None = None) -> dict:
         diffusers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         diffusers.utils.logging.disable_progress_bar()
+    from .numbers import check_threads, cores
+
+    check_threads(args.threads)
     rank, world_size, device = distributed()
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(args.threads or max(1, cores() // world_size))
     counts = run_sweep(study, args.out, rank=rank, world_size=world_size, device=device, progress=not args.quiet,
                        retry_failed=args.retry_failed, offload=args.offload)
     if not args.quiet:

@@ -255,12 +255,36 @@ def sequence_length(pipe, max_sequence_length: int | None = None) -> int | None:
     return int(param.default) if param is not None else None
 
 
+def control_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special tokens written as markup (`<|endoftext|>`, `</s>`, a chat template's `<|im_end|>`): as
+    text in a prompt, each becomes that control token, not words. Special tokens that are ordinary text (SD 2.x pads
+    with "!") read as text and are left alone."""
+    specials = set(tokenizer.all_special_tokens)
+    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return sorted(t for t in specials if len(t) > 2 and t.startswith("<") and t.endswith(">"))
+
+
+def check_control_tokens(pipe, prompt: str) -> None:
+    """A prompt holding a tokenizer's special token is refused: it would not be read as text (Qwen's `<|im_end|>`
+    would close its chat template's turn; CLIP's `<|endoftext|>` would end the prompt), as stock diffusers would do
+    silently. There is no way to write them as text through these tokenizers, so they are refused, not escaped."""
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is None or not hasattr(tokenizer, "all_special_tokens"):
+            continue
+        found = [t for t in control_tokens(tokenizer) if t in prompt]
+        if found:
+            raise PromptError(f"the prompt holds {', '.join(map(repr, found))}, the model's control token(s) (its "
+                              f"{name}'s special tokens), which would not be read as text: remove them")
+
+
 def prompt_tokens(pipe, prompt: str, max_sequence_length: int | None = None) -> PromptTokens:
     """A prompt as the pipeline's denoiser sees its text, by its family's adapter: one CLIP sequence (SD 1.x/2.x/XL:
     their encoders share positions), CLIP then T5 (SD3), T5 alone (Flux.1), a chat template around the prompt
-    (Flux.2), ..."""
+    (Flux.2), ... A prompt holding one of the model's control tokens is refused (`check_control_tokens`)."""
     from .families import family_of
 
+    check_control_tokens(pipe, prompt)
     family = family_of(pipe)
     if family.tokens is not None:
         return family.tokens(pipe, prompt, max_sequence_length)

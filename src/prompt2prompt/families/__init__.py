@@ -56,6 +56,9 @@ class Family:
                                   "image_rotary_emb")  # joint: the stock processors' arguments `project` understands
     # -- the adapter's functions (None: the generic behaviour) --------------------------------------------------
     load: Callable | None = None  # (model_index.json as a dict) -> extra keyword arguments for from_pretrained
+    size: Callable | None = None  # (pipe) -> ((height, width) the pipeline draws by default, (height, width) the
+    # largest its denoiser can position, or None: no limit); None: the pipeline's default_sample_size or the
+    # denoiser's sample_size, times the autoencoder's factor, and no limit
     guidance: Callable | None = None  # (scale, negative prompt or None, prompts) -> the pipeline's guidance arguments;
     # None: guidance_scale and negative_prompt, as SD's pipelines take them
     tokens: Callable | None = None  # (pipe, prompt, max_sequence_length) -> PromptTokens of the denoiser's text

@@ -14,20 +14,46 @@ import torch
 from . import Family
 
 PAD = 32  # the transformer pads image and caption tokens to multiples of this (transformer_z_image.SEQ_MULTI_OF)
+DEFAULT_SIDE = 1024  # ZImagePipeline.__call__'s height and width when none is given
 
 
 def _ceil(n: int) -> int:
     return -(-n // PAD) * PAD
 
 
+def caption_limit(net) -> int:
+    """Caption tokens (padded to a multiple of 32) the transformer can position: they take rotary positions 1..n on
+    the first axis and the image the next one, so n + 1 must stay inside that axis's table (`axes_lens[0]`)."""
+    return (net.config.axes_lens[0] - 2) // PAD * PAD
+
+
 def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
     """The chat-templated prompt (thinking on, as the pipeline asks), up to max_sequence_length tokens, padded by
-    the transformer to a multiple of 32 (the batch to its longest: `tokens.batch_tokens`)."""
+    the transformer to a multiple of 32 (the batch to its longest: `tokens.batch_tokens`). A prompt longer than the
+    transformer can position (its rotary table) is refused: the stock pipeline would fail inside the transformer."""
+    from ..errors import PromptError
     from ..tokens import PromptTokens, sequence_length
     from .flux2 import chat
 
-    return PromptTokens.from_template(pipe.tokenizer, prompt, chat(pipe.tokenizer, thinking=True),
+    seen = PromptTokens.from_template(pipe.tokenizer, prompt, chat(pipe.tokenizer, thinking=True),
                                       sequence_length(pipe, max_sequence_length), padded=False, multiple=PAD)
+    limit = caption_limit(pipe.transformer)
+    if seen.length > limit:
+        raise PromptError(f"the prompt takes {len(seen.ids)} tokens in Z-Image's chat template ({seen.length} as the "
+                          f"transformer pads them); this model positions at most {limit} (its rotary table, "
+                          f"axes_lens[0] = {pipe.transformer.config.axes_lens[0]}): shorten the prompt")
+    return seen
+
+
+def size(pipe):
+    """The pipeline's default (1024 pixels a side) within what the transformer's rotary table positions
+    (`axes_lens[1:]` image tokens a side, each patch_size latent cells of vae_scale_factor pixels), and that
+    largest size."""
+    net, factor = pipe.transformer, int(pipe.vae_scale_factor)
+    cell = net.config.all_patch_size[0] * factor
+    largest = tuple(int(n) * cell for n in net.config.axes_lens[1:3])
+    step = 2 * factor  # the pipeline's own rounding of a size (vae_scale_factor * 2)
+    return tuple(min(DEFAULT_SIDE, side) // step * step for side in largest), largest
 
 
 def guidance(scale: float, negative_prompt: str | None, prompts: int) -> dict:
@@ -99,6 +125,6 @@ Z_IMAGE = Family("zimage", "Z-Image", "joint", pipelines=("ZImagePipeline",), ne
                  flow=True, text_parts=("qwen3",), processors=("ZSingleStreamAttnProcessor",), invertible=False,
                  conditional_first=True, batch_padded=True,
                  arguments=("attn", "hidden_states", "encoder_hidden_states", "attention_mask", "freqs_cis"),
-                 tokens=tokens, guidance=guidance, modules=modules, place=place, inputs=inputs, grid=grid,
+                 tokens=tokens, guidance=guidance, modules=modules, size=size, place=place, inputs=inputs, grid=grid,
                  project=project, finish=finish)
 FAMILIES = (Z_IMAGE,)

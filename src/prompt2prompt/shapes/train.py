@@ -620,6 +620,12 @@ def main(argv: list[str] | None = None) -> None:
         resolve_device(cfg.device)  # the same check as every p2p command's --device
     except P2PError as error:
         parser.error(f"--device: {error}")
+    from ..numbers import check_threads
+
+    try:
+        check_threads(cfg.threads)
+    except P2PError as error:
+        parser.error(str(error))
     try:
         out = Path(args.out).expanduser() if args.out else run_folder(
             args.run or ("shapes-flow" if cfg.family == "sd3" else "shapes"))
