@@ -46,7 +46,7 @@ def test_failure_midway_leaves_nothing(sd1_folder, tmp_path, capsys):
     code = main(["attend", "a circle", "--model", str(sd1_folder), "--steps", "2", "--res", "5", "--out", str(out),
                  "--quiet"])
     assert code == 2
-    assert "recorded sides" in capsys.readouterr().err
+    assert "its maps are" in capsys.readouterr().err
     assert not out.exists()
     assert not list(tmp_path.glob(".bad-res-*"))
 

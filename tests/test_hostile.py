@@ -80,7 +80,7 @@ def _opts(world, **change):
 
 # (name, setup(world, folder) -> extra argv, argv after the model flags, expected exit, words in the message)
 INVERT = ["invert", "{image}", CAPTION, "--method", "ddim", "--steps", "2"]
-EDIT_FROM = ["edit", "--from", "{file}", CAPTION, "a red square", "--steps", "2"]
+EDIT_FROM = ["edit", "--from", "{file}", CAPTION, "a red square"]  # the inversion's own steps
 SPOILED = [  # hand-edited inversion files: refused before the model loads, with what is wrong
     ("metadata a list", dict(meta=["p2p_inversion"]), "holds no prompt2prompt inversion"),
     ("an unknown option", dict(meta="unknown"), "unknown option(s) 'sharpness'"),
@@ -118,7 +118,7 @@ def test_a_spoiled_inversion_file_is_one_sentence_before_the_model_loads(world, 
     path = spoiled(world, tmp_path, "spoiled.safetensors", meta, spoil.get("tensors"), spoil.get("drop", ()))
     before = snapshot(tmp_path)
     code, err = run(["edit", "--from", path, CAPTION, "a red square", "--model", world["model"], "--out",
-                     tmp_path / "out", "--steps", "2", "--quiet"], capsys)
+                     tmp_path / "out", "--quiet"], capsys)
     line = one_sentence(err)
     if "does not fit" in message:  # needs the model's autoencoder factor: checked right after loading, before work
         assert code == 2 and message in line

@@ -88,7 +88,7 @@ def test_processes_that_would_not_fit_in_memory_are_refused(tmp_path, monkeypatc
 
 # -- non-finite results: an error naming the setting, not a black picture --------------------------------------------
 def test_an_overflowing_guidance_or_factor_is_an_error_not_a_black_picture(sd1, capsys, folders, tmp_path):
-    with pytest.raises(NonFiniteError, match=r"step 1 of 2 \(guidance 1e\+308\)"):
+    with pytest.raises(NonFiniteError, match=r"in the 2 steps \(guidance 1e\+308\)"):
         generate(sd1, "a red circle", None, GenerationOptions(steps=2, guidance=1e308), progress=False)
     with pytest.raises(NonFiniteError, match=r"re-weight factors circle=1e\+30"):
         edit(sd1, "a red circle", "a red circle", EditOptions(mode="reweight", reweight=(("circle", 1e30),)),

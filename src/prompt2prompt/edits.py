@@ -498,7 +498,7 @@ def edit(pipe, source: str, targets: list[str] | str, options: EditOptions = Edi
         if not options.reweight:
             raise
         factors = ", ".join(f"{word}={factor:g}" for word, factor in options.reweight)
-        raise NonFiniteError(f"{error} (re-weight factors {factors})", error.step) from None
+        raise NonFiniteError(f"{error} (re-weight factors {factors})") from None
     plain = run(None, **pipe_kwargs) if vanilla else None
     settings = {"prompts": prompts, **options.to_dict(), "mode": p2p.mode, "requested_mode": options.mode,
                 **generation.to_dict()}

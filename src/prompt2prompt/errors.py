@@ -19,7 +19,3 @@ class InputError(P2PError):
 
 class NonFiniteError(InputError):
     """A generation whose latents became NaN or infinite: a setting overflowed the model's numbers."""
-
-    def __init__(self, message: str, step: int):
-        super().__init__(message)
-        self.step = step

@@ -159,7 +159,7 @@ def flowedit(pipe, image, source: str, target: str, options: FlowEditOptions = F
         if not bool(torch.isfinite(edited).all()):  # read once, after the walk
             raise NonFiniteError(f"FlowEdit's latent became NaN or infinite (source guidance "
                                  f"{options.source_guidance:g}, target guidance {options.target_guidance:g}): a "
-                                 "setting overflowed the model's numbers; lower it", options.steps)
+                                 "setting overflowed the model's numbers; lower it")
         latent = unpack(pipe, edited.to(dtype), prepared.size)
         picture = decode(pipe, latent)
     settings = {"method": "flowedit", "prompts": [source, target], **asdict(options), "family": family_of(pipe).name,

@@ -246,9 +246,6 @@ def generate(
     def keep_latents(pipe_, step, timestep, kwargs, changed=None):
         changed = {} if changed is None else changed
         final["latents"] = changed.get("latents", kwargs["latents"])
-        # the first step whose latents are not finite, kept on the device (read once, after the loop)
-        broken = ~torch.isfinite(final["latents"]).all()
-        final["first"] = torch.where(broken & (final["first"] < 0), step, final["first"])
         if uncond is not None and step + 1 < options.steps:  # the next step's unconditional embedding
             embeds = kwargs["prompt_embeds"]  # (2 * prompts, tokens, width): [unconditional, conditional]
             n = embeds.shape[0] // 2
@@ -273,7 +270,6 @@ def generate(
         callback_on_step_end_tensor_inputs=inputs,
         **pipe_kwargs,
     )
-    final["first"] = torch.full((), -1, dtype=torch.long, device=device)  # no non-finite step yet
     with exclusive(pipe), _progress_bar(pipe, progress):
         if controller is None:
             out = pipe(**args, callback_on_step_end=keep_latents)
@@ -284,10 +280,11 @@ def generate(
                     return keep_latents(pipe_, step, timestep, kwargs, router.callback(pipe_, step, timestep, kwargs))
 
                 out = pipe(**args, callback_on_step_end=callback)
-    first = int(final["first"])
-    if first >= 0:
+    # once NaN or infinite, the latents stay so to the end (every step adds to them): one read after the loop,
+    # nothing added to each step
+    if not bool(torch.isfinite(final["latents"]).all()):
         cause = f"guidance {options.guidance:g}" if options.guidance > 1 else "no guidance"
-        raise NonFiniteError(f"the latents became NaN or infinite at step {first + 1} of {options.steps} ({cause}): a "
-                             "setting overflowed the model's numbers (a guidance scale or an edit's factor too large "
-                             "for them); lower it", first)
+        raise NonFiniteError(f"the latents became NaN or infinite in the {options.steps} steps ({cause}): a setting "
+                             "overflowed the model's numbers (a guidance scale or an edit's factor too large for "
+                             "them); lower it")
     return Generation(list(out.images), final["latents"].detach(), latent, options)

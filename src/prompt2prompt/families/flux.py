@@ -63,8 +63,8 @@ def _joint(attn, query, key, value, eq, ek, ev, encoder_hidden_states, text_toke
 def finish(attn, out, call: dict, text: slice, image: slice):
     if call.get("encoder_hidden_states") is None:  # single-stream: the block projects it itself
         return out
-    image_out = attn.to_out[1](attn.to_out[0](out[:, image].contiguous()))
-    return image_out, attn.to_add_out(out[:, text].contiguous())
+    text_out, image_out = out.split_with_sizes([text.stop - text.start, image.stop - image.start], dim=1)
+    return attn.to_out[1](attn.to_out[0](image_out)), attn.to_add_out(text_out)
 
 
 FLUX = Family("flux", "Flux.1", "joint", pipelines=("FluxPipeline",), networks=("FluxTransformer2DModel",),
