@@ -323,7 +323,8 @@ def test_null_text_over_a_hundred_steps(sd1, scene_image):
 
 
 def test_inversion_options_are_checked_before_any_work():
-    for bad, match in [({"steps": 0}, "whole number from 1 to 1000"), ({"method": "null-text", "guidance": 1.0}, "guidance > 1"),
+    for bad, match in [({"steps": 0}, "whole number from 1 to 1000"),
+                       ({"method": "null-text", "guidance": 1.0}, "guidance > 1"),
                        ({"guidance": float("inf")}, "finite"), ({"method": "edict"}, "unknown inversion method"),
                        ({"inner_steps": 0}, "whole number >= 1"), ({"lr": -1.0}, "lr"),
                        ({"offsets": (0, 0, -1, 0)}, "offsets"), ({"height": 0}, "height"),

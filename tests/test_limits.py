@@ -151,11 +151,20 @@ def test_flowedit_flags_without_from_image_are_refused(folders, capsys, tmp_path
 def test_joint_on_a_unet_model_is_refused_and_kept_on_an_mmdit(folders, capsys, tmp_path):
     code, err = _run(["edit", "a red circle", "a red square", "--joint", "renormalize", "--model", folders["sd1"],
                       "--steps", "2", "--out", tmp_path / "o", "--quiet"], capsys)
-    _one_sentence(code, err, "--joint sets how a replaced block enters an MM-DiT's joint softmax")
+    _one_sentence(code, err, "joint (--joint) sets how a replaced block enters an MM-DiT's joint softmax")
     code, err = _run(["edit", "a red circle", "a red square", "--joint", "renormalize", "--model", folders["sd3"],
                       "--steps", "2", "--height", "32", "--width", "32", "--out", tmp_path / "j", "--quiet"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "j" / "settings.json").read_text())["joint"] == "renormalize"
+
+
+def test_a_study_of_options_the_model_cannot_apply_is_refused_up_front(tmp_path, capsys):
+    study = tmp_path / "study.yaml"
+    study.write_text("model: shapes\ngrid: {pooled: [own, source]}\n"
+                     "edits: [{source: a red circle, target: a red square}]\n")
+    code, err = _run(["sweep", study, "--out", tmp_path / "s"], capsys)
+    _one_sentence(code, err, "works on SDXL and SD3 pipelines, not on Stable Diffusion 1.x")
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_word_given_two_values_is_refused():

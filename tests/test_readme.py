@@ -85,6 +85,7 @@ def _picture(path: Path) -> None:
 PLANS = {kind: [row for row in _rows() if kind in _kinds(row[1])] for kind in ("shapes", *KINDS)}
 
 
+@pytest.mark.once
 @pytest.mark.parametrize("kind", list(PLANS))
 def test_every_readme_command_runs_as_written(kind, tmp_path, monkeypatch, capsys):
     """Every commands row that names this model's family, in order (an edit from an inversion follows the inversion),

@@ -38,6 +38,7 @@ def _snapshot(out: Path) -> dict:
     return {str(p): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
 
+@pytest.mark.once
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc")
 @pytest.mark.parametrize("stop, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_stopped_parallel_sweep_leaves_no_process_and_no_writer(tmp_path, stop, code):

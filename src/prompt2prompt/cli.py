@@ -183,11 +183,12 @@ def _given(args, flags: dict) -> list[str]:
 
 
 def _refuse_joint_on_unet(args, pipe) -> None:
+    """--joint given at all (even its default) on a UNet model: it would change nothing."""
+    from .edits import joint_refusal
     from .families import family_of
 
     if getattr(args, "joint", None) is not None and not family_of(pipe).joint:
-        raise P2PError(f"--joint sets how a replaced block enters an MM-DiT's joint softmax; "
-                       f"{family_of(pipe).title} has cross-attention layers of its own: leave --joint out")
+        raise P2PError(joint_refusal(family_of(pipe)))
 
 
 def _edit_flags(p: argparse.ArgumentParser) -> None:

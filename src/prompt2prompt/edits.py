@@ -412,6 +412,12 @@ class EditResult:
     # per pixel (1 inside the mask, 0 where the pixel is the input's; `background.keep_background`)
 
 
+def joint_refusal(family) -> str:
+    """Why joint= (--joint) does not apply to a UNet family."""
+    return (f"joint (--joint) sets how a replaced block enters an MM-DiT's joint softmax; {family.title} has "
+            "cross-attention layers of its own: leave it out")
+
+
 def edit_controllers(pipe, prompts: list[str], options: EditOptions, steps: int = 0,
                      max_sequence_length: int | None = None
                      ) -> tuple[list[PromptTokens], PromptToPrompt, LocalBlend | None]:
@@ -419,6 +425,12 @@ def edit_controllers(pipe, prompts: list[str], options: EditOptions, steps: int 
     the pipeline cannot tell it (the pipelines' own loop length is used otherwise)."""
     for word, factor in options.reweight:  # a re-weighted map goes back to the model's dtype: it must hold the factor
         check_factor(factor, f"the re-weight factor of {word!r}", denoiser(pipe).dtype, PromptError)
+    family = family_of(pipe)
+    if options.pooled == "source" and not family.pooled:
+        raise PromptError(f"pooled='source' (--pooled source: every prompt gets the source's pooled text embedding) "
+                          f"works on SDXL and SD3 pipelines, not on {family.title}: leave it at 'own'")
+    if options.joint == "renormalize" and not family.joint:
+        raise PromptError(joint_refusal(family))
     tokens = batch_tokens(pipe, prompts, max_sequence_length)
     p2p = PromptToPrompt(tokens, options, steps)
     blend = None
@@ -485,10 +497,6 @@ def edit(pipe, source: str, targets: list[str] | str, options: EditOptions = Edi
     tokens, p2p, blend = edit_controllers(pipe, prompts, options, generation.steps, generation.max_sequence_length)
     controlled_kwargs = dict(pipe_kwargs)
     if options.pooled == "source":
-        if not family_of(pipe).pooled:
-            raise PromptError(f"pooled='source' (--pooled source: every prompt gets the source's pooled text "
-                              f"embedding) works on SDXL and SD3 pipelines, not on {family_of(pipe).title}: leave it "
-                              "at 'own'")
         if inversion is not None:
             raise PromptError("pooled='source' is not available when editing from an inversion")
         controlled_kwargs.update(_source_pooled(pipe, prompts, generation))
