@@ -49,6 +49,28 @@ def test_ship_refuses_a_model_below_any_bar(run, tmp_path, measure):
     assert not (tmp_path / "package").exists()  # nothing written, not even a scratch folder
 
 
+SHIPPED = {"colour_accuracy": 0.996, "shape_accuracy": 0.921, "exact_count": 0.735, "exact_count_two": 0.612,
+           "attention_iou": 0.577, "autoencoder_psnr": 28.4}  # v1, as BENCHMARKS.md measures it
+BETTER = {**SHIPPED, "colour_accuracy": 1.0, "shape_accuracy": 0.945, "exact_count": 0.85, "exact_count_two": 0.783,
+          "attention_iou": 0.627, "autoencoder_psnr": 34.38, "count": 200, "settings": {}}
+
+
+def test_a_first_improvement_ships_below_the_bars_when_better_on_every_measure(run, tmp_path):
+    assert ship_module.improvements(BETTER, SHIPPED) == []
+    target = ship(run, BETTER, over=SHIPPED)  # below the count bars (0.95, 0.90), better than what ships
+    assert (target / "model_index.json").exists()
+    assert ship_module.improvements({**BETTER, "colour_accuracy": 1.0}, {**SHIPPED, "colour_accuracy": 1.0}) == []
+
+
+@pytest.mark.parametrize("measure", ship_module.IMPROVED)
+def test_a_first_improvement_worse_or_equal_on_one_measure_is_refused(run, tmp_path, measure):
+    with pytest.raises(InputError, match=f"not better than the shipped model on every measure .*{measure}"):
+        ship(run, {**BETTER, measure: SHIPPED[measure]}, over=SHIPPED)
+    assert not (tmp_path / "package").exists()
+    with pytest.raises(InputError, match="not measured in both"):
+        ship(run, BETTER, over={k: v for k, v in SHIPPED.items() if k != measure})
+
+
 def test_ship_refuses_a_folder_without_a_pipeline(tmp_path):
     with pytest.raises(InputError, match="model_index.json"):
         ship(tmp_path, PASSING)
