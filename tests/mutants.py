@@ -118,6 +118,13 @@ MUTANTS = {
     "padded-text-keys-attended": (
         "joint.py", "mask = call.get(\"_key_mask\")", "mask = None",
         ["tests/test_joint.py::test_qwenimage_padded_text_gets_no_attention_and_edits_keep_the_source"]),
+    # limits and silent nonsense (issue "sweeps that stop when told")
+    "non-finite-unchecked": (
+        "generation.py", "if not bool(torch.isfinite(final[\"latents\"]).all()):", "if False:",
+        ["tests/test_limits.py::test_an_overflowing_guidance_or_factor_is_an_error_not_a_black_picture"]),
+    "control-tokens-read": (
+        "tokens.py", "found = [t for t in control_tokens(tokenizer) if t in prompt]", "found = []",
+        ["tests/test_limits.py::test_control_tokens_in_a_prompt_are_refused"]),
     "template-opening-unaligned": (
         "alignment.py", "mapper[range(head), range(head)] = 1.0", "mapper[0, 0] = 1.0",
         ["tests/test_joint.py::test_flux2_words_sit_inside_the_chat_template_and_edits_keep_it_aligned"]),
