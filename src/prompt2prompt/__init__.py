@@ -8,11 +8,13 @@ from .loading import load_pipeline
 from .maps import CrossAttentionMaps, HeatMap, SelfAttentionMaps
 from .store import AttentionStore, RecordOptions
 from .tokens import PromptTokens
+from .trace import Trace, trace
 
 __all__ = [
     "AttendResult", "AttentionController", "AttentionStore", "Controllers", "CrossAttentionMaps", "Generation",
     "GenerationOptions", "HeatMap", "InputError", "LayerInfo", "ModelError", "P2PError", "PromptError",
-    "PromptTokens", "RecordOptions", "SelfAttentionMaps", "Site", "attend", "control", "generate", "load_pipeline",
+    "PromptTokens", "RecordOptions", "SelfAttentionMaps", "Site", "Trace", "attend", "control", "generate",
+    "load_pipeline", "trace",
 ]
 
 __version__ = "0.1.0"

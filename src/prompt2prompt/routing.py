@@ -194,15 +194,20 @@ class Router:
 
     def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         """Pass as the pipeline's `callback_on_step_end` (with "latents" among its tensor inputs)."""
-        out = {}
         latents = callback_kwargs.get("latents")  # (prompts, channels, h, w): the pipeline's own latents
+        new = self.end_step(step, timestep, latents)
+        return {} if new is None else {"latents": new}
+
+    def end_step(self, step: int, timestep, latents: torch.Tensor | None) -> torch.Tensor | None:
+        """Step `step` of the loop has ended with these latents: the controller's step end (its replacement latents,
+        in their dtype, or None), and the count moves on. The step callback calls it, or a trace's scheduler hook."""
+        new = None
         if latents is not None:
             new = self.controller.step_end(step, timestep, latents)
-            if new is not None:
-                out["latents"] = new.to(latents.dtype)
+            new = None if new is None else new.to(latents.dtype)
         self.step = step + 1
         self.calls, self.passive = 0, False
-        return out
+        return new
 
     # -- per attention call ------------------------------------------------------------------------------------------
     def resolution(self, pixels: int) -> tuple[int, int]:

@@ -39,6 +39,12 @@ class AttentionStore(AttentionController):
         self.run: RunInfo | None = None
         self._self_sides: tuple[int, ...] = ()
 
+    def clear(self) -> None:
+        """Forget everything recorded (a new generation in the same `control` block)."""
+        for recorded in (self.sums, self.counts, self.layers, self.res, self.series):
+            recorded.clear()
+        self.run = None
+
     def begin(self, run: RunInfo) -> None:
         self.run = run
         self._self_sides = self.options.self_res or ((run.self_map_side,) if run.self_map_side else ())
