@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from prompt2prompt.analysis import drift, first_step_change, swap_analysis, word_index_map
+from prompt2prompt.analysis import drift, first_step_change, swap_analysis
 from prompt2prompt.edits import LatentTrace
 from prompt2prompt.generation import GenerationOptions
 from prompt2prompt.maps import CrossAttentionMaps
 from prompt2prompt.tokens import PromptTokens
 
 
-def test_word_index_map_follows_the_argmax(tokenizer):
+def test_word_index_follows_the_argmax(tokenizer):
     tokens = PromptTokens.from_tokenizer(tokenizer, "a xylophone circle")
     values = torch.zeros(1, 2, 2, 77)
     xylo = tokens.positions("xylophone")
@@ -17,7 +17,7 @@ def test_word_index_map_follows_the_argmax(tokenizer):
     values[0, 1, :, 0] = 1  # the start token: ignored, so the next best wins
     values[0, 1, :, 1] = 0.5  # "a"
     maps = CrossAttentionMaps(values, [tokens])
-    assert word_index_map(maps, 0).tolist() == [[1, 2], [0, 0]]
+    assert maps.word_index(0).tolist() == [[1, 2], [0, 0]]
 
 
 def test_first_step_change_on_hand_built_maps(tokenizer):

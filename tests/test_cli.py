@@ -125,7 +125,7 @@ def test_demo_quick_writes_a_report_with_finite_numbers(sd1_folder, tmp_path):
 
 
 def test_reweight_takes_one_prompt_and_every_title_names_the_mode_and_words(sd1_folder, tmp_path, capsys):
-    from prompt2prompt.figures import edit_title
+    from prompt2prompt.display import edit_title
 
     out = tmp_path / "reweight"
     code = main(["edit", "a red circle and a blue square", "--reweight", "blue=0", "--model", str(sd1_folder),

@@ -14,7 +14,7 @@ GEN = GenerationOptions(steps=6, seed=2)
 def test_no_replacement_equals_vanilla(pipes, kind):
     pipe = pipes[kind]
     off = EditOptions(cross_steps=0.0, self_steps=0.0)
-    r = edit(pipe, "a red circle", ["a red square", "a big red circle"], off, GEN, progress=False)
+    r = edit(pipe, "a red circle", ["a red square", "a big red circle"], off, GEN, vanilla=True, progress=False)
     torch.testing.assert_close(r.controlled.latents, r.vanilla.latents, atol=0, rtol=0)
 
 
@@ -26,7 +26,7 @@ def test_identical_prompts_full_replacement(pipes, kind):
 
 
 def test_replacement_changes_the_edit_but_never_the_source(sd1):
-    r = edit(sd1, "a red circle", "a red square", EditOptions(), GEN, progress=False)
+    r = edit(sd1, "a red circle", "a red square", EditOptions(), GEN, vanilla=True, progress=False)
     torch.testing.assert_close(r.controlled.latents[0], r.vanilla.latents[0], atol=1e-4, rtol=1e-4)
     assert (r.controlled.latents[1] - r.vanilla.latents[1]).abs().max() > 1e-3
     assert r.settings["mode"] == "replace"
@@ -132,7 +132,7 @@ def test_edits_run_under_another_scheduler(sd1):
     sd1.scheduler = EulerDiscreteScheduler.from_config(original.config)
     try:
         off = edit(sd1, "a red circle", "a red square", EditOptions(cross_steps=0.0, self_steps=0.0), GEN,
-                   progress=False)
+                   vanilla=True, progress=False)
         torch.testing.assert_close(off.controlled.latents, off.vanilla.latents, atol=0, rtol=0)
         on = edit(sd1, "a red circle", "a red square", EditOptions(blend=("circle", "square"), threshold=0.97), GEN,
                   vanilla=False, progress=False)
@@ -277,7 +277,7 @@ def test_edits_keep_the_source_under_stochastic_schedulers(sd1, name):
         same = edit(sd1, "a red circle", "a red circle", full, GEN, vanilla=False, progress=False)
         torch.testing.assert_close(same.controlled.latents[1], same.controlled.latents[0], atol=1e-5, rtol=1e-5)
         opts = EditOptions(blend=("circle", "square"), threshold=0.9, blend_start=0.0)
-        r = edit(sd1, "a red circle", "a red square", opts, GEN, progress=False)
+        r = edit(sd1, "a red circle", "a red square", opts, GEN, vanilla=True, progress=False)
         outside = ~r.mask[1, 0]
         assert 0 < outside.sum() < outside.numel()
         torch.testing.assert_close(r.controlled.latents[1][:, outside], r.controlled.latents[0][:, outside],

@@ -171,7 +171,7 @@ def test_qwenimage_padded_text_gets_no_attention_and_edits_keep_the_source(joint
         total = block.sum(-1) + image.sum(-1)
         torch.testing.assert_close(total, torch.ones_like(total), atol=1e-5, rtol=0)
     r = edit(pipe, prompts[0], prompts[1], EditOptions(mode="refine", cross_steps=1.0, self_steps=0.0), OPTS,
-             progress=False)
+             vanilla=True, progress=False)
     torch.testing.assert_close(r.controlled.latents[0], r.vanilla.latents[0], atol=1e-5, rtol=1e-5)
     assert (r.controlled.latents[1] - r.vanilla.latents[1]).abs().max() > 1e-3
 
@@ -324,7 +324,7 @@ def test_replacement_changes_the_edited_image_and_never_the_source(joint, kind):
     (new - old) @ V_text), and the source row is the plain source."""
     pipe, _ = joint[kind]
     r = edit(pipe, "a red circle", "a red square", EditOptions(cross_steps=1.0, self_steps=0.0), OPTS,
-             progress=False)
+             vanilla=True, progress=False)
     torch.testing.assert_close(r.controlled.latents[0], r.vanilla.latents[0], atol=1e-5, rtol=1e-5)
     assert (r.controlled.latents[1] - r.vanilla.latents[1]).abs().max() > 1e-3
 

@@ -24,7 +24,7 @@ def test_a_tokens_colour_does_not_depend_on_the_other_tokens_present():
 
 
 def test_swap_legend_numbers_repeated_words_as_the_maps_do(sd1):
-    from prompt2prompt.figures import swap_figures
+    from prompt2prompt.display import swap_figures
 
     r = swap_analysis(sd1, "a red circle and a square", "a red circle and a cross", GenerationOptions(steps=2, seed=1),
                       progress=False)

@@ -118,6 +118,17 @@ def test_every_readme_command_runs_as_written(kind, tmp_path, monkeypatch, capsy
             assert (base / name).is_file(), f"{kind}: {command} did not write {name} in {base}"
 
 
+@pytest.mark.once
+def test_the_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python block, as written, in a fresh folder (it writes its own photo.png)."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README.md has no ```python block"
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    assert (tmp_path / "circle.png").is_file() and (tmp_path / "inv.safetensors").is_file()
+
+
 def _other_lines() -> list[str]:
     """The README's other `p2p` command lines: those of its code blocks (a comment after `#` left out)."""
     return [m.group(1).split("#")[0].strip() for m in re.finditer(r"^(p2p [a-z].*)$", README.read_text(), re.M)]

@@ -20,6 +20,7 @@ EDIT = ["a red circle and a blue square", "a red circle and a blue triangle"]
 def _call(pipe, prompts, options, **extra):
     """The pipeline called as a user would, from the latent the library's generation starts from."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    options = options.resolved(pipe)
     latent = initial_latent(pipe, options)
     return pipe(prompt=list(prompts), latents=latent.expand(len(prompts), *latent.shape[1:]).clone(),
                 num_inference_steps=options.steps, height=options.height, width=options.width,

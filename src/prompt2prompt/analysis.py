@@ -33,6 +33,18 @@ class SwapAnalysis:
     vanilla: Generation
     controlled: Generation
 
+    def _repr_png_(self) -> bytes:
+        from .display import png, swap_figures
+        from .plot import grid
+
+        pictures = swap_figures(self)
+        return png(grid([pictures["images"], pictures["argmax_step0_0"], pictures["argmax_step0_1"],
+                         pictures["drift"]], cell=320, columns=2))
+
+    def __repr__(self) -> str:
+        return (f"SwapAnalysis({self.prompts!r}: {self.argmax_changed:.1%} of pixels change their word at the first "
+                f"step; final drift vanilla {self.drift_vanilla[-1]:.3f}, controlled {self.drift_controlled[-1]:.3f})")
+
     def to_dict(self) -> dict:
         return {
             "prompts": self.prompts,
@@ -43,19 +55,10 @@ class SwapAnalysis:
         }
 
 
-def word_index_map(maps: CrossAttentionMaps, prompt: int) -> torch.Tensor:
-    """(h, w) index of the word (in the prompt's word list) of each pixel's most-attended token."""
-    tokens = maps.prompts[prompt]
-    owner = torch.full((tokens.length,), -1, dtype=torch.long)
-    for k, word in enumerate(tokens.words):
-        owner[list(word.tokens)] = k
-    return owner[maps.argmax(prompt)]
-
-
 def first_step_change(maps: CrossAttentionMaps) -> tuple[float, tuple[float, float]]:
     """From the first step's maps of a source (prompt 0) and a word-swapped prompt (1): the share of pixels whose
     most-attended word differs, and in each prompt the share whose most-attended word is one of the swapped ones."""
-    words_src, words_tgt = word_index_map(maps, 0), word_index_map(maps, 1)
+    words_src, words_tgt = maps.word_index(0), maps.word_index(1)
     changed = float((words_src != words_tgt).float().mean())
     pairs = zip(maps.prompts[0].words, maps.prompts[1].words)
     differing = torch.tensor([k for k, (a, b) in enumerate(pairs) if a.text.lower() != b.text.lower()],
@@ -72,6 +75,7 @@ def drift(trace: LatentTrace) -> list[float]:
 def swap_analysis(pipe, source: str, target: str, generation: GenerationOptions = GenerationOptions(),
                   options: EditOptions = EditOptions(), progress: bool = True) -> SwapAnalysis:
     prompts = [source, target]
+    generation = generation.resolved(pipe)
     tokens = batch_tokens(pipe, prompts, generation.max_sequence_length)
     first = AttentionStore(RecordOptions(self_attention=False, steps=(0, 1)))
     trace_v = LatentTrace()

@@ -32,6 +32,16 @@ class AttendResult:
     def self_maps(self, res: int | None = None) -> SelfAttentionMaps:
         return self_maps(self.store, res)
 
+    def _repr_png_(self) -> bytes:
+        from .display import attend_picture, png
+
+        return png(attend_picture(self))
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return (f"AttendResult({s['prompts']!r}, {s['width']}x{s['height']}, {s['steps']} steps, guidance "
+                f"{s['guidance']:g}, {len(self.store.sums)} layers recorded)")
+
 
 class _SidesCheck(AttentionController):
     """Refuses map sides the model does not have as soon as the first step has shown its sides (not after the whole
@@ -66,6 +76,7 @@ def attend(
     """Generate one image per prompt (shared initial latent) and record cross- and self-attention on the way.
     res: map sides the caller will ask for; a side the model does not have is refused after the first step."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    options = options.resolved(pipe)  # what was used goes into the settings
     tokens = batch_tokens(pipe, prompts, options.max_sequence_length)
     store = AttentionStore(record)
     sides = (res,) if isinstance(res, int) else tuple(res or ())

@@ -53,8 +53,12 @@ def _precision(p: argparse.ArgumentParser) -> None:
                    "GPU device (default: none)")
 
 
+PIPELINE_DEFAULT = "the pipeline's own: 50 on SD 1.x / 2.x / XL, 28 on SD3 and Flux.1"
+GUIDANCE_DEFAULT = "the pipeline's own: 7.5 on SD 1.x / 2.x, 5 on SDXL, 7 on SD3, 3.5 on Flux.1"
+
+
 def _sampling(p: argparse.ArgumentParser, seed: bool = True, guidance: float | None = None,
-              guidance_default: str = "7.5", steps_default: str = "50") -> None:
+              guidance_default: str = GUIDANCE_DEFAULT, steps_default: str = PIPELINE_DEFAULT) -> None:
     if seed:
         p.add_argument("--seed", type=argtypes.seed(), default=None,
                        help="seed of the shared initial latent and of the scheduler's noise (default: 0)")
@@ -66,7 +70,8 @@ def _sampling(p: argparse.ArgumentParser, seed: bool = True, guidance: float | N
     p.add_argument("--width", type=whole(1), default=None, help="image width in pixels (default: the model's)")
 
 
-def _common(p: argparse.ArgumentParser, out: str, out_is: str = "output folder", steps_default: str = "50") -> None:
+def _common(p: argparse.ArgumentParser, out: str, out_is: str = "output folder",
+            steps_default: str = PIPELINE_DEFAULT) -> None:
     """_machine's flags and the generation settings."""
     _machine(p, out, out_is)
     _sampling(p, steps_default=steps_default)
@@ -75,9 +80,7 @@ def _common(p: argparse.ArgumentParser, out: str, out_is: str = "output folder",
 def _options(args):
     from .generation import GenerationOptions
 
-    return GenerationOptions(steps=50 if args.steps is None else args.steps,
-                             guidance=7.5 if args.guidance is None else args.guidance,
-                             seed=0 if args.seed is None else args.seed,
+    return GenerationOptions(steps=args.steps, guidance=args.guidance, seed=0 if args.seed is None else args.seed,
                              height=args.height, width=args.width)
 
 
@@ -303,7 +306,8 @@ def cmd_edit(args) -> None:
     if inversion is not None:
         check_inversion(pipe, inversion, args.source)
     _warn_truncated(pipe, [args.source, *args.targets], args.quiet, args.model)
-    result = edit(pipe, args.source, args.targets, options, generation, progress=not args.quiet, inversion=inversion)
+    result = edit(pipe, args.source, args.targets, options, generation, vanilla=True, progress=not args.quiet,
+                  inversion=inversion)
     files = write_edit(result, args.out, model=args.model, inversion=inversion)
     print(f"wrote {len(files)} files to {args.out}; open {files['html']}")
 
@@ -475,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-guidance", type=number(0), default=None,
                    help="FlowEdit: guidance of the target velocity (default: the family's, SD3 13.5, Flux 5.5)")
     _edit_flags(p)
-    _common(p, "p2p-out/edit", steps_default="50; with --from-image the family's FlowEdit steps")
+    _common(p, "p2p-out/edit", steps_default=PIPELINE_DEFAULT + "; with --from-image the family's FlowEdit steps")
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("demo", help="the tour: maps, word swap, local blend, sweeps, refine, re-weight, analysis",

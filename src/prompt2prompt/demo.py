@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, replace
 from . import plot
 from .analysis import swap_analysis
 from .attend import attend
+from .display import edit_grid, swap_figures
 from .edits import EditOptions, edit
 from .families import family_of
-from .figures import attention_figures, edit_grid, swap_figures
+from .figures import attention_figures
 from .generation import GenerationOptions
 from .measure import EditPair, run_pairs, sample_pairs, score_edit
 from .outputs import staged
@@ -120,7 +121,7 @@ def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shap
         [(k, v) for k, v in figs.items()]))
 
     _say("[2/7] word swap, vanilla versus controlled", quiet)
-    swap = edit(pipe, SOURCE, SWAPPED, EditOptions(), gen, progress=False)
+    swap = edit(pipe, SOURCE, SWAPPED, EditOptions(), gen, vanilla=True, progress=False)
     pair = EditPair(SOURCE, SWAPPED, 1, "shape", "square", "triangle", ("square", "triangle"), options.seed)
     src = swap.vanilla.images[0]
     s_van = score_edit(pair, src, swap.vanilla.images[1])
@@ -178,7 +179,7 @@ def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shap
         [("replacement fraction sweep", pictures["sweep"])], table))
 
     _say("[5/7] refine and re-weight", quiet)
-    refine = edit(pipe, PLAIN, SOURCE, EditOptions(), gen, progress=False)
+    refine = edit(pipe, PLAIN, SOURCE, EditOptions(), gen, vanilla=True, progress=False)
     pictures["refine"] = edit_grid(refine)
     refine_keep = {"vanilla": _objects_iou(refine.vanilla.images[0], refine.vanilla.images[1]),
                    "refine": _objects_iou(refine.controlled.images[0], refine.controlled.images[1])}

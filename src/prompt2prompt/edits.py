@@ -411,6 +411,16 @@ class EditResult:
     kept: torch.Tensor | None = None  # (targets, 1, H, W) where the input's background was kept: the edit's weight
     # per pixel (1 inside the mask, 0 where the pixel is the input's; `background.keep_background`)
 
+    def _repr_png_(self) -> bytes:
+        from .display import edit_grid, png
+
+        return png(edit_grid(self))
+
+    def __repr__(self) -> str:
+        rows = "vanilla and controlled" if self.vanilla is not None else "controlled"
+        return (f"EditResult({[p.prompt for p in self.prompts]!r}, {self.settings.get('mode')}, {rows}, "
+                f"{self.settings.get('steps')} steps{', local blend' if self.mask is not None else ''})")
+
 
 def joint_refusal(family) -> str:
     """Why joint= (--joint) does not apply to a UNet family."""
@@ -474,15 +484,17 @@ def _source_pooled(pipe, prompts: list[str], generation: GenerationOptions) -> d
 
 
 def edit(pipe, source: str, targets: list[str] | str, options: EditOptions = EditOptions(),
-         generation: GenerationOptions = GenerationOptions(), vanilla: bool = True, progress: bool = True,
+         generation: GenerationOptions = GenerationOptions(), vanilla: bool = False, progress: bool = True,
          extra: AttentionController | None = None, inversion=None, **pipe_kwargs) -> EditResult:
-    """Generate the source and the edited prompts from one latent, with attention control (and, if asked, without).
+    """Generate the source and the edited prompts from one latent, with attention control (and, with vanilla=True,
+    once more without it, for the vanilla row: twice the cost).
 
     inversion: an `Inversion` of a real image; its caption must be the source prompt, and its latent, per-step
     unconditional embeddings, steps and guidance are used (the seed is then irrelevant).
     """
     targets = [targets] if isinstance(targets, str) else list(targets)
     prompts = [source, *targets]
+    generation = generation.resolved(pipe)
     if inversion is not None:
         from .inversion import check_inversion, sample_back, sampling_options
 

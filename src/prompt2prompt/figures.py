@@ -10,6 +10,7 @@ from PIL import Image
 from . import plot
 from .analysis import SwapAnalysis
 from .attend import AttendResult
+from .display import edit_grid, edit_title, swap_figures
 from .edits import EditResult
 from .maps import CrossAttentionMaps, HeatMap
 from .outputs import staged
@@ -71,55 +72,6 @@ def write_attend(result: AttendResult, out, res: int | tuple[int, ...] | None = 
         write_json(tmp / "settings.json", maps.settings)
         (tmp / "index.html").write_text(page("prompt2prompt: attention maps", sections, maps.settings))
     return {k: Path(out) / v for k, v in files.items()}
-
-
-def changed_words(prompts: list[str]) -> list[list[tuple[str, bool]]]:
-    """Each prompt as (word, changed) runs: a word is changed where the global word alignment with the source (or,
-    for the source, with any edited prompt) does not pair it with the same word."""
-    from .alignment import align_sequences
-
-    words = [p.split() for p in prompts]
-    kept_in_source = set(range(len(words[0])))
-    runs = [None]
-    for w in words[1:]:
-        pairs = align_sequences(words[0], w)
-        kept_in_source &= {i for i, _ in pairs}
-        same = {j for _, j in pairs}
-        runs.append([(word, j not in same) for j, word in enumerate(w)])
-    runs[0] = [(word, i not in kept_in_source) for i, word in enumerate(words[0])]
-    return runs
-
-
-def edit_title(settings: dict) -> str:
-    """'mode replace', 'mode refine', 'mode reweight: blue x0, circle x2', with a replace or refine that also
-    re-weights naming its words too."""
-    requested, mode = settings.get("requested_mode", settings["mode"]), settings["mode"]
-    words = ", ".join(f"{w} x{f:g}" for w, f in settings.get("reweight") or ())
-    if requested == "reweight" or (words and requested == "auto" and _same_prompts(settings)):
-        return f"mode reweight: {words}"
-    return f"mode {mode}" + (f", re-weighted {words}" if words else "")
-
-
-def _same_prompts(settings: dict) -> bool:
-    prompts = settings.get("prompts") or []
-    return len(set(prompts)) == 1
-
-
-def edit_grid(result: EditResult, cell: int = 160, inversion=None) -> Image.Image:
-    """Columns: the prompts (changed words highlighted). Rows: vanilla (same seed, no control) and Prompt-to-Prompt."""
-    prompts = [p.prompt for p in result.prompts]
-    images = list(result.controlled.images)
-    rows = ["p2p"]
-    if result.vanilla is not None:
-        images = list(result.vanilla.images) + images
-        rows = ["vanilla", "p2p"]
-    labels = changed_words(prompts) * len(rows)
-    mode = edit_title(result.settings)
-    if inversion is not None:
-        title = f"edit of a real image ({inversion.options.method} inversion), {mode}"
-    else:
-        title = f"{mode}, seed {result.settings['seed']}"
-    return plot.grid(images, labels, columns=len(prompts), cell=cell, row_labels=rows, title=title)
 
 
 def _inversion_summary(inversion) -> dict:
@@ -233,27 +185,6 @@ def write_flowedit(result, out, model: str = "") -> dict:
                                              settings))
         files["html"] = "index.html"
     return {k: Path(out) / v for k, v in files.items()}
-
-
-def swap_figures(result: SwapAnalysis) -> dict[str, Image.Image]:
-    from .analysis import word_index_map
-
-    maps = result.first_step_maps
-    pictures = {}
-    for k in range(2):
-        words = maps.prompts[k].words
-        first = np.array([w.tokens[0] for w in words] + [-1])  # each word's first token position; -1: none
-        positions = first[word_index_map(maps, k).numpy()]  # (h, w) as the attention figures number tokens
-        names = {w.tokens[0]: f"{w.tokens[0]}: {w.text}" for w in words}  # repeated words told apart
-        picture = plot.argmax_image(positions, names)
-        pictures[f"argmax_step0_{k}"] = plot.titled(picture, f"step 0, “{result.prompts[k]}”: most-attended word")
-    pictures["drift"] = plot.line_plot(
-        {"vanilla": result.drift_vanilla, "p2p controlled": result.drift_controlled}, "denoising step",
-        "|x_edit - x_source| / |x_source|", title="how far the edited latents drift from the source's")
-    prompts = result.prompts
-    pictures["images"] = plot.grid(list(result.vanilla.images) + list(result.controlled.images),
-                                   changed_words(prompts) * 2, columns=2, cell=160, row_labels=["vanilla", "p2p"])
-    return pictures
 
 
 def layout_verdict(vanilla: float, controlled: float) -> str:

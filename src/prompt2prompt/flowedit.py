@@ -105,6 +105,16 @@ class FlowEditResult:
     # blended step (True: may change); None without blend words or before the first blended step
     settings: dict = field(default_factory=dict)  # prompts, options (defaults filled in), family, seconds
 
+    def _repr_png_(self) -> bytes:
+        from .display import pair_picture, png
+
+        source, target = self.settings.get("prompts", ["input", "edit"])
+        return png(pair_picture([self.source, self.image], [source, target], "FlowEdit"))
+
+    def __repr__(self) -> str:
+        return (f"FlowEditResult({self.settings.get('prompts')!r}, {self.image.width}x{self.image.height}, "
+                f"{self.settings.get('model_calls')} model calls{', local blend' if self.mask is not None else ''})")
+
 
 def flowedit(pipe, image, source: str, target: str, options: FlowEditOptions = FlowEditOptions(),
              progress: bool = True) -> FlowEditResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from PIL import Image
@@ -29,8 +29,9 @@ def check_size(height: int | None, width: int | None) -> None:
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    steps: int = 50  # denoising steps (SD's default)
-    guidance: float = 7.5  # classifier-free guidance scale (SD's default); <= 1 turns guidance off
+    steps: int | None = None  # denoising steps; None: the pipeline's own default (SD 50, SD3 and Flux.1 28)
+    guidance: float | None = None  # classifier-free guidance scale (<= 1 turns guidance off); None: the pipeline's
+    # own default (SD 1.x 7.5, SDXL 5, SD3 7, Flux.1 3.5), in the usual convention whatever the pipeline's
     seed: int = 0  # seeds the initial latent, shared by every prompt of the batch, and the schedulers' noise
     height: int | None = None  # pixels; None: the model's native size
     width: int | None = None
@@ -38,8 +39,10 @@ class GenerationOptions:
     max_sequence_length: int | None = None  # MM-DiT: the T5 tokens the text is padded to; None: the pipeline's default
 
     def __post_init__(self):
-        check_whole(self.steps, "steps", 1, MAX_STEPS)
-        check_finite(self.guidance, "guidance (1 or less turns it off)", 0)
+        if self.steps is not None:
+            check_whole(self.steps, "steps", 1, MAX_STEPS)
+        if self.guidance is not None:
+            check_finite(self.guidance, "guidance (1 or less turns it off)", 0)
         check_seed(self.seed)
         for name in ("height", "width", "max_sequence_length"):
             if getattr(self, name) is not None:
@@ -48,6 +51,26 @@ class GenerationOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resolved(self, pipe) -> GenerationOptions:
+        """These options with steps and guidance left unset taken from the pipeline's own defaults."""
+        if self.steps is not None and self.guidance is not None:
+            return self
+        steps, guidance = pipeline_defaults(pipe)
+        return replace(self, steps=steps if self.steps is None else self.steps,
+                       guidance=guidance if self.guidance is None else self.guidance)
+
+
+def pipeline_defaults(pipe) -> tuple[int, float]:
+    """(steps, guidance) the pipeline uses when its call names none: its `__call__`'s defaults, the guidance scale
+    read from the argument its family guides with and put in the usual convention (`Family.scale`)."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    name, offset = family_of(pipe).scale
+    steps = params["num_inference_steps"].default if "num_inference_steps" in params else 50
+    scale = params[name].default if name in params else None
+    return int(steps), float(scale if isinstance(scale, (int, float)) else 1.0) + offset
 
 
 @dataclass
@@ -211,6 +234,7 @@ def generate(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise InputError("expected at least one prompt, got none")
+    options = options.resolved(pipe)
     check_steps(pipe, options.steps)
     generator = torch.Generator("cpu").manual_seed(options.seed)
     latent = initial_latent(pipe, options, generator) if latent is None else latent

@@ -100,6 +100,16 @@ class Inversion:
     path: torch.Tensor | None = None  # direct: (steps, channels, h, w) the latent after each sampling step
     uncond_pooled: torch.Tensor | None = None  # SDXL: (1, width) the pooled embedding of the unconditional rows
 
+    def _repr_png_(self) -> bytes:
+        from .display import pair_picture, png
+
+        return png(pair_picture([self.image], [self.prompt], f"{self.options.method} inversion"))
+
+    def __repr__(self) -> str:
+        size = f"{self.image.width}x{self.image.height}"
+        return (f"Inversion({self.prompt!r}, {self.options.method}, {self.options.steps} steps, guidance "
+                f"{self.options.guidance}, {size}, model {self.settings.get('model')!r})")
+
     def to_bytes(self) -> bytes:
         """The inversion as one safetensors file's bytes (tensors float32 on the CPU; metadata as JSON)."""
         from safetensors.torch import save

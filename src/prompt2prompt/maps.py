@@ -54,6 +54,15 @@ class HeatMap:
 
         return overlay(image, self.resized((image.height, image.width)).numpy(), alpha)
 
+    def _repr_png_(self) -> bytes:
+        from .display import heat_map_picture, png
+
+        return png(heat_map_picture(self))
+
+    def __repr__(self) -> str:
+        h, w = self.values.shape
+        return f"HeatMap({self.label!r}, {h}x{w}, max {float(self.values.max()):.3g})"
+
 
 @dataclass
 class CrossAttentionMaps:
@@ -116,6 +125,24 @@ class CrossAttentionMaps:
         elif ignore_start:
             values[..., [offset + i for i in part.real_positions(start=True) if part.tokens[i] == "<start>"]] = -1
         return values.argmax(-1)
+
+    def word_index(self, prompt: int = 0) -> torch.Tensor:
+        """(h, w) index of each pixel's most-attended word in the prompt's word list (`PromptTokens.words`)."""
+        tokens = self._tokens(prompt)
+        owner = torch.full((tokens.length,), -1, dtype=torch.long)
+        for k, word in enumerate(tokens.words):
+            owner[list(word.tokens)] = k
+        return owner[self.argmax(prompt)]
+
+    def _repr_png_(self) -> bytes:
+        from .display import maps_picture, png
+
+        return png(maps_picture(self))
+
+    def __repr__(self) -> str:
+        from .display import maps_summary
+
+        return maps_summary(self)
 
     # -- files ---------------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -73,8 +73,13 @@ class Trace:
         """The edit's last local-blend mask, (prompts, 1, h, w), or None."""
         return None if self.blend is None else self.blend.mask
 
+    def _repr_png_(self) -> bytes | None:
+        from .display import maps_picture, png
+
+        return png(maps_picture(self.maps())) if self.steps and self.tokens else None
+
     def __repr__(self) -> str:
-        return f"Trace({len(self.prompts)} prompt(s), {self.steps} steps, {len(self.store.sums)} layers recorded)"
+        return f"Trace({self.prompts!r}, {self.steps} steps, {len(self.store.sums)} layers recorded)"
 
 
 def _bound(method, args, kwargs) -> dict:

@@ -168,8 +168,8 @@ class App:
         """(grid, vanilla pictures, controlled pictures, blend masks: one (picture, edited prompt) per edit, none
         without a blend). targets: one prompt per line."""
         from . import plot
+        from .display import edit_grid
         from .edits import edit
-        from .figures import edit_grid
 
         prompts = [t.strip() for t in (targets or "").splitlines() if t.strip()]
         if not (source or "").strip() or not prompts:
@@ -240,7 +240,7 @@ class App:
     def why(self, source: str, target: str, seed=0, steps=50, guidance=7.5):
         """(most-attended word at step 0 for each prompt, the drift plot, the numbers in a sentence)."""
         from .analysis import swap_analysis
-        from .figures import swap_figures
+        from .display import swap_figures
 
         if not (source or "").strip() or not (target or "").strip():
             raise InputError("give a source prompt and a prompt with one word swapped")

@@ -55,6 +55,9 @@ class Family:
     arguments: tuple[str, ...] = ("attn", "hidden_states", "encoder_hidden_states", "attention_mask",
                                   "image_rotary_emb")  # joint: the stock processors' arguments `project` understands
     # -- the adapter's functions (None: the generic behaviour) --------------------------------------------------
+    scale: tuple[str, float] = ("guidance_scale", 0.0)  # the pipeline's argument for the guidance scale and what to
+    # add to its value to get the usual scale (Z-Image's pos + g (pos - neg) is the usual g + 1): its default there is
+    # the default guidance here
     load: Callable | None = None  # (model_index.json as a dict) -> extra keyword arguments for from_pretrained
     size: Callable | None = None  # (pipe) -> ((height, width) the pipeline draws by default, (height, width) the
     # largest its denoiser can position, or None: no limit); None: the pipeline's default_sample_size or the

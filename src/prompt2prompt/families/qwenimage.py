@@ -77,7 +77,7 @@ def finish(attn, out, call: dict, text: slice, image: slice):
 QWEN_IMAGE = Family("qwenimage", "Qwen-Image", "joint", pipelines=("QwenImagePipeline",),
                     networks=("QwenImageTransformer2DModel",), text_first=True, packed=True, flow=True,
                     text_parts=("qwen2.5-vl",), processors=("QwenDoubleStreamAttnProcessor2_0",), invertible=False,
-                    guidance_calls=True, batch_padded=True,
+                    guidance_calls=True, batch_padded=True, scale=("true_cfg_scale", 0.0),
                     arguments=("attn", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask",
                                "attention_mask", "image_rotary_emb"),
                     tokens=tokens, noise=noise, grid=grid, project=project, finish=finish, guidance=guidance)

@@ -123,7 +123,7 @@ def finish(attn, out, call: dict, text: slice, image: slice):
 
 Z_IMAGE = Family("zimage", "Z-Image", "joint", pipelines=("ZImagePipeline",), networks=("ZImageTransformer2DModel",),
                  flow=True, text_parts=("qwen3",), processors=("ZSingleStreamAttnProcessor",), invertible=False,
-                 conditional_first=True, batch_padded=True,
+                 conditional_first=True, batch_padded=True, scale=("guidance_scale", 1.0),
                  arguments=("attn", "hidden_states", "encoder_hidden_states", "attention_mask", "freqs_cis"),
                  tokens=tokens, guidance=guidance, modules=modules, size=size, place=place, inputs=inputs, grid=grid,
                  project=project, finish=finish)
