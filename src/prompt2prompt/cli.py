@@ -133,7 +133,7 @@ def _pipe(args, device):
         diffusers.utils.logging.disable_progress_bar()
     if not args.quiet:
         print(f"loading {args.model} on {device[0]}", file=sys.stderr)
-    return load_pipeline(args.model, device=device[0], dtype=device[1], offload=device[2])
+    return load_pipeline(args.model, device=device[0], dtype=device[1], offload=device[2], progress=not args.quiet)
 
 
 def _recorded(model: str) -> str:

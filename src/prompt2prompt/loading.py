@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -154,11 +155,29 @@ def execution_device(pipe) -> torch.device:
     return torch.device(device)
 
 
+@contextmanager
+def _loading_bars(shown: bool):
+    """diffusers' and transformers' progress bars on or off for the block, as they were afterwards."""
+    import diffusers
+    import transformers
+
+    libraries = (diffusers.utils.logging, transformers.utils.logging)
+    before = [lib.is_progress_bar_enabled() for lib in libraries]
+    for lib in libraries:
+        (lib.enable_progress_bar if shown else lib.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        for lib, was in zip(libraries, before):
+            (lib.enable_progress_bar if was else lib.disable_progress_bar)()
+
+
 def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, offload: str | None = None):
+                  dtype: torch.dtype = torch.float32, offload: str | None = None, progress: bool = False):
     """A pipeline of one of the supported families (`families.SUPPORTED`), offline: bundled name, local folder, or
     cached hub id. offload: "model" (each component moved to the device while it runs) or "sequential" (each layer: the
-    least memory, the slowest), diffusers' own CPU offloading; None keeps every component on the device."""
+    least memory, the slowest), diffusers' own CPU offloading; None keeps every component on the device. progress:
+    diffusers' and transformers' loading bars (off by default: in a notebook they arrive as lines of stderr)."""
     from diffusers import DiffusionPipeline
 
     device = torch.device(device)
@@ -181,7 +200,8 @@ def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.
     loaders = {f.load for f in PIPELINES[cls] if f.load is not None}  # one per class (SD 1.x and 2.x share it)
     extra = loaders.pop()(index) if loaders else {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra)
+        with _loading_bars(progress):
+            pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra)
     except Exception as e:
         raise ModelError(f"could not load the pipeline in {folder}: {type(e).__name__}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
