@@ -10,7 +10,7 @@ from pathlib import Path
 
 project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
 # test tools, not the library's dependencies: the floor run skips the browser tests and the notebook (marker once)
-tools = ("ruff", "playwright", "nbclient", "nbformat", "ipykernel", "build", "twine")
+tools = ("ruff", "playwright", "nbclient", "nbformat", "ipykernel", "build", "twine", "mkdocs", "mkdocstrings")
 wanted = list(project["dependencies"]) + [d for d in project["optional-dependencies"]["dev"]
                                           if not d.startswith(tools)]
 pins = []

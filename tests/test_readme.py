@@ -1,7 +1,8 @@
-"""The README's commands run as written: every `p2p` line of its commands table on each family it names (the bundled
-`shapes` as written, each tiny pipeline with `--model FOLDER`), and its table of shared flags is the parser's.
+"""The docs run as written (README.md and docs/*.md): every `p2p` line of the commands table on each family it names
+(the bundled `shapes` as written, each tiny pipeline with `--model FOLDER`), every `p2p` line of a code block and every
+Python block on the bundled model, and the table of shared flags is the parser's.
 
-`python tests/test_readme.py` prints the flags table as the parser has it (to paste between the README's markers).
+`python tests/test_readme.py` prints the flags table as the parser has it (to paste between its markers).
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ from prompt2prompt.families import FAMILIES
 from prompt2prompt.testing import KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FLAGS = ("--model", "--steps", "--guidance", "--seed", "--height", "--width", "--device", "--dtype", "--offload",
          "--out", "--quiet")
 COMMANDS = ("attend", "edit", "swap-analysis", "invert", "demo", "sweep", "ui")
+NOT_RUN = ("ui",)  # serves a page until stopped: parsed here, its page tested in a real browser (test_ui.py)
 
 
-def _between(text: str, name: str) -> str:
-    match = re.search(rf"<!-- {name} -->\n(.*?)<!-- /{name} -->", text, re.S)
-    assert match, f"README.md has no <!-- {name} --> ... <!-- /{name} --> block"
-    return match.group(1)
+def _between(name: str) -> str:
+    """The block between <!-- name --> and <!-- /name --> in whichever page holds it (exactly one must)."""
+    found = [m.group(1) for page in PAGES
+             for m in re.finditer(rf"<!-- {name} -->\n(.*?)<!-- /{name} -->", page.read_text(), re.S)]
+    assert len(found) == 1, f"expected one <!-- {name} --> block in README.md and docs/, found {len(found)}"
+    return found[0]
 
 
 def _subparsers() -> dict:
@@ -47,14 +51,13 @@ def flags_table() -> str:
 
 
 def test_the_flags_table_is_the_parsers():
-    assert _between(README.read_text(), "flags") == flags_table(), "README's flags table; the parser's:\n" + \
-        flags_table()
+    assert _between("flags") == flags_table(), "the docs' flags table; the parser's:\n" + flags_table()
 
 
 def _rows() -> list[tuple[str, str, str]]:
-    """(command, families, what it writes) of each row of the README's commands table."""
+    """(command, families, what it writes) of each row of the commands table."""
     rows = []
-    for line in _between(README.read_text(), "commands").splitlines()[2:]:
+    for line in _between("commands").splitlines()[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         command = re.fullmatch(r"`(p2p .*)`", cells[0])
         assert command and len(cells) == 3, f"a commands row is `p2p ...` | families | what it writes: {line}"
@@ -73,13 +76,16 @@ def _kinds(families: str) -> list[str]:
     return ["shapes"] * chosen[families](shapes) + [k for k in KINDS if chosen[families](FAMILIES[k])]
 
 
-def _picture(path: Path) -> None:
-    """A rendered scene of the shapes world captioned "a red circle and a blue square"."""
+def _checkout(tmp_path: Path, monkeypatch) -> None:
+    """Run as in a checkout: the example studies beside, and photo.png, a scene of the shapes world captioned "a red
+    circle and a blue square"."""
     import random
 
     from prompt2prompt.shapes import world
 
-    world.scene_from_caption("a red circle and a blue square", random.Random(0)).image().save(path)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    world.scene_from_caption("a red circle and a blue square", random.Random(0)).image().save(tmp_path / "photo.png")
 
 
 PLANS = {kind: [row for row in _rows() if kind in _kinds(row[1])] for kind in ("shapes", *KINDS)}
@@ -87,13 +93,11 @@ PLANS = {kind: [row for row in _rows() if kind in _kinds(row[1])] for kind in ("
 
 @pytest.mark.once
 @pytest.mark.parametrize("kind", list(PLANS))
-def test_every_readme_command_runs_as_written(kind, tmp_path, monkeypatch, capsys):
+def test_every_command_of_the_table_runs_as_written(kind, tmp_path, monkeypatch, capsys):
     """Every commands row that names this model's family, in order (an edit from an inversion follows the inversion),
     exit 0 and the files its row names."""
-    assert PLANS[kind], f"no README command names {kind}"
-    monkeypatch.chdir(tmp_path)  # as in a checkout: the example studies beside, and a picture
-    shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    _picture(tmp_path / "photo.png")
+    assert PLANS[kind], f"no command of the table names {kind}"
+    _checkout(tmp_path, monkeypatch)
     folder = None
     if kind != "shapes":
         from prompt2prompt.testing import tiny_pipeline
@@ -118,38 +122,48 @@ def test_every_readme_command_runs_as_written(kind, tmp_path, monkeypatch, capsy
             assert (base / name).is_file(), f"{kind}: {command} did not write {name} in {base}"
 
 
+def _blocks(kind: str) -> list[tuple[Path, str]]:
+    """(page, text) of every fenced block of a kind ("python"; "" for bash and unlabelled ones), in page order."""
+    found = []
+    for page in PAGES:
+        for label, text in re.findall(r"```(\w*)\n(.*?)```", page.read_text(), re.S):
+            if (label == "python") == (kind == "python"):
+                found.append((page, text))
+    return found
+
+
+def _code_lines() -> list[tuple[Path, str, list[str]]]:
+    """(page, line, arguments) of every `p2p` command line of a code block, its comment left out."""
+    return [(page, line, shlex.split(line, comments=True)[1:]) for page, text in _blocks("")
+            for line in text.splitlines() if line.startswith("p2p ")]
+
+
 @pytest.mark.once
-def test_the_python_example_runs(tmp_path, monkeypatch):
-    """The README's Python block, as written, in a fresh folder (it writes its own photo.png)."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert blocks, "README.md has no ```python block"
-    monkeypatch.chdir(tmp_path)
-    for code in blocks:
-        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
-    assert (tmp_path / "circle.png").is_file() and (tmp_path / "inv.safetensors").is_file()
-
-
-def _other_lines() -> list[str]:
-    """The README's other `p2p` command lines: those of its code blocks (a comment after `#` left out)."""
-    return [m.group(1).split("#")[0].strip() for m in re.finditer(r"^(p2p [a-z].*)$", README.read_text(), re.M)]
-
-
-def test_every_other_readme_command_line_parses_and_names_files_that_exist(monkeypatch):
-    """The README's code-block command lines are not run here (a full study's sweep takes minutes; the page serves
-    until stopped): each is parsed by the real parser, and every study file it names exists."""
-    lines = _other_lines()
-    assert any(line.startswith("p2p sweep") for line in lines) and any(line.startswith("p2p ui") for line in lines)
+def test_every_command_line_of_a_code_block_runs_as_written(tmp_path, monkeypatch, capsys):
+    """On the bundled model, in page order in one folder (an edit from an inversion follows it); `p2p ui` is parsed
+    only (it serves until stopped)."""
+    lines = _code_lines()
+    assert {"sweep", "ui", "attend", "edit", "invert"} <= {argv[0] for _, _, argv in lines}
+    _checkout(tmp_path, monkeypatch)
     parser = build_parser()
-    monkeypatch.chdir(ROOT)
-    for line in lines:
-        argv = shlex.split(line)[1:]
-        try:
+    for page, line, argv in lines:
+        if argv[0] in NOT_RUN:
             parser.parse_args(argv)
-        except SystemExit as error:
-            raise AssertionError(f"the README's {line!r} does not parse") from error
-        for arg in argv:
-            if arg.endswith((".yaml", ".json")) and not arg.startswith("-"):
-                assert Path(arg).is_file(), f"the README's {line!r} names {arg}, which is not there"
+            continue
+        code = main(argv + ["--quiet"])
+        assert code == 0, f"{page.name}: {line} exited {code}: {capsys.readouterr().err}"
+
+
+@pytest.mark.once
+def test_every_python_block_runs(tmp_path, monkeypatch):
+    """Each page's Python blocks, as written, in a fresh folder (one namespace per page, blocks in order)."""
+    blocks = _blocks("python")
+    assert blocks, "the docs have no ```python block"
+    monkeypatch.chdir(tmp_path)
+    namespaces: dict[Path, dict] = {}
+    for page, code in blocks:
+        exec(compile(code, str(page.relative_to(ROOT)), "exec"), namespaces.setdefault(page, {"__name__": "docs"}))
+    assert (tmp_path / "circle.png").is_file() and (tmp_path / "inv.safetensors").is_file()
 
 
 if __name__ == "__main__":
