@@ -129,3 +129,23 @@ def test_runs_status_resume_and_row(root, capsys):
     assert "== resumed" in (root / "s" / "train.log").read_text()
     row = runs.progress_row(root / "s")
     assert row.startswith("| s | `python -m prompt2prompt.shapes.train --run s") and "| 2 |" in row
+
+
+def test_a_milestone_is_evaluated_and_shipped_as_a_first_improvement(root, tmp_path, monkeypatch):
+    from prompt2prompt.shapes import ship as ship_module
+
+    train.main(["--run", "e", *TINY, "--steps", "2", "--milestone-every", "2"])
+    row = runs.evaluate(root / "e", count=2)
+    assert row["step"] == 2 and row["count"] == 2 and row["guidance"] == 7.5 and "exact_count_two" in row
+    saved = json.loads((root / "e" / "evals.jsonl").read_text().splitlines()[-1])
+    assert json.dumps(saved) == json.dumps(row)  # (NaN where two captions name no one-object scene)
+    evaluation = root / "e" / "milestones" / "step-000002.eval.json"
+    assert json.loads(evaluation.read_text())["count"] == 2
+    worse = {k: row[k] - 1 for k in ship_module.IMPROVED}  # a shipped model worse on every measure
+    (tmp_path / "shipped.json").write_text(json.dumps(worse))
+    monkeypatch.setitem(ship_module.BUNDLED, "shapes", tmp_path / "package" / "shapes")
+    ship_module.main([str(root / "e"), "--step", "2", "--eval", str(evaluation), "--over",
+                      str(tmp_path / "shipped.json")])
+    shipped = load_file(tmp_path / "package" / "shapes" / "unet" / "diffusion_pytorch_model.safetensors")
+    exported = load_file(root / "e" / "milestones" / "step-000002" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert shipped.keys() == exported.keys() and all(torch.equal(shipped[k], exported[k]) for k in shipped)

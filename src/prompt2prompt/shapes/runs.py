@@ -155,6 +155,11 @@ def evaluate(folder: Path, step: int | None = None, count: int = 200, guidance: 
     result = run_evaluator(load_pipeline(export), count, 1234, GenerationOptions(steps=50, guidance=guidance))
     row = {"step": step, "hours": info["hours"], "count": count, "guidance": guidance,
            "seconds": round(time.time() - started, 1), **{key: getattr(result, key) for key in MEASURES}}
+    from dataclasses import asdict
+
+    # the whole evaluation beside the milestone (what `shapes.ship --step` ships with)
+    export.with_name(export.name + ".eval.json").write_text(json.dumps({**asdict(result), "model": str(export)},
+                                                                       indent=2))
     with (folder / "evals.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
     return row

@@ -198,11 +198,13 @@ def improvements(evaluation: dict, shipped: dict) -> list[str]:
             if not (evaluation[k] > shipped[k] or evaluation[k] == shipped[k] == 1.0)]
 
 
-def ship(run: Path, evaluation: dict, name: str = "shapes", provenance: str = "", over: dict | None = None) -> Path:
-    """Copy run/pipeline to the bundled model `name` with its card (provenance: a paragraph on how the weights were
-    made, for the card's last section) and its evaluation. It must pass its bars, or, with `over` (the shipped model's
-    evaluation by the same evaluator), be better than that on every measure: a first improvement."""
-    pipeline = run / "pipeline"
+def ship(run: Path, evaluation: dict, name: str = "shapes", provenance: str = "", over: dict | None = None,
+         pipeline: Path | None = None) -> Path:
+    """Copy run/pipeline (or `pipeline`: a milestone's export) to the bundled model `name` with its card (provenance:
+    a paragraph on how the weights were made, for the card's last section) and its evaluation. It must pass its bars,
+    or, with `over` (the shipped model's evaluation by the same evaluator), be better than that on every measure: a
+    first improvement."""
+    pipeline = pipeline or run / "pipeline"
     if not (pipeline / "model_index.json").exists():
         raise InputError(f"{pipeline} is not a pipeline folder: expected the model_index.json that training writes")
     if over is not None:
@@ -244,13 +246,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--provenance", default=None, metavar="FILE",
                         help="a text file whose paragraph becomes the card's Provenance section (how and when the run "
                         "was made)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="ship the run's milestone of this step (its export, milestones/step-N/, as `python -m "
+                        "prompt2prompt.shapes.runs evaluate` writes it) instead of its final pipeline")
     parser.add_argument("--over", default=None, metavar="EVAL",
                         help="ship a first improvement: better than the shipped model's evaluation in this JSON (the "
                         "same evaluator's) on every measure, instead of passing the bars")
     args = parser.parse_args(argv)
     provenance = Path(args.provenance).read_text() if args.provenance else ""
     over = json.loads(Path(args.over).read_text()) if args.over else None
-    target = ship(Path(args.run), json.loads(Path(args.eval).read_text()), args.name, provenance, over)
+    run = Path(args.run).expanduser()
+    pipeline = run / "milestones" / f"step-{args.step:06d}" if args.step is not None else None
+    target = ship(run, json.loads(Path(args.eval).read_text()), args.name, provenance, over, pipeline)
     print(f"shipped {target}")
 
 
