@@ -41,3 +41,16 @@ def test_what_was_used_is_recorded(joint_pipes):
     e = p2p.edit(pipe, "a red circle", "a blue circle", generation=p2p.GenerationOptions(steps=2, height=32, width=32),
                  progress=False)
     assert e.settings["steps"] == 2 and e.settings["guidance"] == 7.0
+
+
+def test_results_made_from_the_api_name_their_model(sd1, sd1_folder):
+    loaded = p2p.load_pipeline(sd1_folder)
+    r = p2p.attend(loaded, "a red circle", p2p.GenerationOptions(steps=2), progress=False)
+    assert r.settings["model"] == str(sd1_folder)  # the folder it came from, not ''
+    e = p2p.edit(loaded, "a red circle", "a blue circle", generation=p2p.GenerationOptions(steps=2), progress=False)
+    assert e.settings["model"] == str(sd1_folder)
+    assert p2p.attend(loaded, "a red circle", p2p.GenerationOptions(steps=2), model="mine",
+                      progress=False).settings["model"] == "mine"  # as the caller names it
+    from prompt2prompt.loading import model_name
+
+    assert model_name(p2p.load_pipeline("shapes")) == "shapes"  # the bundled model by its name

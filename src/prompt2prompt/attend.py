@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .errors import P2PError
 from .generation import Generation, GenerationOptions, generate
-from .loading import default_part, family
+from .loading import default_part, family, model_name
 from .maps import CrossAttentionMaps, SelfAttentionMaps, cross_maps, self_maps
 from .routing import AttentionController, Controllers
 from .store import AttentionStore, RecordOptions
@@ -85,7 +85,7 @@ def attend(
     width, height = gen.images[0].size
     settings = {
         "prompts": prompts,
-        "model": str(model),
+        "model": model_name(pipe, model),
         "family": family(pipe),
         "text_part": default_part(pipe),
         **options.to_dict(),

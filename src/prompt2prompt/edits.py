@@ -21,7 +21,7 @@ from .errors import NonFiniteError, PromptError
 from .families import family_of
 from .generation import Generation, GenerationOptions, generate
 from .joint import JOINT_PLACES
-from .loading import execution_device
+from .loading import execution_device, model_name
 from .numbers import FACTOR_MAX, check_factor
 from .routing import AttentionController, Controllers, RunInfo, Site, denoiser
 from .schedule import Span, check_span, resolve_cross, step_range
@@ -521,7 +521,7 @@ def edit(pipe, source: str, targets: list[str] | str, options: EditOptions = Edi
         raise NonFiniteError(f"{error} (re-weight factors {factors})") from None
     plain = run(None, **pipe_kwargs) if vanilla else None
     settings = {"prompts": prompts, **options.to_dict(), "mode": p2p.mode, "requested_mode": options.mode,
-                **generation.to_dict()}
+                **generation.to_dict(), "model": model_name(pipe)}
     kept = None
     if inversion is not None:
         settings["inversion"] = {"method": inversion.options.method, **inversion.settings}

@@ -86,7 +86,7 @@ def _inversion_summary(inversion) -> dict:
 def write_edit(result: EditResult, out, model: str = "", inversion=None) -> dict:
     from .metrics import psnr
 
-    settings = {**result.settings, "model": str(model)}
+    settings = {**result.settings, "model": str(model or result.settings.get("model", ""))}
     page_settings = {k: v for k, v in settings.items() if k != "inversion"}
     files = {}
     with staged(out) as tmp:
@@ -147,7 +147,7 @@ def write_flowedit(result, out, model: str = "") -> dict:
     (blend_mask.png, with blend words), settings.json and a self-contained index.html, written whole or not at all."""
     from .metrics import psnr
 
-    settings = {**result.settings, "model": str(model)}
+    settings = {**result.settings, "model": str(model or result.settings.get("model", ""))}
     source, target = settings["prompts"]
     files = {}
     with staged(out) as tmp:

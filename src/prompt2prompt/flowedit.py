@@ -172,7 +172,10 @@ def flowedit(pipe, image, source: str, target: str, options: FlowEditOptions = F
                                  "setting overflowed the model's numbers; lower it")
         latent = unpack(pipe, edited.to(dtype), prepared.size)
         picture = decode(pipe, latent)
+    from .loading import model_name
+
     settings = {"method": "flowedit", "prompts": [source, target], **asdict(options), "family": family_of(pipe).name,
+                "model": model_name(pipe),
                 "seconds": time.perf_counter() - start, "conversions": notes,
                 "model_calls": options.n_max * options.n_avg * 2}
     mask = None if feed is None or feed.blend.mask is None else feed.blend.mask[1:].cpu()  # (1, 1, grid)

@@ -519,7 +519,9 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
         uncond, path, pooled = torch.zeros(0, 0, 0), None, None  # sampling uses the empty caption, as the inversion did
     else:
         noise, uncond, losses, path, pooled = _ddim_family(pipe, prepared, prompt, options, progress)
-    settings = {"model": str(model), "family": family_of(pipe).name, "size": list(prepared.size),
+    from .loading import model_name
+
+    settings = {"model": model_name(pipe, model), "family": family_of(pipe).name, "size": list(prepared.size),
                 "seconds": time.perf_counter() - start,
                 "losses": losses, "scaling_factor": float(pipe.vae.config.scaling_factor), "conversions": notes}
     return Inversion(noise.detach().cpu(), uncond.detach().cpu(), prompt, options, prepared, settings,

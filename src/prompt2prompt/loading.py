@@ -155,6 +155,18 @@ def execution_device(pipe) -> torch.device:
     return torch.device(device)
 
 
+def model_name(pipe, given: str | Path = "") -> str:
+    """How results and files name a pipeline's model: as the caller gave it, else the folder it was loaded from (a
+    bundled model by its name), so a result made from the API still says which model made it."""
+    if given:
+        return str(given)
+    path = str(getattr(pipe, "name_or_path", "") or "")
+    for name, folder in BUNDLED.items():
+        if path and Path(path).resolve() == folder.resolve():
+            return name
+    return path
+
+
 @contextmanager
 def _loading_bars(shown: bool):
     """diffusers' and transformers' progress bars on or off for the block, as they were afterwards."""
