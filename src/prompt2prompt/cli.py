@@ -227,7 +227,7 @@ def _edit_flags(p: argparse.ArgumentParser) -> None:
                    "(default: own)")
     p.add_argument("--reference", nargs="?", const="stable", default=None, choices=["stable", "null-text"],
                    help="reproduce the Prompt-to-Prompt code's edits exactly, as its stable (default) or null-text "
-                   "notebook computes them (README: reference mode)")
+                   "notebook computes them (docs/how-it-works.md: reference mode)")
 
 
 def _flowedit(args) -> None:

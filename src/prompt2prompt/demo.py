@@ -107,7 +107,7 @@ def run_demo(pipe, out, options: DemoOptions = DemoOptions(), model: str = "shap
     gen = GenerationOptions(steps=options.steps, guidance=options.guidance, seed=options.seed)
     numbers: dict = {"settings": {**asdict(options), "model": model}}
     sections, pictures = [], {}
-    joint = family_of(pipe).joint  # MM-DiT: no self-attention is replaced by default (README, joint.py)
+    joint = family_of(pipe).joint  # MM-DiT: no self-attention is replaced by default (docs/how-it-works.md, joint.py)
 
     _say("[1/7] cross-attention maps", quiet)
     att = attend(pipe, SOURCE, gen, progress=False)

@@ -3,7 +3,7 @@
 One source prompt and several edited prompts run in one batch from one initial latent; the edits touch only the
 conditional half (the router hands controllers nothing else). Defaults take the p2p notebooks' values (cross-attention
 from the source for 80% of the loop, self-attention for 40%, local-blend threshold 0.3 from 20% on) with the
-differences the README lists; `EditOptions.reference()` reproduces the original code exactly.
+differences docs/how-it-works.md lists; `EditOptions.reference()` reproduces the original code exactly.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class EditOptions:
 
     @classmethod
     def reference(cls, notebook: str = "stable", **overrides) -> EditOptions:
-        """Options that reproduce the Prompt-to-Prompt code's edits exactly (README, "Reference mode").
+        """Options that reproduce the Prompt-to-Prompt code's edits exactly (docs/how-it-works.md, "reference mode").
 
         notebook "stable" (prompt-to-prompt_stable.ipynb): self-attention replaced at maps of at most 16x16 queries,
         local blend from the first step; "null-text" (null_text_w_ptp.ipynb): at most 32x32, blend from 20%.
