@@ -10,6 +10,7 @@ OPTS = GenerationOptions(steps=4, seed=3)
 
 
 def stock_images(pipe, prompts, opts=OPTS):
+    opts = opts.resolved(pipe)  # the pipeline's own guidance where the options leave it unset, as generate does
     latent = initial_latent(pipe, opts)
     latents = latent.expand(len(prompts), *latent.shape[1:]).clone()
     out = pipe(prompts, num_inference_steps=opts.steps, guidance_scale=opts.guidance, latents=latents,

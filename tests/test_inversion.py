@@ -209,7 +209,7 @@ def test_sdxl_null_text_retraces_and_edits(pipes, scene_image, tmp_path):
     from prompt2prompt.inversion import sampler, sampling_kwargs
 
     target = encode(pipe, inv.image)
-    opts = GenerationOptions(steps=STEPS)
+    opts = GenerationOptions(steps=STEPS, guidance=inv.options.guidance)  # sampled as it was inverted
     with sampler(pipe, inv):
         rec = generate(pipe, caption, None, opts, progress=False, **sampling_kwargs(inv))
     error = torch.nn.functional.mse_loss(rec.latents.float(), target).item()

@@ -16,7 +16,11 @@ def test_the_notebook_is_kept_without_outputs():
 
 
 @pytest.mark.once
-def test_the_tour_runs_and_shows_pictures(tmp_path):
+def test_the_tour_runs_and_shows_pictures(tmp_path, monkeypatch):
+    import os
+
+    # the kernel takes the tests' thread count (an oversubscribed kernel beside other work slows down many times)
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("P2P_TEST_THREADS", "2"))
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     notebook = nbformat.read(NOTEBOOK, as_version=4)

@@ -22,7 +22,8 @@ def tiny(pipes, joint_pipes):
 
 
 def _options(pipe):
-    return OPTS if hasattr(pipe, "transformer") else OPTS.__class__(steps=OPTS.steps, seed=OPTS.seed)
+    options = OPTS if hasattr(pipe, "transformer") else OPTS.__class__(steps=OPTS.steps, seed=OPTS.seed)
+    return options.resolved(pipe)  # the pipeline's own guidance, as generate takes it
 
 
 def _reads(pipe, what: str):

@@ -467,6 +467,7 @@ def _source_pooled(pipe, prompts: list[str], generation: GenerationOptions) -> d
     `prompt` is given: its encode_prompt's `prompt_2`, `prompt_3`, ... are named from its own signature."""
     import inspect
 
+    generation = generation.resolved(pipe)
     names = inspect.signature(pipe.encode_prompt).parameters
     negative = [generation.negative_prompt] * len(prompts) if generation.negative_prompt else None
     texts = {k: list(prompts) for k in names if k == "prompt" or re.fullmatch(r"prompt_\d", k)}

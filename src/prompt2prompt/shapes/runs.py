@@ -65,6 +65,14 @@ def milestone_info(path: Path) -> dict:
     return {k: json.loads(v) for k, v in meta.items()}
 
 
+def typed_arguments(folder: Path) -> list[str]:
+    """The arguments a run was first started with, as typed, without the thread count (no part of its recipe); []
+    for a folder without command.json."""
+    path = folder / "command.json"
+    typed = (json.loads(path.read_text()).get("typed") or []) if path.exists() else []
+    return [a for i, a in enumerate(typed) if a != "--threads" and (i == 0 or typed[i - 1] != "--threads")]
+
+
 def _rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -168,8 +176,7 @@ def evaluate(folder: Path, step: int | None = None, count: int = 200, guidance: 
 def progress_row(folder: Path) -> str:
     """The run's BENCHMARKS.md row: name, command, step reached, hours so far, the latest evaluation's figures."""
     info = status(folder)
-    command = json.loads((folder / "command.json").read_text())
-    argv = " ".join(command.get("typed") or command["argv"])
+    argv = " ".join(typed_arguments(folder))
     e = info["eval"] or {}
 
     def f(key):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..errors import InputError
 from ..loading import BUNDLED
 from ..outputs import staged
 from .evaluate import BARS, MEASURES
+from .runs import typed_arguments
 
 MAX_BYTES = 25 * 2**20
 WEIGHTS = ("*.safetensors", "*.json", "*.txt")
@@ -52,9 +54,14 @@ def _mix_line(config: dict) -> str:
     return mix + (f", {config['three_objects']:.0%} with three" if config.get("three_objects") else "")
 
 
-def _flags(config: dict) -> str:
+def _flags(config: dict, run: Path | None = None) -> str:
+    """The training command's arguments: as typed when the run was started (its command.json; the thread count left
+    out, it is no part of the recipe), else every setting of its config.json."""
+    typed = typed_arguments(run) if run is not None else []
+    if typed:
+        return " ".join(shlex.quote(a) for a in typed)
     return " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                    for k, v in config.items() if k not in ("threads",))
+                    for k, v in config.items() if k not in ("threads",) and v != "")
 
 
 def _scheduler_line(config: dict) -> str:
@@ -90,9 +97,9 @@ def model_card(run: Path, evaluation: dict, pipeline: Path, name: str = "shapes"
     size = sum(p.stat().st_size for p in _files(pipeline))
     settings = evaluation.get("settings", {})
     if config.get("family") == "sd3":
-        return _flow_card(config, evaluation, pipeline, table, size, settings)
+        return _flow_card(config, evaluation, pipeline, table, size, settings, run)
     params = {c: _params(pipeline, c) for c in ("unet", "text_encoder", "vae")}
-    flags = _flags(config)
+    flags = _flags(config, run)
     edges = f" and on both sides of every edge ({config['vae_edge_weight']:g})" if config.get("vae_edge_weight") else ""
     return f"""# shapes: a small Stable Diffusion of a synthetic world
 
@@ -139,7 +146,8 @@ segmentation and template fit (the evaluator scores 100% on the world's own rend
 """
 
 
-def _flow_card(config: dict, evaluation: dict, pipeline: Path, table: str, size: int, settings: dict) -> str:
+def _flow_card(config: dict, evaluation: dict, pipeline: Path, table: str, size: int, settings: dict,
+               run: Path | None = None) -> str:
     params = {c: _params(pipeline, c) for c in ("transformer", "text_encoder", "text_encoder_2", "vae")}
     return f"""# shapes-flow: a small Stable Diffusion 3 (MM-DiT, flow matching) of a synthetic world
 
@@ -164,7 +172,7 @@ for SD3 without T5: `StableDiffusion3Pipeline.from_pretrained(folder, text_encod
 
 ## Training
 ```
-python -m prompt2prompt.shapes.train {_flags(config)}
+python -m prompt2prompt.shapes.train {_flags(config, run)}
 ```
 Seeded and resumable. Flow matching as SD3 (Esser et al. 2024): x_s = (1 - s) x_0 + s noise, the transformer
 predicts noise - x_0, s drawn from a logit-normal; 10% empty captions for classifier-free guidance; the number of
