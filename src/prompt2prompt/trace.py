@@ -82,10 +82,10 @@ class Trace:
         return f"Trace({self.prompts!r}, {self.steps} steps, {len(self.store.sums)} layers recorded)"
 
 
-def _bound(method, args, kwargs) -> dict:
+def _bound(signature: inspect.Signature, args, kwargs) -> dict:
     """A call's arguments by name, as the method's signature binds them (defaults left out)."""
     try:
-        return dict(inspect.signature(method).bind_partial(*args, **kwargs).arguments)
+        return dict(signature.bind_partial(*args, **kwargs).arguments)
     except TypeError:
         return dict(kwargs)
 
@@ -109,11 +109,12 @@ def trace(pipe, edit: EditOptions | None = None, prompts: list[str] | None = Non
     controller, expected = store, None
     if edit is not None:
         expected = list(prompts)
-        tokens, p2p, blend = edit_controllers(pipe, expected, edit, 0, max_sequence_length)
+        _, p2p, blend = edit_controllers(pipe, expected, edit, 0, max_sequence_length)
         result.blend = blend
         controller = Controllers(edit_controller(p2p, blend), store)  # the store sees what the model used
     state = {"looping": True}  # a new pipeline call starts at its first encode_prompt after a loop (or at the start)
     encode, step = pipe.encode_prompt, pipe.scheduler.step
+    signatures = {"encode": inspect.signature(encode), "step": inspect.signature(step)}  # read once, not each step
     scheduler = pipe.scheduler
     own = {(id(obj), name): vars(obj)[name] for obj, name in ((pipe, "encode_prompt"), (scheduler, "step"))
            if name in vars(obj)}  # an attribute the object itself held (not its class's method): put back as it was
@@ -123,7 +124,7 @@ def trace(pipe, edit: EditOptions | None = None, prompts: list[str] | None = Non
         def traced_encode(*args, **kwargs):
             if state["looping"]:  # the first encoding of a new call (a second one is its negative prompt's)
                 state["looping"] = False
-                named = _bound(encode, args, kwargs)
+                named = _bound(signatures["encode"], args, kwargs)
                 given = named.get("prompt")
                 given = [given] if isinstance(given, str) else list(given) if given is not None else []
                 if expected is not None and given and given != expected:
@@ -143,7 +144,7 @@ def trace(pipe, edit: EditOptions | None = None, prompts: list[str] | None = Non
         def traced_step(*args, **kwargs):
             out = step(*args, **kwargs)
             state["looping"] = True
-            named = _bound(step, args, kwargs)
+            named = _bound(signatures["step"], args, kwargs)
             tuple_out = isinstance(out, tuple)
             latents = out[0] if tuple_out else out.prev_sample
             new = router.end_step(router.step, named.get("timestep"), latents)
