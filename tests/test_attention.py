@@ -341,6 +341,24 @@ def test_overlapping_generations_wait_for_each_other(sd1):
     assert dict(sd1.unet.attn_processors) == originals
 
 
+def test_reading_a_prompts_tokens_waits_for_a_generation_in_another_thread(sd1):
+    """A fast tokenizer called from two threads at once fails ("Already borrowed"): a prompt's tokens are read under
+    the pipeline's lock, which a generation holds while its pipeline tokenizes."""
+    import threading
+
+    from prompt2prompt.routing import exclusive
+    from prompt2prompt.tokens import prompt_tokens
+
+    read = []
+    with exclusive(sd1):  # a generation in progress in this thread
+        reader = threading.Thread(target=lambda: read.append(prompt_tokens(sd1, "a red circle")))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive() and not read  # waits for the lock
+    reader.join()
+    assert read[0].word_list() == ["a", "red", "circle"]
+
+
 def test_generation_leaves_the_callers_pipeline_as_it_was(sd1):
     sd1.set_progress_bar_config(disable=True, desc="mine")
     scheduler = sd1.scheduler

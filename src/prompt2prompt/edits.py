@@ -23,7 +23,7 @@ from .generation import Generation, GenerationOptions, generate
 from .joint import JOINT_PLACES
 from .loading import execution_device, model_name
 from .numbers import FACTOR_MAX, check_factor
-from .routing import AttentionController, Controllers, RunInfo, Site, denoiser
+from .routing import AttentionController, Controllers, RunInfo, Site, denoiser, exclusive
 from .schedule import Span, check_span, resolve_cross, step_range
 from .tokens import PromptTokens, batch_tokens
 
@@ -474,7 +474,7 @@ def _source_pooled(pipe, prompts: list[str], generation: GenerationOptions) -> d
     texts.update({k: negative for k in names if re.fullmatch(r"negative_prompt(_\d)?", k)})
     if "max_sequence_length" in names and generation.max_sequence_length is not None:
         texts["max_sequence_length"] = generation.max_sequence_length
-    with torch.no_grad():
+    with torch.no_grad(), exclusive(pipe):  # the pipeline's lock: its tokenizers are not to be shared by threads
         embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
             **texts, device=execution_device(pipe), num_images_per_prompt=1,
             do_classifier_free_guidance=generation.guidance > 1)

@@ -180,13 +180,14 @@ def velocity(pipe, prompt: str, guidance: float, max_sequence_length: int | None
     pipeline passes it, and the image ids of latents of latent_size (h, w) before packing."""
     from .families import family_of
     from .loading import execution_device
+    from .routing import exclusive
 
     net, device = pipe.transformer, execution_device(pipe)
     kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     if family_of(pipe).packed:
         return _flux_velocity(pipe, prompt, guidance, kwargs, latent_size)
     guided = guidance > 1
-    with torch.no_grad():
+    with torch.no_grad(), exclusive(pipe):  # the pipeline's lock: its tokenizers are not to be shared by threads
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt=prompt, prompt_2=None, prompt_3=None, do_classifier_free_guidance=guided, device=device,
             **kwargs)
@@ -208,9 +209,10 @@ def velocity(pipe, prompt: str, guidance: float, max_sequence_length: int | None
 
 def _flux_velocity(pipe, prompt: str, guidance: float, kwargs: dict, latent_size: tuple[int, int]):
     from .loading import execution_device
+    from .routing import exclusive
 
     net, device = pipe.transformer, execution_device(pipe)
-    with torch.no_grad():
+    with torch.no_grad(), exclusive(pipe):
         embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, **kwargs)
     h, w = latent_size  # the unpacked latent's sides: tokens are 2x2 patches of it
     image_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, embeds.dtype)

@@ -457,7 +457,7 @@ class _Text:
     def __init__(self, pipe, prompt: str, size: tuple[int, int]):
         self.unet = pipe.unet
         device = self.device = execution_device(pipe)
-        with torch.no_grad():
+        with torch.no_grad(), exclusive(pipe):  # the pipeline's lock: its tokenizers are not shared by threads
             if family_of(pipe).added_conditions:  # SDXL: the second encoder's pooled embedding and the added conditions
                 self.cond, self.null, self.pooled, self.null_pooled = pipe.encode_prompt(
                     prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)

@@ -281,14 +281,19 @@ def check_control_tokens(pipe, prompt: str) -> None:
 def prompt_tokens(pipe, prompt: str, max_sequence_length: int | None = None) -> PromptTokens:
     """A prompt as the pipeline's denoiser sees its text, by its family's adapter: one CLIP sequence (SD 1.x/2.x/XL:
     their encoders share positions), CLIP then T5 (SD3), T5 alone (Flux.1), a chat template around the prompt
-    (Flux.2), ... A prompt holding one of the model's control tokens is refused (`check_control_tokens`)."""
-    from .families import family_of
+    (Flux.2), ... A prompt holding one of the model's control tokens is refused (`check_control_tokens`).
 
-    check_control_tokens(pipe, prompt)
-    family = family_of(pipe)
-    if family.tokens is not None:
-        return family.tokens(pipe, prompt, max_sequence_length)
-    return PromptTokens.from_tokenizer(pipe.tokenizer, prompt)
+    Read under the pipeline's lock (`routing.exclusive`): a fast tokenizer must not be called from two threads at
+    once ("Already borrowed"), and a generation running in another thread calls this pipeline's tokenizers."""
+    from .families import family_of
+    from .routing import exclusive
+
+    with exclusive(pipe):
+        check_control_tokens(pipe, prompt)
+        family = family_of(pipe)
+        if family.tokens is not None:
+            return family.tokens(pipe, prompt, max_sequence_length)
+        return PromptTokens.from_tokenizer(pipe.tokenizer, prompt)
 
 
 def batch_tokens(pipe, prompts: list[str], max_sequence_length: int | None = None) -> list[PromptTokens]:

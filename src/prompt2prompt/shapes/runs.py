@@ -2,6 +2,8 @@
 
     python -m prompt2prompt.shapes.runs                      # each run: stage, step, hours, latest evaluation
     python -m prompt2prompt.shapes.runs resume               # start every unfinished run again, in the background
+                                                             # (and restart a lost run from training/NAME.safetensors)
+    python -m prompt2prompt.shapes.runs point NAME           # write its resume point, training/NAME.safetensors
     python -m prompt2prompt.shapes.runs evaluate NAME        # evaluate NAME's newest milestone (evals.jsonl)
     python -m prompt2prompt.shapes.runs row NAME             # its progress row for BENCHMARKS.md "Training runs"
 
@@ -11,7 +13,8 @@ checkout laid anew keeps its runs). The trainer (`python -m prompt2prompt.shapes
 arguments it was started with, which `resume` replays), `milestones/step-NNNNNN.safetensors` (the EMA weights in fp16
 with the step, the hours trained and the recipe as metadata: what `evaluate` measures, and the resume point a session
 may commit), and `train.log` when started by `resume`. `evaluate` exports a milestone to a pipeline folder beside it and
-appends the evaluator's figures to `evals.jsonl`.
+appends the evaluator's figures to `evals.jsonl`. `point` writes the run's resume point (`points.py`): the file a
+session commits, from which `resume` restarts the run if its folder is ever lost.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..errors import InputError
 
 DEFAULT_ROOT = "~/.cache/prompt2prompt/runs"
 MILESTONES = "milestones"
+POINTS = "training"  # the checkout's folder of committed resume points, one NAME.safetensors per run
 
 
 def runs_root() -> Path:
@@ -131,6 +135,41 @@ def resume(folder: Path, python: str = sys.executable) -> int | None:
     return process.pid
 
 
+def restart(point: Path, python: str = sys.executable) -> int | None:
+    """Start the run a resume point belongs to (its file name) from that point, in the background, when the run's
+    folder holds no checkpoint; returns the new pid, or None when the folder has one (`resume` carries it on)."""
+    from .points import read_point
+
+    folder = run_folder(point.stem)
+    if (folder / "checkpoint.pt").exists():
+        return None
+    meta = read_point(point)[1]
+    typed = meta.get("typed") or []
+    if not typed:
+        raise InputError(f"{point} does not say how its run was started (no typed command in its metadata)")
+    argv = [a for i, a in enumerate(typed) if a not in ("--run", "--out") and (i == 0 or typed[i - 1] not in
+                                                                                ("--run", "--out"))]
+    folder.mkdir(parents=True, exist_ok=True)
+    log = (folder / "train.log").open("a")
+    log.write(f"\n== restarted from {point} (step {meta['step']:,}) {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    log.flush()
+    process = subprocess.Popen([python, "-m", "prompt2prompt.shapes.train", "--run", folder.name, *argv,
+                                "--restart-from", str(point.resolve())], stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    return process.pid
+
+
+def write_point(folder: Path, to: Path) -> Path:
+    """The run's resume point, `to/NAME.safetensors`, from its checkpoint's EMA weights (the trainer's --point)."""
+    if not (folder / "checkpoint.pt").exists():
+        raise InputError(f"{folder} holds no checkpoint to write a resume point from")
+    command = json.loads((folder / "command.json").read_text())
+    path = to / f"{folder.name}.safetensors"
+    subprocess.run([sys.executable, "-m", "prompt2prompt.shapes.train", *command["argv"], "--point", str(path)],
+                   check=True)
+    return path
+
+
 def evaluate(folder: Path, step: int | None = None, count: int = 200, guidance: float | None = None,
              threads: int = 0) -> dict:
     """Export a milestone (the newest by default) to `milestones/step-N/` and run the evaluator on it (200 captions;
@@ -192,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what")
     sub.add_parser("status", help="each run: stage, step, hours, milestones, latest evaluation (the default)")
-    sub.add_parser("resume", help="start every unfinished run that is not running, in the background")
+    res = sub.add_parser("resume", help="start every unfinished run that is not running, in the background; a run "
+                         "whose folder is gone (or holds no checkpoint) restarts from its resume point, if it has one")
+    res.add_argument("--points", default=POINTS, metavar="DIR",
+                     help=f"where the resume points are, NAME.safetensors each (default: {POINTS}, in this folder)")
+    pt = sub.add_parser("point", help="write a run's resume point (EMA weights in fp16, <= 10 MB), to commit")
+    pt.add_argument("name", help="the run's folder name under the runs root")
+    pt.add_argument("--to", default=POINTS, metavar="DIR", help=f"the folder it goes to (default: {POINTS})")
     ev = sub.add_parser("evaluate", help="evaluate a run's milestone and append the figures to its evals.jsonl")
     ev.add_argument("name", help="the run's folder name under the runs root")
     ev.add_argument("--step", type=int, default=None, help="the milestone's step (default: the newest)")
@@ -211,7 +256,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "row":
             print(progress_row(run_folder(args.name)))
             return 0
-        folders = sorted(p for p in root.glob("*") if (p / "command.json").exists()) if root.exists() else []
+        if args.what == "point":
+            path = write_point(run_folder(args.name), Path(args.to))
+            print(f"{args.name}: resume point {path}")
+            return 0
+        restarted = set()
+        if args.what == "resume":
+            for point in sorted(Path(args.points).glob("*.safetensors")):
+                pid = restart(point)
+                if pid:
+                    restarted.add(point.stem)
+                    print(f"{point.stem}: restarted from {point} (pid {pid}, log {run_folder(point.stem)}/train.log)")
+        folders = sorted(p for p in root.glob("*") if (p / "command.json").exists() and p.name not in restarted
+                         ) if root.exists() else []
+        if restarted and not folders:
+            return 0
         if not folders:
             print(f"no runs in {root}")
             return 0

@@ -449,6 +449,9 @@ def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Pa
     if "opt" in state:
         opt.load_state_dict(state["opt"])
         ema.load_state_dict(state["ema"])
+    elif "warm_from" in state:  # restarted from a resume point: the weights are the EMA's, so is the average's start,
+        ema.updates = state["warm_from"]  # at its full decay at once
+    warm_from = state.get("warm_from", 0)  # the learning rate warms up from here (0, or a restart's step)
     objective = DenoisingLoss(nets, tokenizer, cfg)
     batches = Batches(data, cfg)
     clock = clock or Clock(state, cfg.checkpoint_minutes)
@@ -464,7 +467,8 @@ def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Pa
     with recording:
         bar = tqdm(range(start, cfg.steps), desc="diffusion", initial=start, total=cfg.steps)
         for step in bar:
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
+            warm = min(1.0, (step + 1 - warm_from) / cfg.warmup)  # fresh AdamW moments need a warm-up again
+            lr = cfg.lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
             opt.param_groups[0]["lr"] = lr
             b = batches.draw(step)
             loss, text = objective(b["latents"], b["ids"], b["drop"], b["noise"], b["t"], b["zeros"])
@@ -566,6 +570,11 @@ def _replay(out: Path, cfg: TrainConfig, architecture: dict) -> list[str]:
     return argv
 
 
+def _without(argv: list[str], flag: str) -> list[str]:
+    """argv less `flag` and its value: the command as typed, as the row quotes it (a restart is no part of it)."""
+    return [a for i, a in enumerate(argv) if a != flag and (i == 0 or argv[i - 1] != flag)]
+
+
 def _claim(out: Path, parser) -> Path:
     """One trainer per run folder: a second one would interleave its checkpoints with the first's."""
     lock = out / "train.pid"
@@ -593,6 +602,12 @@ def main(argv: list[str] | None = None) -> None:
                         "while it trains), then stop")
     parser.add_argument("--weights", default=None, metavar="FILE",
                         help="with --export: the weights of this milestone file instead of the checkpoint's")
+    parser.add_argument("--point", default=None, metavar="FILE",
+                        help="only write the checkpoint's EMA weights as a resume point (fp16, <= 10 MB: "
+                        "shapes.points) to FILE, then stop")
+    parser.add_argument("--restart-from", default=None, metavar="FILE",
+                        help="start the run from a resume point (or a milestone) when its folder holds no "
+                        "checkpoint: its weights, step and hours; a fresh optimiser (shapes.points)")
     for field, default in asdict(TrainConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=_flag if isinstance(default, bool) else type(default),
                             default=default, help=f"TrainConfig.{field} (default {default})")
@@ -611,6 +626,8 @@ def main(argv: list[str] | None = None) -> None:
                      f"{cfg.family} --prediction {cfg.prediction}")
     if args.weights and not args.export:
         parser.error("--weights: expected it with --export FOLDER (a milestone is exported, never trained from)")
+    if args.restart_from and (args.export or args.point):
+        parser.error("--restart-from trains; --export and --point only write what a run holds: give one")
     if args.out and args.run:
         parser.error(f"--out {args.out} and --run {args.run} name the run's folder twice: give one")
     from ..errors import P2PError
@@ -640,7 +657,24 @@ def main(argv: list[str] | None = None) -> None:
                    if json.loads(json.dumps(recipe.get(k))) != v]
         parser.error(f"{out} holds a run of another recipe; resume it with the settings it was started with, or "
                      f"train in another folder. Changed: {'; '.join(changed)}")
+    restart = None
+    if args.restart_from:
+        from . import points
+
+        if "step" in state or "vae_step" in state:
+            parser.error(f"--restart-from: {out} holds a checkpoint (step {state.get('step', 0):,}); the run resumes "
+                         "from it: leave --restart-from out, or restart into an empty folder")
+        try:
+            restart = points.read_point(Path(args.restart_from).expanduser())
+        except P2PError as error:
+            parser.error(f"--restart-from: {error}")
+        changed = points.recipe_changes(restart[1], recipe)
+        if changed:
+            parser.error(f"--restart-from: the point was trained with another recipe; give its settings. Changed: "
+                         f"{'; '.join(changed)}")
     out.mkdir(parents=True, exist_ok=True)
+    if restart and not cfg.vae_from and not (out / "tokenizer" / "merges.txt").exists():
+        points.write_tokenizer(restart[1], out / "tokenizer")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -674,14 +708,29 @@ def main(argv: list[str] | None = None) -> None:
     state.setdefault("config", asdict(cfg))
     if "vae" in state:
         vae.load_state_dict(state["vae"])
-    if args.export:
+    if args.export or args.point:
         export(args, parser, out, state, nets, vae, tokenizer, cfg)
         return
     lock = _claim(out, parser)
     try:
         state["recipe"] = json.loads(json.dumps(recipe))
+        if restart:  # the point's weights, step and hours; kept at once (a stop while encoding loses nothing)
+            try:
+                state.update(points.restore(*restart, nets, vae))
+            except P2PError as error:
+                parser.error(f"--restart-from: {error}")
+            if not cfg.vae_from:  # the autoencoder stage is behind the point
+                state.update(vae=vae.state_dict(), vae_step=cfg.vae_steps)
+            # the latents' factors the weights were trained with (not recomputed with a rounded autoencoder)
+            state["factors"] = {k: restart[1][k] for k in ("scaling_factor", "shift_factor")
+                                if restart[1].get(k) is not None}
+            state.update({name: net.state_dict() for name, net in nets.items()})
+            _save(out / "checkpoint.pt", state)
+            evals = restart[1].get("evals") or []
+            if evals and not (out / "evals.jsonl").exists():
+                (out / "evals.jsonl").write_text("".join(json.dumps(row) + "\n" for row in evals))
         earlier = json.loads((out / "command.json").read_text()) if (out / "command.json").exists() else {}
-        typed = earlier.get("typed") or list(sys.argv[1:] if argv is None else argv)  # as first written: the row's
+        typed = earlier.get("typed") or _without(list(sys.argv[1:] if argv is None else argv), "--restart-from")
         (out / "command.json").write_text(json.dumps({"argv": _replay(out, cfg, architecture), "typed": typed,
                                                       "config": asdict(cfg), "architecture": architecture}, indent=2))
         clock = Clock(state, cfg.checkpoint_minutes)
@@ -693,6 +742,7 @@ def main(argv: list[str] | None = None) -> None:
             data = torch.load(data_path, map_location="cpu")
         else:
             data = encode_dataset(vae, tokenizer, cfg)
+            data.update(state.get("factors", {}))  # a restarted run's, from its point
             _save(data_path, data)
         (out / "config.json").write_text(json.dumps({**asdict(cfg), **architecture}, indent=2))  # the card quotes it
         train_diffusion(nets, data, tokenizer, cfg, out, state, vae, clock, {**asdict(cfg), **architecture})
@@ -703,7 +753,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def export(args, parser, out: Path, state: dict, nets: dict, vae, tokenizer, cfg: TrainConfig) -> None:
-    """--export: the checkpoint's EMA weights (or a milestone's, --weights) as a pipeline folder; trains nothing."""
+    """--export: the checkpoint's EMA weights (or a milestone's, --weights) as a pipeline folder; --point: the
+    checkpoint's EMA weights as a resume point. Trains nothing."""
     if args.weights:
         weights = Path(args.weights).expanduser()
         if not weights.is_file():
@@ -723,6 +774,21 @@ def export(args, parser, out: Path, state: dict, nets: dict, vae, tokenizer, cfg
     ema.copy_to(flat.param)
     flat.release()
     data = torch.load(out / "latents.pt", map_location="cpu")
+    if args.point:
+        from . import points
+        from .runs import _rows
+
+        command = json.loads((out / "command.json").read_text())
+        meta = {"step": state["step"], "hours": state["seconds"] / 3600, "config": command["config"] | {
+            k: list(v) if isinstance(v, tuple) else v for k, v in command["architecture"].items()},
+            "typed": command["typed"], "scaling_factor": data["scaling_factor"],
+            "shift_factor": data["shift_factor"], "evals": _rows(out / "evals.jsonl")}
+        try:
+            path = points.write_point(Path(args.point), nets, vae, meta, cfg.vae_from, out / "tokenizer")
+        except P2PError as error:
+            parser.error(f"--point: {error}")
+        print(f"wrote the resume point of step {state['step']:,} to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        return
     save_pipeline(Path(args.export), vae, nets, tokenizer, data, cfg)
     print(f"exported step {state['step']} to {args.export}")
 
