@@ -13,6 +13,7 @@
 from .analysis import SwapAnalysis, swap_analysis
 from .attend import AttendResult, attend
 from .attention import AttentionController, Controllers, LayerInfo, Site, control
+from .concepts import ConceptMaps, ConceptOptions
 from .edits import EditOptions, EditResult, edit
 from .errors import InputError, ModelError, P2PError, PromptError
 from .flowedit import FlowEditOptions, FlowEditResult, flowedit
@@ -25,11 +26,12 @@ from .tokens import PromptTokens
 from .trace import Trace, trace
 
 __all__ = [
-    "AttendResult", "AttentionController", "AttentionStore", "Controllers", "CrossAttentionMaps", "EditOptions",
-    "EditResult", "FlowEditOptions", "FlowEditResult", "Generation", "GenerationOptions", "HeatMap", "InputError",
-    "Inversion", "InversionOptions", "LayerInfo", "ModelError", "P2PError", "PromptError", "PromptTokens",
-    "RecordOptions", "SelfAttentionMaps", "Site", "SwapAnalysis", "Trace", "attend", "control", "edit", "flowedit",
-    "generate", "invert", "load_pipeline", "sample_back", "swap_analysis", "trace",
+    "AttendResult", "AttentionController", "AttentionStore", "ConceptMaps", "ConceptOptions", "Controllers",
+    "CrossAttentionMaps", "EditOptions", "EditResult", "FlowEditOptions", "FlowEditResult", "Generation",
+    "GenerationOptions", "HeatMap", "InputError", "Inversion", "InversionOptions", "LayerInfo", "ModelError",
+    "P2PError", "PromptError", "PromptTokens", "RecordOptions", "SelfAttentionMaps", "Site", "SwapAnalysis", "Trace",
+    "attend", "control", "edit", "flowedit", "generate", "invert", "load_pipeline", "sample_back", "swap_analysis",
+    "trace",
 ]
 
 __version__ = "0.1.0"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import P2PError
+from .concepts import ConceptMaps, ConceptOptions, ConceptRecorder
+from .errors import InputError, P2PError
 from .generation import Generation, GenerationOptions, generate
 from .loading import default_part, family, model_name
 from .maps import CrossAttentionMaps, SelfAttentionMaps, cross_maps, self_maps
-from .routing import AttentionController, Controllers
+from .routing import AttentionController, Controllers, exclusive
 from .store import AttentionStore, RecordOptions
 from .tokens import PromptTokens, batch_tokens
 
@@ -18,7 +19,8 @@ class AttendResult:
     generation: Generation
     store: AttentionStore
     prompts: list[PromptTokens]
-    settings: dict  # prompt(s), model, family, seed, steps, guidance, size
+    settings: dict  # prompt(s), model, family, seed, steps, guidance, size (and concepts, where asked)
+    concepts: ConceptRecorder | None = None  # the concept stream's record (attend(..., concepts=[...]))
 
     @property
     def images(self):
@@ -31,6 +33,13 @@ class AttendResult:
 
     def self_maps(self, res: int | None = None) -> SelfAttentionMaps:
         return self_maps(self.store, res)
+
+    def concept_maps(self, kind: str = "output") -> ConceptMaps:
+        """The concepts' maps (MM-DiTs; `concepts.py`): "output", ConceptAttention's output-space maps, or "cross",
+        its cross-attention variant; a share per concept at each image token."""
+        if self.concepts is None:
+            raise InputError("no concepts were named: pass attend(..., concepts=['circle', ...])")
+        return ConceptMaps(self.concepts.maps(kind), self.concepts.concepts, kind, self.settings)
 
     def _repr_png_(self) -> bytes:
         from .display import attend_picture, png
@@ -72,16 +81,26 @@ def attend(
     model: str = "",
     progress: bool = True,
     res: int | tuple[int, ...] | None = None,
+    concepts: ConceptOptions | list[str] | tuple[str, ...] | None = None,
 ) -> AttendResult:
     """Generate one image per prompt (shared initial latent) and record cross- and self-attention on the way.
-    res: map sides the caller will ask for; a side the model does not have is refused after the first step."""
+    res: map sides the caller will ask for; a side the model does not have is refused after the first step.
+    concepts: words whose concept maps to draw as well (MM-DiTs; `result.concept_maps()`), or ConceptOptions; the
+    image is the same with or without them."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     options = options.resolved(pipe)  # what was used goes into the settings
     tokens = batch_tokens(pipe, prompts, options.max_sequence_length)
     store = AttentionStore(record)
     sides = (res,) if isinstance(res, int) else tuple(res or ())
     controller = Controllers(_SidesCheck(sides), store) if sides else store
-    gen = generate(pipe, prompts, controller, options, progress=progress)
+    if concepts is None:
+        gen, recorder = generate(pipe, prompts, controller, options, progress=progress), None
+    else:
+        if not isinstance(concepts, ConceptOptions):
+            concepts = ConceptOptions(tuple([concepts] if isinstance(concepts, str) else concepts))
+        with exclusive(pipe):  # the stream's hooks see this generation only
+            with ConceptRecorder(pipe, concepts, len(prompts), options.steps) as recorder:
+                gen = generate(pipe, prompts, controller, options, progress=progress)
     width, height = gen.images[0].size
     settings = {
         "prompts": prompts,
@@ -93,5 +112,8 @@ def attend(
         "width": width,
         "record": {k: v for k, v in vars(record).items()},
     }
-    return AttendResult(gen, store, tokens, settings)
+    if recorder is not None:
+        settings["concepts"] = {"concepts": list(recorder.concepts), "blocks": sorted(recorder.chosen),
+                                "steps": list(recorder.window), "method": "ConceptAttention (arXiv 2502.04320)"}
+    return AttendResult(gen, store, tokens, settings, recorder)
 

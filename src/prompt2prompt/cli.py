@@ -156,13 +156,21 @@ def cmd_attend(args) -> None:
     from .store import RecordOptions
 
     _prompts(args.prompt)
+    if args.concept_blocks and not args.concepts:
+        raise InputError("--concept-blocks chooses where concept maps are read: expected it with --concepts WORD ...")
+    concepts = None
+    if args.concepts:
+        from .concepts import ConceptOptions
+
+        concepts = ConceptOptions(tuple(args.concepts), tuple(args.concept_blocks) if args.concept_blocks else None)
     options, device = _options(args), _device(args)
     _folder(args)
     pipe = _pipe(args, device)
     _warn_truncated(pipe, [args.prompt], args.quiet, args.model)
     record = RecordOptions(self_attention=args.components > 0)
     res = tuple(args.res) if args.res else None
-    result = attend(pipe, args.prompt, options, record, model=args.model, progress=not args.quiet, res=res)
+    result = attend(pipe, args.prompt, options, record, model=args.model, progress=not args.quiet, res=res,
+                    concepts=concepts)
     files = write_attend(result, args.out, res=res, components=args.components)
     print(f"wrote {len(files)} files to {args.out}; open {files['html']}")
 
@@ -444,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "to the largest")
     p.add_argument("--components", type=whole(0), default=6,
                    help="self-attention principal components to draw; 0 records no self-attention (default: 6)")
+    p.add_argument("--concepts", nargs="+", default=None, metavar="WORD",
+                   help="MM-DiTs: also draw these concepts' maps (ConceptAttention: each word's share of every "
+                   "image token, read in the joint attention's output space; the image is unchanged), e.g. "
+                   "--concepts circle square background")
+    p.add_argument("--concept-blocks", type=whole(0), nargs="+", default=None, metavar="N",
+                   help="with --concepts: the joint blocks whose maps are averaged, counted from 0 (default: all)")
     _common(p, "p2p-out/attend")
     p.set_defaults(func=cmd_attend)
 

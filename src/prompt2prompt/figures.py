@@ -67,11 +67,42 @@ def write_attend(result: AttendResult, out, res: int | tuple[int, ...] | None = 
                                     f"Maps at {sel['map_size']} from {sel['layers']} cross-attention layers, "
                                     "averaged over heads and steps.",
                                     [(CAPTIONS[n], f) for n, f in figures.items()]))
+        if result.concepts is not None:
+            sections.append(_write_concepts(result, tmp, files))
         maps.save(tmp / "maps")
         files.update(maps="maps.safetensors", maps_json="maps.json", settings="settings.json", html="index.html")
         write_json(tmp / "settings.json", maps.settings)
         (tmp / "index.html").write_text(page("prompt2prompt: attention maps", sections, maps.settings))
     return {k: Path(out) / v for k, v in files.items()}
+
+
+def _write_concepts(result: AttendResult, tmp: Path, files: dict) -> Section:
+    """Concept maps of every prompt (both kinds: pictures, the argmax concept, safetensors); their page section."""
+    from .concepts import KINDS
+
+    shown = []
+    for kind in KINDS:
+        cmaps = result.concept_maps(kind)
+        name = "concepts" if kind == "output" else f"concepts_{kind}"
+        for p in range(len(result.prompts)):
+            suffix = "" if len(result.prompts) == 1 else f"_{p}"
+            picture = cmaps.picture(p, result.images[p])
+            picture.save(tmp / f"{name}{suffix}.png")
+            files[f"{name}{suffix}"] = f"{name}{suffix}.png"
+            shown.append((f"{'output-space' if kind == 'output' else 'cross-attention'} concept maps{suffix}",
+                          picture))
+            if kind == "output":
+                argmax = cmaps.argmax_picture(p)
+                argmax.save(tmp / f"concepts_argmax{suffix}.png")
+                files[f"concepts_argmax{suffix}"] = f"concepts_argmax{suffix}.png"
+                shown.append((f"the concept with the largest share{suffix}", argmax))
+        cmaps.save(tmp / f"{name}.safetensors")
+        files[f"{name}_tensor"] = f"{name}.safetensors"
+    c = result.settings["concepts"]
+    return Section("Concept maps", f"Concepts {', '.join(c['concepts'])}: each one's share of every image token "
+                   f"(ConceptAttention), from joint blocks {c['blocks']} over steps {c['steps'][0]} to "
+                   f"{c['steps'][1] - 1}. Output space: image tokens' attention outputs against the concepts'; "
+                   "cross-attention: image queries against concept keys.", shown)
 
 
 def _inversion_summary(inversion) -> dict:

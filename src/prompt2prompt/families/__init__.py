@@ -79,6 +79,8 @@ class Family:
     # call["_key_mask"], (batch, tokens) bool, False on padded text keys
     finish: Callable | None = None  # joint: (attn, out (batch, tokens, width), call, text, image) -> what its stock
     # processor returns
+    concepts: type | None = None  # joint: the concept stream's adapter (`concepts.py`: encode, blocks, start, step);
+    # None: no concept maps
 
     @property
     def joint(self) -> bool:

@@ -31,6 +31,18 @@ def grid(net, sample, kwargs, cache):
     return latent, (latent[0] // patch, latent[1] // patch)
 
 
+def context_projections(attn, states: torch.Tensor):
+    """The text side's queries, keys and values (batch, heads, tokens, head_dim) of a joint attention module."""
+    batch, head_dim = states.shape[0], attn.add_k_proj.out_features // attn.heads
+    q, k, v = (proj(states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+               for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    if attn.norm_added_q is not None:
+        q = attn.norm_added_q(q)
+    if attn.norm_added_k is not None:
+        k = attn.norm_added_k(k)
+    return q, k, v
+
+
 def project(attn, call: dict, text_tokens: int, grid):
     """JointAttnProcessor2_0's projections: image queries then text queries."""
     hidden_states, encoder_hidden_states = call["hidden_states"], call.get("encoder_hidden_states")
@@ -45,12 +57,7 @@ def project(attn, call: dict, text_tokens: int, grid):
     n = query.shape[2]
     if encoder_hidden_states is None:  # SD3.5's image-only attention
         return query, key, value, slice(n, n), slice(0, n)
-    eq, ek, ev = (proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-                  for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-    if attn.norm_added_q is not None:
-        eq = attn.norm_added_q(eq)
-    if attn.norm_added_k is not None:
-        ek = attn.norm_added_k(ek)
+    eq, ek, ev = context_projections(attn, encoder_hidden_states)
     t = eq.shape[2]
     return torch.cat([query, eq], 2), torch.cat([key, ek], 2), torch.cat([value, ev], 2), slice(n, n + t), slice(0, n)
 
@@ -65,6 +72,66 @@ def finish(attn, out, call: dict, text: slice, image: slice):
     return attn.to_out[1](attn.to_out[0](image_out)), text_out
 
 
+class SD3Concepts:
+    """SD3's concept stream (`concepts.py`): a concept is one context token, embedded by the transformer's
+    `context_embedder`, carried through every `JointTransformerBlock` by the block's own text-side modulation
+    (`norm1_context`), projections (`add_q/k/v_proj`, `norm_added_q/k`), output projection (`to_add_out`) and
+    feed-forward (`norm2_context`, `ff_context`), as the block carries a prompt token. The last block
+    (`context_pre_only`) reads maps but has no text output: the stream ends there."""
+
+    @staticmethod
+    def encode(pipe, concept: str) -> torch.Tensor:
+        """(1, text tokens, joint width): the prompt embedding the transformer reads, of the concept alone."""
+        from ..loading import execution_device
+
+        return pipe.encode_prompt(prompt=concept, prompt_2=None, prompt_3=None, device=execution_device(pipe),
+                                  do_classifier_free_guidance=False)[0]
+
+    @staticmethod
+    def blocks(net) -> list:
+        return list(net.transformer_blocks)
+
+    @staticmethod
+    def start(net, embeds: torch.Tensor) -> torch.Tensor:
+        return net.context_embedder(embeds)  # (concepts, width)
+
+    @staticmethod
+    def step(block, kwargs: dict, rows: slice, stream: torch.Tensor, read: bool):
+        """One block of the concept stream on a call's conditional rows: (the stream after the block, None after the
+        last; if read, the (rows, image tokens, concepts) scores in the output space and of cross-attention)."""
+        import torch.nn.functional as F
+
+        hidden, context, temb = (kwargs[k][rows] for k in ("hidden_states", "encoder_hidden_states", "temb"))
+        attn = block.attn
+        norm_hidden = block.norm1(hidden, emb=temb)[0]  # the image tokens as the block's attention reads them
+        if block.context_pre_only:
+            norm_context, norm_stream = block.norm1_context(context, temb), block.norm1_context(stream, temb)
+        else:
+            norm_context = block.norm1_context(context, emb=temb)[0]
+            norm_stream, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(stream, emb=temb)
+        q, k, v, text, image = project(attn, {"hidden_states": norm_hidden, "encoder_hidden_states": norm_context},
+                                       0, None)  # (rows, heads, tokens, head_dim)
+        cq, ck, cv = context_projections(attn, norm_stream)  # the concepts through the text side's projections
+        # concept queries attend to the image keys and the concept keys, never the other way round
+        keys, values = torch.cat([k[:, :, image], ck], 2), torch.cat([v[:, :, image], cv], 2)
+        c_out = F.scaled_dot_product_attention(cq, keys, values)  # (rows, heads, concepts, head_dim)
+        maps = None
+        if read:
+            img_out = F.scaled_dot_product_attention(q[:, :, image], k, v)  # the image tokens' own joint attention
+            b, heads, tokens, d = img_out.shape
+            merged_img = img_out.transpose(1, 2).reshape(b, tokens, heads * d)
+            merged_c = c_out.transpose(1, 2).reshape(b, -1, heads * d)
+            output = merged_img @ merged_c.transpose(1, 2)  # (rows, image tokens, concepts)
+            cross = (q[:, :, image] @ ck.transpose(-1, -2)).mean(1) * d ** -0.5  # averaged over heads
+            maps = (output, cross)
+        if block.context_pre_only:
+            return None, maps
+        merged = c_out.transpose(1, 2).reshape(c_out.shape[0], -1, c_out.shape[1] * c_out.shape[3])
+        stream = stream + gate_msa.unsqueeze(1) * attn.to_add_out(merged)
+        normed = block.norm2_context(stream) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return stream + gate_mlp.unsqueeze(1) * block.ff_context(normed), maps
+
+
 def load(index: dict) -> dict:
     """SD3 without T5 (as the bundled shapes-flow): diffusers wants the absent components named."""
     return {k: None for k in ("text_encoder_3", "tokenizer_3")
@@ -74,5 +141,5 @@ def load(index: dict) -> dict:
 SD3 = Family("sd3", "Stable Diffusion 3 / 3.5", "joint", pipelines=("StableDiffusion3Pipeline",),
              networks=("SD3Transformer2DModel",), flow=True, pooled=True, text_parts=("clip", "t5"),
              default_part="clip", processors=("JointAttnProcessor2_0",), flowedit=(50, 33, 3.5, 13.5),
-             tokens=tokens, grid=grid, project=project, finish=finish, load=load)
+             tokens=tokens, grid=grid, project=project, finish=finish, load=load, concepts=SD3Concepts)
 FAMILIES = (SD3,)

@@ -1,0 +1,247 @@
+"""Concept maps on MM-DiTs: where a named concept is in the picture, read in the joint attention's output space.
+
+ConceptAttention (Helbling et al., ICML 2025, arXiv 2502.04320): each concept (a word the user names: "circle",
+"square", "background"), encoded alone by the model's own text encoder, travels as one extra token through the joint
+blocks, with the text stream's projections, modulation and feed-forward. The attention is one-directional: a concept
+token's query attends to the image keys and to the concept keys, and no image or prompt token ever attends to a
+concept, so the generated image is exactly the image without concepts (here: the concept stream runs beside each
+block, in a forward pre-hook that reads the block's inputs and changes nothing). In each chosen block, the map is the
+dot product of every image token's attention output (before the output projection, heads side by side) with every
+concept's, averaged over the chosen blocks and steps and softmaxed over the concepts: at each pixel the concepts'
+shares sum to 1. The paper's cross-attention variant (image queries against concept keys, averaged over heads) is
+kept beside it, computed the same way (`kind="cross"`).
+
+What differs per family (how a concept is encoded, where the joint blocks are, one block's concept step) is the
+family's `concepts` adapter (`families/sd3.py`: `SD3Concepts`). Families without one are refused in one sentence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, PromptError
+from .families import family_of
+from .maps import HeatMap
+
+MAX_CONCEPTS = 32  # concepts per generation (each is one more token in every chosen block's attention)
+KINDS = ("output", "cross")  # the output-space maps (the method) and the cross-attention variant
+
+
+@dataclass(frozen=True)
+class ConceptOptions:
+    concepts: tuple[str, ...]  # the words whose maps are drawn, each encoded alone
+    blocks: tuple[int, ...] | None = None  # joint blocks whose maps are averaged (indices into the family's joint
+    # blocks); None: every one
+    steps: tuple[float, float] = (0.0, 1.0)  # the part of the loop whose steps are averaged, as fractions
+
+    def __post_init__(self):
+        concepts = self.concepts
+        if isinstance(concepts, str) or not all(isinstance(c, str) and c.strip() for c in concepts):
+            raise PromptError(f"expected concepts as a list of words, got {concepts!r}")
+        if not concepts:
+            raise InputError("expected at least one concept (a word such as 'circle'), got none")
+        if len(concepts) > MAX_CONCEPTS:
+            raise InputError(f"expected at most {MAX_CONCEPTS} concepts, got {len(concepts)}")
+        object.__setattr__(self, "concepts", tuple(concepts))
+        if self.blocks is not None:
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+        repeated = sorted({c for c in concepts if list(concepts).count(c) > 1})
+        if repeated:
+            raise InputError(f"each concept once: {', '.join(map(repr, repeated))} is named twice")
+        lo, hi = self.steps
+        if not 0 <= lo < hi <= 1:
+            raise InputError(f"expected concept steps as fractions 0 <= start < end <= 1, got {lo:g} to {hi:g}")
+
+
+def check_family(pipe) -> None:
+    """An InputError that says why, where the pipeline's family has no concept stream."""
+    family = family_of(pipe)
+    if not family.joint:
+        raise InputError(f"concept maps need an MM-DiT (joint attention over text and image tokens); {family.title} "
+                         "has cross-attention layers: use its word maps (`maps().word(...)`)")
+    if family.concepts is None:
+        raise InputError(f"concept maps are built for {', '.join(supported())} so far; {family.title} has no concept "
+                         "stream yet: use its word maps")
+
+
+def supported() -> list[str]:
+    from .families import FAMILIES
+
+    return [f.title for f in FAMILIES.values() if f.concepts is not None]
+
+
+def encode_concepts(pipe, concepts: tuple[str, ...]) -> torch.Tensor:
+    """(concepts, text width): each concept encoded alone by the pipeline's text side, the mean of its own tokens
+    (no start, end or padding token) in the part the family reads words from."""
+    from .loading import default_part
+    from .routing import exclusive
+    from .tokens import prompt_tokens
+
+    adapter = family_of(pipe).concepts
+    vectors = []
+    for concept in concepts:
+        tokens = prompt_tokens(pipe, concept)
+        offset, part = tokens.part_of(default_part(pipe) if tokens.parts else None)
+        positions = [offset + t for w in part.words for t in w.tokens]
+        if not positions:
+            raise PromptError(f"the concept {concept!r} gives no word token in this model's text: expected a word "
+                              "its tokenizer reads")
+        with torch.no_grad(), exclusive(pipe):
+            embeds = adapter.encode(pipe, concept)  # (1, text tokens, width)
+        vectors.append(embeds[0, positions].float().mean(0))
+    return torch.stack(vectors)
+
+
+class ConceptRecorder:
+    """Runs the concept stream beside the denoiser's joint blocks while a generation runs; always detaches.
+
+        with ConceptRecorder(pipe, options, prompts=2, steps=28) as rec:
+            pipe(...)
+        rec.maps("output")  # (prompts, h, w, concepts)
+
+    Only the conditional rows of each call carry concepts (the unconditional image has no prompt to explain)."""
+
+    def __init__(self, pipe, options: ConceptOptions, prompts: int, steps: int):
+        check_family(pipe)
+        self.family = family_of(pipe)
+        self.concepts = tuple(options.concepts)
+        self.adapter = self.family.concepts
+        self.net = self.family_net(pipe)
+        self.blocks = self.adapter.blocks(self.net)
+        chosen = range(len(self.blocks)) if options.blocks is None else options.blocks
+        for i in chosen:
+            if not 0 <= i < len(self.blocks):
+                raise InputError(f"expected joint block indices from 0 to {len(self.blocks) - 1}, got {i}")
+        self.chosen, self.prompts, self.steps = frozenset(chosen), prompts, steps
+        lo, hi = options.steps
+        self.window = (int(lo * steps), max(int(lo * steps) + 1, round(hi * steps)))
+        self.embeds = encode_concepts(pipe, self.concepts)
+        self.options = options
+        self.calls, self.stream, self.grid = 0, None, None
+        self.sums = {kind: None for kind in KINDS}  # (prompts, image tokens, concepts) float32
+        self.counted = 0
+        self._hooks = []
+
+    @staticmethod
+    def family_net(pipe):
+        return getattr(pipe, "transformer", pipe)
+
+    def __enter__(self) -> ConceptRecorder:
+        self._hooks.append(self.net.register_forward_pre_hook(self._on_call, with_kwargs=True))
+        for i, block in enumerate(self.blocks):
+            self._hooks.append(block.register_forward_pre_hook(self._on_block(i), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.stream = None
+
+    def _rows(self, batch: int) -> slice:
+        p = self.prompts
+        if batch == p:
+            return slice(0, p)
+        if batch != 2 * p:
+            raise InputError(f"expected {p} or {2 * p} rows per denoiser call, got {batch}")
+        return slice(0, p) if self.family.conditional_first else slice(p, 2 * p)
+
+    def _on_call(self, net, args, kwargs):
+        step, self.calls = self.calls, self.calls + 1
+        sample = kwargs.get("hidden_states", args[0] if args else None)
+        self.rows = self._rows(sample.shape[0])
+        self.reading = self.window[0] <= step < self.window[1]
+        _, self.grid = self.family.grid(net, sample, kwargs, {})
+        with torch.no_grad():
+            start = self.adapter.start(net, self.embeds.to(sample.device, sample.dtype))  # (concepts, width)
+        self.stream = start[None].expand(self.rows.stop - self.rows.start, -1, -1)
+        self.counted += self.reading
+
+    def _on_block(self, index: int):
+        def hook(block, args, kwargs):
+            if self.stream is None:
+                return None
+            read = self.reading and index in self.chosen
+            with torch.no_grad():
+                self.stream, maps = self.adapter.step(block, kwargs, self.rows, self.stream, read)
+            if read:
+                for kind, m in zip(KINDS, maps):  # (rows, image tokens, concepts)
+                    m = m.float().cpu()
+                    self.sums[kind] = m if self.sums[kind] is None else self.sums[kind] + m
+            return None
+
+        return hook
+
+    def maps(self, kind: str = "output") -> torch.Tensor:
+        """(prompts, h, w, concepts): the averaged scores softmaxed over the concepts at each image token."""
+        if kind not in KINDS:
+            raise InputError(f"expected a concept map kind among {', '.join(KINDS)}, got {kind!r}")
+        total = self.sums[kind]
+        if total is None:
+            raise InputError("no concept map was recorded: no chosen block ran in the chosen steps")
+        h, w = self.grid
+        return torch.softmax(total, dim=-1).reshape(total.shape[0], h, w, total.shape[-1])
+
+
+@dataclass
+class ConceptMaps:
+    """Concept maps of a generation: a share per concept at each image token (they sum to 1 over the concepts)."""
+
+    tensor: torch.Tensor  # (prompts, h, w, concepts) float32
+    concepts: tuple[str, ...]
+    kind: str = "output"  # "output": ConceptAttention's output-space maps; "cross": its cross-attention variant
+    settings: dict = field(default_factory=dict)
+
+    def concept(self, name: str, prompt: int = 0) -> HeatMap:
+        if name not in self.concepts:
+            raise PromptError(f"{name!r} is not one of the concepts ({', '.join(self.concepts)})")
+        return HeatMap(self.tensor[prompt, :, :, self.concepts.index(name)], name)
+
+    def all(self, prompt: int = 0) -> list[HeatMap]:
+        return [self.concept(c, prompt) for c in self.concepts]
+
+    def argmax(self, prompt: int = 0) -> torch.Tensor:
+        """(h, w) index of the concept with the largest share at each image token."""
+        return self.tensor[prompt].argmax(-1)
+
+    def picture(self, prompt: int = 0, image=None, cell: int = 128):
+        """Each concept's map (over the image, if given), labelled with its concept."""
+        from .plot import grid
+
+        heats = self.all(prompt)
+        tiles = [h.overlay(image) if image is not None else h.image() for h in heats]
+        prompts = self.settings.get("prompts") or []
+        title = f"concept maps ({self.kind}): {prompts[prompt]}" if len(prompts) > prompt else "concept maps"
+        return grid(([image] if image is not None else []) + tiles,
+                    (["image"] if image is not None else []) + list(self.concepts), cell=cell, title=title)
+
+    def argmax_picture(self, prompt: int = 0, size: int = 256):
+        """The concept with the largest share at each image token, with a legend."""
+        from .plot import argmax_image
+
+        return argmax_image(self.argmax(prompt).numpy(), dict(enumerate(self.concepts)), size=size)
+
+    def _repr_png_(self) -> bytes:
+        from .display import png
+
+        return png(self.picture())
+
+    def __repr__(self) -> str:
+        p, h, w, c = self.tensor.shape
+        return f"ConceptMaps({self.kind}, {', '.join(self.concepts)}; {p} prompt(s), {h}x{w})"
+
+    def save(self, path: str | Path) -> Path:
+        """The maps and the settings that made them, as safetensors (settings as JSON metadata)."""
+        import json
+
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"maps": self.tensor.contiguous()}, tmp, metadata={
+            "concepts": json.dumps(list(self.concepts)), "kind": self.kind, "settings": json.dumps(self.settings)})
+        tmp.replace(path)
+        return path

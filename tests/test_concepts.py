@@ -1,0 +1,141 @@
+"""Concept maps (ConceptAttention) on the MM-DiT: the image untouched, shares that sum to 1, the method's formula
+re-stated from the stock modules, the outputs of `p2p attend --concepts`, and bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from prompt2prompt.attend import attend
+from prompt2prompt.cli import main
+from prompt2prompt.concepts import MAX_CONCEPTS, ConceptOptions
+from prompt2prompt.errors import InputError, PromptError
+from prompt2prompt.generation import GenerationOptions, generate
+from prompt2prompt.store import RecordOptions
+
+OPTS = GenerationOptions(steps=3, seed=1, height=32, width=32, max_sequence_length=24)
+PROMPTS = ["a red circle and a blue square", "a green cross"]
+CONCEPTS = ("circle", "square", "red")
+
+
+@pytest.fixture(scope="module")
+def sd3(joint_pipes):
+    return joint_pipes["sd3"]
+
+
+def test_the_image_with_concepts_is_the_image_without_them_and_shares_sum_to_one(sd3):
+    plain = generate(sd3, PROMPTS, None, OPTS, progress=False)
+    r = attend(sd3, PROMPTS, OPTS, progress=False, concepts=list(CONCEPTS))
+    assert torch.equal(r.generation.latents, plain.latents)  # bit for bit
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(r.images, plain.images))
+    for kind in ("output", "cross"):
+        maps = r.concept_maps(kind)
+        assert maps.tensor.shape == (2, 8, 8, 3)  # 32x32 images: 16x16 latents in 8x8 tokens
+        torch.testing.assert_close(maps.tensor.sum(-1), torch.ones(2, 8, 8))
+        assert maps.concept("square", prompt=1).values.shape == (8, 8)
+    assert r.settings["concepts"]["concepts"] == list(CONCEPTS) and r.settings["concepts"]["steps"] == [0, 3]
+    assert not torch.equal(r.concept_maps("output").tensor, r.concept_maps("cross").tensor)
+
+
+def _by_hand(pipe, prompt: str, concepts: tuple[str, ...]):
+    """The method re-stated on the first joint block at the first step, from the stock modules' own layers and plain
+    softmax attention (no code of `concepts.py` or of the adapter): (image tokens, concepts) output-space scores."""
+    net = pipe.transformer
+    block = net.transformer_blocks[0]
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("kwargs", {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)})
+
+    hook = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        generate(pipe, [prompt], None, OPTS, progress=False)
+    finally:
+        hook.remove()
+    kw = seen["kwargs"]
+    row = slice(1, 2)  # the conditional row: SD3's pipeline puts the unconditional one first
+    x, ctx, temb = kw["hidden_states"][row], kw["encoder_hidden_states"][row], kw["temb"][row]
+    with torch.no_grad():
+        words = []
+        for c in concepts:
+            embeds = pipe.encode_prompt(prompt=c, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False)[0]
+            words.append(embeds[0, 1])  # the tiny CLIP tokenizer reads each of these words as one token, after <start>
+        stream = net.context_embedder(torch.stack(words))[None]  # (1, concepts, width)
+        attn = block.attn
+        heads = attn.heads
+        d = attn.to_q.out_features // heads
+
+        def split(t):
+            return t.view(1, -1, heads, d).transpose(1, 2)
+
+        nx = block.norm1(x, emb=temb)[0]
+        nctx = block.norm1_context(ctx, emb=temb)[0]
+        nc = block.norm1_context(stream, emb=temb)[0]
+        qi, ki, vi = attn.norm_q(split(attn.to_q(nx))), attn.norm_k(split(attn.to_k(nx))), split(attn.to_v(nx))
+        kt, vt = attn.norm_added_k(split(attn.add_k_proj(nctx))), split(attn.add_v_proj(nctx))
+        qc = attn.norm_added_q(split(attn.add_q_proj(nc)))
+        kc, vc = attn.norm_added_k(split(attn.add_k_proj(nc))), split(attn.add_v_proj(nc))
+
+        def attention(q, k, v):
+            return torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, -1) @ v
+
+        image_out = attention(qi, torch.cat([ki, kt], 2), torch.cat([vi, vt], 2))  # over the image and prompt keys
+        concept_out = attention(qc, torch.cat([ki, kc], 2), torch.cat([vi, vc], 2))  # over image and concept keys
+        merge = lambda t: t.transpose(1, 2).reshape(1, t.shape[2], heads * d)  # noqa: E731
+        return (merge(image_out) @ merge(concept_out).transpose(1, 2))[0]
+
+
+def test_concept_maps_are_the_methods_formula_on_the_stock_modules(sd3):
+    prompt = "a red circle and a blue square"
+    expected = torch.softmax(_by_hand(sd3, prompt, CONCEPTS), -1).reshape(8, 8, 3)
+    one = GenerationOptions(steps=3, seed=1, height=32, width=32, max_sequence_length=24)
+    r = attend(sd3, prompt, one, progress=False, concepts=ConceptOptions(CONCEPTS, blocks=(0,), steps=(0.0, 0.34)))
+    assert r.settings["concepts"]["blocks"] == [0] and r.settings["concepts"]["steps"] == [0, 1]
+    torch.testing.assert_close(r.concept_maps().tensor[0], expected, atol=1e-5, rtol=1e-4)
+    # a concept that is a prompt word too: its concept map is another quantity than the word's cross-attention map
+    word = r.maps().word("circle").normalized()
+    concept = r.concept_maps().concept("circle").normalized()
+    assert word.shape == concept.shape and (word - concept).abs().max() > 0.05
+
+
+def test_p2p_attend_concepts_writes_pictures_tensors_and_settings(sd3, tmp_path, capsys):
+    sd3.save_pretrained(tmp_path / "sd3")
+    out = tmp_path / "out"
+    main(["attend", PROMPTS[0], "--model", str(tmp_path / "sd3"), "--steps", "3", "--height", "32", "--width", "32",
+          "--concepts", "circle", "square", "background", "--concept-blocks", "0", "2", "--quiet", "--out", str(out)])
+    for name in ("concepts.png", "concepts_cross.png", "concepts_argmax.png", "image.png", "index.html"):
+        assert (out / name).is_file(), name
+    with safe_open(out / "concepts.safetensors", "pt") as f:
+        assert f.get_tensor("maps").shape == (1, 8, 8, 3)
+        meta = f.metadata()
+    assert json.loads(meta["concepts"]) == ["circle", "square", "background"] and meta["kind"] == "output"
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["concepts"]["blocks"] == [0, 2] and settings["concepts"]["concepts"][2] == "background"
+    assert "Concept maps" in (out / "index.html").read_text()
+
+
+def test_bad_concepts_get_one_sentence(sd3, sd1, joint_pipes, tmp_path, capsys):
+    with pytest.raises(InputError, match="need an MM-DiT"):
+        attend(sd1, "a red circle", OPTS, progress=False, concepts=["circle"])
+    with pytest.raises(InputError, match="no concept stream yet"):
+        attend(joint_pipes["flux"], "a red circle", OPTS, progress=False, concepts=["circle"])
+    with pytest.raises(InputError, match=f"at most {MAX_CONCEPTS} concepts, got {MAX_CONCEPTS + 1}"):
+        ConceptOptions(tuple(f"w{i}" for i in range(MAX_CONCEPTS + 1)))
+    with pytest.raises(InputError, match="'circle' is named twice"):
+        ConceptOptions(("circle", "circle"))
+    with pytest.raises(PromptError, match="list of words"):
+        ConceptOptions("circle")
+    with pytest.raises(InputError, match="joint block indices from 0 to 2, got 7"):
+        attend(sd3, "a red circle", OPTS, progress=False, concepts=ConceptOptions(("circle",), blocks=(7,)))
+    with pytest.raises(PromptError, match="control token"):  # a text the tokenizer would not read as text
+        attend(sd3, "a red circle", OPTS, progress=False, concepts=["<|endoftext|>"])
+    r = attend(sd3, "a red circle", OPTS, RecordOptions(self_attention=False), progress=False, concepts=["circle"])
+    with pytest.raises(PromptError, match="not one of the concepts"):
+        r.concept_maps().concept("square")
+    with pytest.raises(InputError, match="no concepts were named"):
+        attend(sd3, "a red circle", OPTS, progress=False).concept_maps()
+    code = main(["attend", "a red circle", "--concepts", "circle", "--steps", "2", "--quiet", "--out",
+                 str(tmp_path / "unet")])
+    assert code == 2 and "concept maps need an MM-DiT" in capsys.readouterr().err
+    assert not (tmp_path / "unet").exists()  # nothing half-written
