@@ -12,6 +12,8 @@ Configurations:
   stock-1 / stock-2   the unmodified pipeline with 1 and 2 prompts
   attend              1 prompt, recording cross-attention everywhere and self-attention at small maps (AttentionStore)
   edit+blend          2 prompts, replace edit with local blend (the default schedule)
+  attend+concepts     (SD3) attend and concept maps of 3 concepts in every joint block (ConceptAttention's concept
+                      stream, `prompt2prompt.concepts`), against attend
   edit+blend explicit the same edit with every attention layer's probabilities read (UNet: explicit, what the
                       reference implementation does; MM-DiT: every block of the joint softmax, from the kernel's
                       logsumexp)
@@ -32,6 +34,7 @@ shows the median of those ratios and their range. Memory: each configuration onc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -47,6 +50,8 @@ CONFIGS = {  # name: (prompts, baseline)
     "edit+blend explicit": (2, "stock-2"),
 }
 PROMPTS = ["a red circle and a blue square", "a red circle and a blue cross"]
+CONCEPTS = ("circle", "square", "background")
+CONCEPT_MODELS = ("sd3", "tiny-sd3")  # models whose family has a concept stream: they get the attend+concepts row
 
 
 def build_sd15(size: int, dtype, device):
@@ -245,7 +250,7 @@ class Runner:
             def wants(self, site):
                 return True
 
-        if config == "attend":
+        if config in ("attend", "attend+concepts"):
             return AttentionStore()
         if config.startswith("edit"):
             _, p2p, blend = edit_controllers(self.pipe, prompts, EditOptions(blend=("square", "cross")),
@@ -280,7 +285,12 @@ class Runner:
                       **guidance_arguments(pipe, self.options.guidance, None, len(prompts)))
         if family_of(pipe).joint:
             kwargs["max_sequence_length"] = args.text_tokens
-        with torch.inference_mode():
+        concepts = contextlib.nullcontext()
+        if config == "attend+concepts":
+            from prompt2prompt.concepts import ConceptOptions, ConceptRecorder
+
+            concepts = ConceptRecorder(pipe, ConceptOptions(CONCEPTS), len(prompts), steps or args.steps)
+        with torch.inference_mode(), concepts:
             if ctl is None:
                 pipe(**kwargs, callback_on_step_end=tick)
             else:
@@ -368,6 +378,8 @@ def main() -> None:
     if args.fp16 and args.dtype not in (None, "fp16"):
         parser.error(f"--fp16 is --dtype fp16, but --dtype {args.dtype} was given too")
     args.dtype = "fp16" if args.fp16 else args.dtype or "fp32"
+    if args.model in CONCEPT_MODELS:
+        CONFIGS["attend+concepts"] = (1, "attend")
     if args.timing:
         timing_worker(args)
         return

@@ -19,14 +19,19 @@ PROMPTS = ["a red circle and a blue square", "a green cross"]
 CONCEPTS = ("circle", "square", "red")
 
 
+FAMILIES = ["sd3", "flux"]  # the families with a concept stream
+
+
 @pytest.fixture(scope="module")
 def sd3(joint_pipes):
     return joint_pipes["sd3"]
 
 
-def test_the_image_with_concepts_is_the_image_without_them_and_shares_sum_to_one(sd3):
-    plain = generate(sd3, PROMPTS, None, OPTS, progress=False)
-    r = attend(sd3, PROMPTS, OPTS, progress=False, concepts=list(CONCEPTS))
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_the_image_with_concepts_is_the_image_without_them_and_shares_sum_to_one(joint_pipes, kind):
+    pipe = joint_pipes[kind]
+    plain = generate(pipe, PROMPTS, None, OPTS, progress=False)
+    r = attend(pipe, PROMPTS, OPTS, progress=False, concepts=list(CONCEPTS))
     assert torch.equal(r.generation.latents, plain.latents)  # bit for bit
     assert all(a.tobytes() == b.tobytes() for a, b in zip(r.images, plain.images))
     for kind in ("output", "cross"):
@@ -38,60 +43,71 @@ def test_the_image_with_concepts_is_the_image_without_them_and_shares_sum_to_one
     assert not torch.equal(r.concept_maps("output").tensor, r.concept_maps("cross").tensor)
 
 
-def _by_hand(pipe, prompt: str, concepts: tuple[str, ...]):
-    """The method re-stated on the first joint block at the first step, from the stock modules' own layers and plain
-    softmax attention (no code of `concepts.py` or of the adapter): (image tokens, concepts) output-space scores."""
+def _by_hand(pipe, prompt: str, concepts: tuple[str, ...], block_index: int):
+    """The method re-stated at the first step, from the stock modules' own layers and plain softmax attention (no
+    code of `concepts.py` or of the adapter): the concept tokens carried through the blocks before `block_index` as
+    each block carries a prompt token, then that block's (image tokens, concepts) output-space scores."""
     net = pipe.transformer
-    block = net.transformer_blocks[0]
     seen = {}
 
-    def grab(module, args, kwargs):
-        seen.setdefault("kwargs", {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)})
+    def grab(i):
+        def hook(module, args, kwargs):
+            seen.setdefault(i, {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)})
 
-    hook = block.register_forward_pre_hook(grab, with_kwargs=True)
+        return hook
+
+    hooks = [b.register_forward_pre_hook(grab(i), with_kwargs=True) for i, b in enumerate(net.transformer_blocks)]
     try:
         generate(pipe, [prompt], None, OPTS, progress=False)
     finally:
-        hook.remove()
-    kw = seen["kwargs"]
-    row = slice(1, 2)  # the conditional row: SD3's pipeline puts the unconditional one first
-    x, ctx, temb = kw["hidden_states"][row], kw["encoder_hidden_states"][row], kw["temb"][row]
+        for hook in hooks:
+            hook.remove()
     with torch.no_grad():
         words = []
         for c in concepts:
             embeds = pipe.encode_prompt(prompt=c, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False)[0]
             words.append(embeds[0, 1])  # the tiny CLIP tokenizer reads each of these words as one token, after <start>
         stream = net.context_embedder(torch.stack(words))[None]  # (1, concepts, width)
-        attn = block.attn
-        heads = attn.heads
-        d = attn.to_q.out_features // heads
+        heads = net.transformer_blocks[0].attn.heads
+        d = net.transformer_blocks[0].attn.to_q.out_features // heads
 
         def split(t):
             return t.view(1, -1, heads, d).transpose(1, 2)
 
-        nx = block.norm1(x, emb=temb)[0]
-        nctx = block.norm1_context(ctx, emb=temb)[0]
-        nc = block.norm1_context(stream, emb=temb)[0]
-        qi, ki, vi = attn.norm_q(split(attn.to_q(nx))), attn.norm_k(split(attn.to_k(nx))), split(attn.to_v(nx))
-        kt, vt = attn.norm_added_k(split(attn.add_k_proj(nctx))), split(attn.add_v_proj(nctx))
-        qc = attn.norm_added_q(split(attn.add_q_proj(nc)))
-        kc, vc = attn.norm_added_k(split(attn.add_k_proj(nc))), split(attn.add_v_proj(nc))
+        def merge(t):
+            return t.transpose(1, 2).reshape(1, t.shape[2], heads * d)
 
         def attention(q, k, v):
-            return torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, -1) @ v
+            return torch.softmax(q @ k.transpose(-1, -2) / d**0.5, -1) @ v
 
+        for i in range(block_index + 1):
+            block, kw = net.transformer_blocks[i], seen[i]
+            row = slice(1, 2)  # the conditional row: SD3's pipeline puts the unconditional one first
+            x, ctx, temb = kw["hidden_states"][row], kw["encoder_hidden_states"][row], kw["temb"][row]
+            attn = block.attn
+            nx = block.norm1(x, emb=temb)[0]
+            nctx = block.norm1_context(ctx, emb=temb)[0]
+            nc, gate, shift, scale, gate_mlp = block.norm1_context(stream, emb=temb)
+            qi, ki, vi = attn.norm_q(split(attn.to_q(nx))), attn.norm_k(split(attn.to_k(nx))), split(attn.to_v(nx))
+            kt, vt = attn.norm_added_k(split(attn.add_k_proj(nctx))), split(attn.add_v_proj(nctx))
+            qc = attn.norm_added_q(split(attn.add_q_proj(nc)))
+            kc, vc = attn.norm_added_k(split(attn.add_k_proj(nc))), split(attn.add_v_proj(nc))
+            concept_out = attention(qc, torch.cat([ki, kc], 2), torch.cat([vi, vc], 2))  # image and concept keys
+            if i < block_index:  # the block's text side: gated attention output, then the gated feed-forward
+                stream = stream + gate[:, None] * attn.to_add_out(merge(concept_out))
+                normed = block.norm2_context(stream) * (1 + scale[:, None]) + shift[:, None]
+                stream = stream + gate_mlp[:, None] * block.ff_context(normed)
         image_out = attention(qi, torch.cat([ki, kt], 2), torch.cat([vi, vt], 2))  # over the image and prompt keys
-        concept_out = attention(qc, torch.cat([ki, kc], 2), torch.cat([vi, vc], 2))  # over image and concept keys
-        merge = lambda t: t.transpose(1, 2).reshape(1, t.shape[2], heads * d)  # noqa: E731
         return (merge(image_out) @ merge(concept_out).transpose(1, 2))[0]
 
 
-def test_concept_maps_are_the_methods_formula_on_the_stock_modules(sd3):
+@pytest.mark.parametrize("block", [0, 1])
+def test_concept_maps_are_the_methods_formula_on_the_stock_modules(sd3, block):
     prompt = "a red circle and a blue square"
-    expected = torch.softmax(_by_hand(sd3, prompt, CONCEPTS), -1).reshape(8, 8, 3)
-    one = GenerationOptions(steps=3, seed=1, height=32, width=32, max_sequence_length=24)
-    r = attend(sd3, prompt, one, progress=False, concepts=ConceptOptions(CONCEPTS, blocks=(0,), steps=(0.0, 0.34)))
-    assert r.settings["concepts"]["blocks"] == [0] and r.settings["concepts"]["steps"] == [0, 1]
+    expected = torch.softmax(_by_hand(sd3, prompt, CONCEPTS, block), -1).reshape(8, 8, 3)
+    options = ConceptOptions(CONCEPTS, blocks=(block,), steps=(0.0, 0.34))
+    r = attend(sd3, prompt, OPTS, progress=False, concepts=options)
+    assert r.settings["concepts"]["blocks"] == [block] and r.settings["concepts"]["steps"] == [0, 1]
     torch.testing.assert_close(r.concept_maps().tensor[0], expected, atol=1e-5, rtol=1e-4)
     # a concept that is a prompt word too: its concept map is another quantity than the word's cross-attention map
     word = r.maps().word("circle").normalized()
@@ -119,7 +135,7 @@ def test_bad_concepts_get_one_sentence(sd3, sd1, joint_pipes, tmp_path, capsys):
     with pytest.raises(InputError, match="need an MM-DiT"):
         attend(sd1, "a red circle", OPTS, progress=False, concepts=["circle"])
     with pytest.raises(InputError, match="no concept stream yet"):
-        attend(joint_pipes["flux"], "a red circle", OPTS, progress=False, concepts=["circle"])
+        attend(joint_pipes["qwenimage"], "a red circle", OPTS, progress=False, concepts=["circle"])
     with pytest.raises(InputError, match=f"at most {MAX_CONCEPTS} concepts, got {MAX_CONCEPTS + 1}"):
         ConceptOptions(tuple(f"w{i}" for i in range(MAX_CONCEPTS + 1)))
     with pytest.raises(InputError, match="'circle' is named twice"):

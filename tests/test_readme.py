@@ -69,7 +69,8 @@ def _kinds(families: str) -> list[str]:
     """The models a row names: the bundled `shapes` (an SD 1.x) and the tiny pipeline of each family."""
     shapes = FAMILIES["sd1"]  # what the bundled model is
     chosen = {"all": lambda f: True, "invertible": lambda f: f.invertible,
-              "flowedit": lambda f: f.flowedit is not None, "shapes": None}
+              "flowedit": lambda f: f.flowedit is not None, "concepts": lambda f: f.concepts is not None,
+              "shapes": None}
     assert families in chosen, f"families column: expected one of {', '.join(chosen)}, got {families!r}"
     if families == "shapes":
         return ["shapes"]

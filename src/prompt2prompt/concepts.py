@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .errors import InputError, PromptError
 from .families import family_of
@@ -65,6 +66,36 @@ def check_family(pipe) -> None:
     if family.concepts is None:
         raise InputError(f"concept maps are built for {', '.join(supported())} so far; {family.title} has no concept "
                          "stream yet: use its word maps")
+
+
+def concept_attention(q, k, v, image: slice, cq, ck, cv, read: bool):
+    """The concepts' attention in one block, and (if read) its maps, from the block's queries, keys and values
+    (rows, heads, tokens, head_dim) of the image and prompt tokens (`image` their image tokens) and of the concepts:
+    (concept outputs (rows, heads, concepts, head_dim), None or (output-space scores, cross-attention scores), each
+    (rows, image tokens, concepts))."""
+    # a concept attends to the image tokens and to the concepts; nothing attends to a concept
+    c_out = F.scaled_dot_product_attention(cq, torch.cat([k[:, :, image], ck], 2), torch.cat([v[:, :, image], cv], 2))
+    if not read:
+        return c_out, None
+    img_out = F.scaled_dot_product_attention(q[:, :, image], k, v)  # the image tokens' own attention, as the block's
+    rows, heads, tokens, d = img_out.shape
+    output = img_out.transpose(1, 2).reshape(rows, tokens, heads * d) @ merge_heads(c_out).transpose(1, 2)
+    cross = (q[:, :, image] @ ck.transpose(-1, -2)).mean(1) * d**-0.5  # image queries x concept keys, mean of heads
+    return c_out, (output, cross)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(rows, heads, tokens, head_dim) -> (rows, tokens, heads * head_dim)."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def text_side_update(block, stream, c_out, gate_msa, shift_mlp, scale_mlp, gate_mlp) -> torch.Tensor:
+    """The concept tokens after a double-stream block, as the block updates a prompt token: the gated attention
+    output through `to_add_out`, then the gated feed-forward `ff_context` on `norm2_context` (SD3's
+    JointTransformerBlock and Flux's FluxTransformerBlock alike)."""
+    stream = stream + gate_msa.unsqueeze(1) * block.attn.to_add_out(merge_heads(c_out))
+    normed = block.norm2_context(stream) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    return stream + gate_mlp.unsqueeze(1) * block.ff_context(normed)
 
 
 def supported() -> list[str]:

@@ -67,8 +67,51 @@ def finish(attn, out, call: dict, text: slice, image: slice):
     return attn.to_out[1](attn.to_out[0](image_out)), attn.to_add_out(text_out)
 
 
+class FluxConcepts:
+    """Flux.1's concept stream (`concepts.py`): a concept is one context token (its T5 embedding through the
+    transformer's `context_embedder`), carried through the double-stream `FluxTransformerBlock`s by their text side
+    (`norm1_context`, the added projections and qk-norms, `to_add_out`, `norm2_context`, `ff_context`). Text tokens
+    sit at position 0 of Flux.1's rotary table (its `txt_ids` are zeros), a rotation by nothing, so the concepts get
+    none. The stream ends with the double-stream blocks: a single-stream block has one stream for text and image,
+    no text side of its own to carry a concept."""
+
+    @staticmethod
+    def encode(pipe, concept: str) -> torch.Tensor:
+        from ..loading import execution_device
+
+        return pipe.encode_prompt(prompt=concept, prompt_2=None, device=execution_device(pipe))[0]
+
+    @staticmethod
+    def blocks(net) -> list:
+        return list(net.transformer_blocks)
+
+    @staticmethod
+    def start(net, embeds: torch.Tensor) -> torch.Tensor:
+        return net.context_embedder(embeds)
+
+    @staticmethod
+    def step(block, kwargs: dict, rows: slice, stream: torch.Tensor, read: bool):
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        from ..concepts import concept_attention, text_side_update
+
+        hidden, context, temb = (kwargs[k][rows] for k in ("hidden_states", "encoder_hidden_states", "temb"))
+        attn = block.attn
+        norm_hidden = block.norm1(hidden, emb=temb)[0]
+        norm_context = block.norm1_context(context, emb=temb)[0]
+        norm_stream, *gates = block.norm1_context(stream, emb=temb)
+        q, k, v, _, image = project(attn, {"hidden_states": norm_hidden, "encoder_hidden_states": norm_context,
+                                           "image_rotary_emb": kwargs.get("image_rotary_emb")}, 0, None)
+        cq, ck, cv = (x.unflatten(-1, (-1, attn.head_dim)) for x in _get_qkv_projections(attn, norm_stream,
+                                                                                          norm_stream)[3:])
+        cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+        cq, ck, cv = (x.transpose(1, 2) for x in (cq, ck, cv))  # (rows, heads, concepts, head_dim)
+        c_out, maps = concept_attention(q, k, v, image, cq, ck, cv, read)
+        return text_side_update(block, stream, c_out, *gates), maps
+
+
 FLUX = Family("flux", "Flux.1", "joint", pipelines=("FluxPipeline",), networks=("FluxTransformer2DModel",),
               text_first=True, packed=True, flow=True, text_parts=("t5",),
               processors=("FluxAttnProcessor", "FluxAttnProcessor2_0"), flowedit=(28, 24, 1.5, 5.5), tokens=tokens,
-              noise=noise, grid=grid, project=project, finish=finish)
+              noise=noise, grid=grid, project=project, finish=finish, concepts=FluxConcepts)
 FAMILIES = (FLUX,)

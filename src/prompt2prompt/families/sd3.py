@@ -99,37 +99,22 @@ class SD3Concepts:
     def step(block, kwargs: dict, rows: slice, stream: torch.Tensor, read: bool):
         """One block of the concept stream on a call's conditional rows: (the stream after the block, None after the
         last; if read, the (rows, image tokens, concepts) scores in the output space and of cross-attention)."""
-        import torch.nn.functional as F
+        from ..concepts import concept_attention, text_side_update
 
         hidden, context, temb = (kwargs[k][rows] for k in ("hidden_states", "encoder_hidden_states", "temb"))
-        attn = block.attn
         norm_hidden = block.norm1(hidden, emb=temb)[0]  # the image tokens as the block's attention reads them
         if block.context_pre_only:
             norm_context, norm_stream = block.norm1_context(context, temb), block.norm1_context(stream, temb)
         else:
             norm_context = block.norm1_context(context, emb=temb)[0]
-            norm_stream, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(stream, emb=temb)
-        q, k, v, text, image = project(attn, {"hidden_states": norm_hidden, "encoder_hidden_states": norm_context},
-                                       0, None)  # (rows, heads, tokens, head_dim)
-        cq, ck, cv = context_projections(attn, norm_stream)  # the concepts through the text side's projections
-        # concept queries attend to the image keys and the concept keys, never the other way round
-        keys, values = torch.cat([k[:, :, image], ck], 2), torch.cat([v[:, :, image], cv], 2)
-        c_out = F.scaled_dot_product_attention(cq, keys, values)  # (rows, heads, concepts, head_dim)
-        maps = None
-        if read:
-            img_out = F.scaled_dot_product_attention(q[:, :, image], k, v)  # the image tokens' own joint attention
-            b, heads, tokens, d = img_out.shape
-            merged_img = img_out.transpose(1, 2).reshape(b, tokens, heads * d)
-            merged_c = c_out.transpose(1, 2).reshape(b, -1, heads * d)
-            output = merged_img @ merged_c.transpose(1, 2)  # (rows, image tokens, concepts)
-            cross = (q[:, :, image] @ ck.transpose(-1, -2)).mean(1) * d ** -0.5  # averaged over heads
-            maps = (output, cross)
+            norm_stream, *gates = block.norm1_context(stream, emb=temb)
+        q, k, v, _, image = project(block.attn, {"hidden_states": norm_hidden, "encoder_hidden_states": norm_context},
+                                    0, None)  # (rows, heads, tokens, head_dim)
+        cq, ck, cv = context_projections(block.attn, norm_stream)  # the concepts through the text side's layers
+        c_out, maps = concept_attention(q, k, v, image, cq, ck, cv, read)
         if block.context_pre_only:
             return None, maps
-        merged = c_out.transpose(1, 2).reshape(c_out.shape[0], -1, c_out.shape[1] * c_out.shape[3])
-        stream = stream + gate_msa.unsqueeze(1) * attn.to_add_out(merged)
-        normed = block.norm2_context(stream) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        return stream + gate_mlp.unsqueeze(1) * block.ff_context(normed), maps
+        return text_side_update(block, stream, c_out, *gates), maps
 
 
 def load(index: dict) -> dict:
