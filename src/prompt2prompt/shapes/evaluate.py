@@ -159,34 +159,43 @@ class EvalResult:
         return "\n".join(lines) + f"\n({self.count} captions)"
 
 
+def match_objects(regions: dict[str, np.ndarray], caption: str,
+                  shapes_of: dict[str, str] | None = None) -> list[tuple[str | None, str, str | None]]:
+    """Each object the caption names, as (colour named or None, shape, the colour key of its region in `regions`
+    or None when it is missing): a named colour's region, else the unclaimed region with that shape (`shapes_of`:
+    each region's shape, `classify_shape`'s, when already known)."""
+    shapes_of = shapes_of if shapes_of is not None else {c: classify_shape(m)[0] for c, m in regions.items()}
+    unclaimed, found = dict(regions), []
+    for colour, shape in world.parse_caption(caption):
+        if colour is not None:
+            key = colour if colour in regions else None
+        else:  # colour left to the model: the region with that shape, if any
+            key = next((c for c in unclaimed if shapes_of[c] == shape), None)
+        unclaimed.pop(key, None)
+        found.append((colour, shape, key))
+    return found
+
+
 def score_image(image: np.ndarray, caption: str, maps=None, prompt: int = 0,
                 threshold: float = ATTENTION_THRESHOLD) -> dict:
     """Per-caption scores: colours found, shapes recognised, both objects, attention IoU per noun."""
-    specs = world.parse_caption(caption)
     regions = segment(image)
     shapes_of = {c: classify_shape(m)[0] for c, m in regions.items()}
     row = {"caption": caption, "found": {c: shapes_of[c] for c in regions}, "colour_ok": [], "shape_ok": [],
            "iou": []}
-    unclaimed = dict(regions)
-    for colour, shape in specs:
-        key = None  # the colour of this object's region
+    matched = match_objects(regions, caption, shapes_of)
+    for colour, shape, key in matched:
         if colour is not None:
-            row["colour_ok"].append(colour in regions)
-            if colour in regions:
-                key = colour
-                unclaimed.pop(colour, None)
-        else:  # colour left to the model: the region with that shape, if any
-            key = next((c for c in unclaimed if shapes_of[c] == shape), None)
-            unclaimed.pop(key, None)
+            row["colour_ok"].append(key is not None)
         region = regions.get(key)
         row["shape_ok"].append(region is not None and shapes_of[key] == shape)
         if maps is not None:
             heat = maps.word(shape, prompt=prompt)
             attention = heat.mask(threshold, size=image.shape[:2]).numpy()
             row["iou"].append(iou(attention, region) if region is not None else 0.0)
-    if len(specs) == 2:
+    if len(matched) == 2:
         row["both"] = len(regions) >= 2
-    row["named"], row["objects"] = len(specs), count_objects(regions)
+    row["named"], row["objects"] = len(matched), count_objects(regions)
     return row
 
 
