@@ -115,6 +115,15 @@ def test_concept_maps_are_the_methods_formula_on_the_stock_modules(sd3, block):
     assert word.shape == concept.shape and (word - concept).abs().max() > 0.05
 
 
+def test_blocks_are_averaged_before_the_softmax(sd3):
+    prompt = "a red circle and a blue square"
+    mean = (_by_hand(sd3, prompt, CONCEPTS, 0) + _by_hand(sd3, prompt, CONCEPTS, 1)) / 2
+    options = ConceptOptions(CONCEPTS, blocks=(0, 1), steps=(0.0, 0.34))
+    r = attend(sd3, prompt, OPTS, progress=False, concepts=options)
+    torch.testing.assert_close(r.concept_maps().tensor[0], torch.softmax(mean, -1).reshape(8, 8, 3), atol=1e-5,
+                               rtol=1e-4)
+
+
 def test_p2p_attend_concepts_writes_pictures_tensors_and_settings(sd3, tmp_path, capsys):
     sd3.save_pretrained(tmp_path / "sd3")
     out = tmp_path / "out"

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .errors import InputError, PromptError
 from .families import family_of
 from .maps import HeatMap
+from .routing import denoiser
 
 MAX_CONCEPTS = 32  # concepts per generation (each is one more token in every chosen block's attention)
 KINDS = ("output", "cross")  # the output-space maps (the method) and the cross-attention variant
@@ -140,7 +141,7 @@ class ConceptRecorder:
         self.family = family_of(pipe)
         self.concepts = tuple(options.concepts)
         self.adapter = self.family.concepts
-        self.net = self.family_net(pipe)
+        self.net = denoiser(pipe)
         self.blocks = self.adapter.blocks(self.net)
         chosen = range(len(self.blocks)) if options.blocks is None else options.blocks
         for i in chosen:
@@ -153,12 +154,9 @@ class ConceptRecorder:
         self.options = options
         self.calls, self.stream, self.grid = 0, None, None
         self.sums = {kind: None for kind in KINDS}  # (prompts, image tokens, concepts) float32
-        self.counted = 0
+        self.reads = 0  # (block, step) maps in the sums
+        self.last = max(self.chosen)  # the stream is not carried past the last chosen block
         self._hooks = []
-
-    @staticmethod
-    def family_net(pipe):
-        return getattr(pipe, "transformer", pipe)
 
     def __enter__(self) -> ConceptRecorder:
         self._hooks.append(self.net.register_forward_pre_hook(self._on_call, with_kwargs=True))
@@ -184,37 +182,43 @@ class ConceptRecorder:
         step, self.calls = self.calls, self.calls + 1
         sample = kwargs.get("hidden_states", args[0] if args else None)
         self.rows = self._rows(sample.shape[0])
-        self.reading = self.window[0] <= step < self.window[1]
+        self.stream = None
+        if not self.window[0] <= step < self.window[1]:
+            return None  # a step whose maps are not read costs nothing
         _, self.grid = self.family.grid(net, sample, kwargs, {})
         with torch.no_grad():
             start = self.adapter.start(net, self.embeds.to(sample.device, sample.dtype))  # (concepts, width)
         self.stream = start[None].expand(self.rows.stop - self.rows.start, -1, -1)
-        self.counted += self.reading
+        return None
 
     def _on_block(self, index: int):
         def hook(block, args, kwargs):
             if self.stream is None:
                 return None
-            read = self.reading and index in self.chosen
+            read = index in self.chosen
             with torch.no_grad():
                 self.stream, maps = self.adapter.step(block, kwargs, self.rows, self.stream, read)
             if read:
+                self.reads += 1
                 for kind, m in zip(KINDS, maps):  # (rows, image tokens, concepts)
                     m = m.float().cpu()
                     self.sums[kind] = m if self.sums[kind] is None else self.sums[kind] + m
+            if index >= self.last:
+                self.stream = None
             return None
 
         return hook
 
     def maps(self, kind: str = "output") -> torch.Tensor:
-        """(prompts, h, w, concepts): the averaged scores softmaxed over the concepts at each image token."""
+        """(prompts, h, w, concepts): the scores averaged over the chosen blocks and steps, softmaxed over the concepts
+        at each image token."""
         if kind not in KINDS:
             raise InputError(f"expected a concept map kind among {', '.join(KINDS)}, got {kind!r}")
         total = self.sums[kind]
         if total is None:
             raise InputError("no concept map was recorded: no chosen block ran in the chosen steps")
         h, w = self.grid
-        return torch.softmax(total, dim=-1).reshape(total.shape[0], h, w, total.shape[-1])
+        return torch.softmax(total / self.reads, dim=-1).reshape(total.shape[0], h, w, total.shape[-1])
 
 
 @dataclass
