@@ -107,6 +107,16 @@ def test_invert_upload_then_edit_it(app, scene_png, tmp_path):
         app.invert(None, SOURCE)
 
 
+def test_the_real_image_tab_offers_what_the_family_can_invert(app, joint_pipes):
+    from prompt2prompt.flow import FLOW_METHODS
+    from prompt2prompt.inversion import DDIM_METHODS
+
+    assert app.methods() == ["auto", *DDIM_METHODS]
+    assert App(joint_pipes["sd3"], "sd3").methods() == ["auto", *FLOW_METHODS]
+    for kind in ("flux2", "qwenimage", "zimage"):  # no inversion yet: the tab is hidden, not offered and refused
+        assert App(joint_pipes[kind], kind).methods() == []
+
+
 def test_why_tab(app):
     before, after, drift, pictures, text = app.why(SOURCE, TARGET, seed=2, steps=4)
     assert "of the pixels change their most-attended word" in text and drift.size[0] > 0

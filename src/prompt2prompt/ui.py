@@ -208,10 +208,15 @@ class App:
 
     # -- Real image ---------------------------------------------------------------------------------------------------
     def methods(self) -> list[str]:
+        """The inversion methods of the loaded family ([] where it has none: the Real image tab is hidden)."""
+        from .families import family_of
         from .flow import FLOW_METHODS
         from .inversion import DDIM_METHODS
 
-        return ["auto", *(FLOW_METHODS if self.joint else DDIM_METHODS)]
+        family = family_of(self.pipe)
+        if not family.invertible:
+            return []
+        return ["auto", *(FLOW_METHODS if family.flow else DDIM_METHODS)]
 
     def invert(self, path, caption: str, method: str = "auto", steps=50, guidance=7.5):
         """(reconstruction, message, inversion) of an uploaded image; the inversion is kept for further edits."""
@@ -351,7 +356,7 @@ def build(app: App):
                         [grid, vanilla, controlled, mask])
             sweep.click(user_errors(do_sweep), [source, targets, seed_e, steps_e, guidance_e, *controls], fractions)
 
-        with gr.Tab("Real image"):
+        with gr.Tab("Real image", visible=bool(app.methods())):  # only where the family can invert
             state = gr.State(None)
             with gr.Row():
                 # a file, not gr.Image: gradio would decode the upload before the limits are checked
@@ -362,7 +367,7 @@ def build(app: App):
             caption = gr.Textbox(label="caption of the image", value="a red circle and a blue square",
                                  elem_id="real-caption", info="becomes the source prompt of edits")
             with gr.Row():
-                method = gr.Dropdown(app.methods(), value="auto", label="inversion method",
+                method = gr.Dropdown(app.methods() or ["auto"], value="auto", label="inversion method",
                                      info="auto: null-text (UNet models) or FireFlow (flow models)")
                 steps_r = steps_box()
                 guidance_r = gr.Slider(1, 15, value=2.0 if app.joint else 7.5, step=0.5, label="guidance",
