@@ -164,3 +164,56 @@ def test_bad_concepts_get_one_sentence(sd3, sd1, joint_pipes, tmp_path, capsys):
                  str(tmp_path / "unet")])
     assert code == 2 and "concept maps need an MM-DiT" in capsys.readouterr().err
     assert not (tmp_path / "unet").exists()  # nothing half-written
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    import random
+
+    from prompt2prompt.shapes import world
+
+    folder = tmp_path_factory.mktemp("scenes")
+    for k, caption in enumerate(("a red circle and a blue square", "a green cross and a yellow triangle")):
+        world.scene_from_caption(caption, random.Random(k)).image().save(folder / f"{k}.png")
+    return folder
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_concept_maps_of_an_image_are_read_from_that_image(joint_pipes, scenes, kind):
+    from prompt2prompt.concepts import image_concepts
+
+    pipe, caption = joint_pipes[kind], "a red circle and a blue square"
+    words = ["circle", "square", "background"]
+    first = image_concepts(pipe, scenes / "0.png", caption, words, height=32, width=32)
+    assert first.image.size == (32, 32) and first.maps.settings["conversions"]  # 64x64 read at 32x32
+    torch.testing.assert_close(first.maps.tensor.sum(-1), torch.ones(1, 8, 8))
+    assert torch.equal(image_concepts(pipe, scenes / "0.png", caption, words, height=32, width=32).maps.tensor,
+                       first.maps.tensor)  # the noise is seeded
+    other = image_concepts(pipe, scenes / "1.png", caption, words, height=32, width=32)
+    assert not torch.equal(other.maps.tensor, first.maps.tensor)  # the image's own latent is what is read
+    noisier = image_concepts(pipe, scenes / "0.png", caption, words, noise=0.9, height=32, width=32)
+    assert not torch.equal(noisier.maps.tensor, first.maps.tensor) and noisier.maps.settings["noise"] == 0.9
+    assert not torch.equal(first.cross.tensor, first.maps.tensor) and first.cross.kind == "cross"
+
+
+def test_p2p_attend_image_writes_its_maps_and_refuses_what_does_nothing(sd3, scenes, tmp_path, capsys):
+    sd3.save_pretrained(tmp_path / "sd3")
+    base = ["attend", "a red circle and a blue square", "--model", str(tmp_path / "sd3"), "--height", "32",
+            "--width", "32", "--quiet"]
+    out = tmp_path / "out"
+    assert main([*base, "--image", str(scenes / "0.png"), "--concepts", "circle", "square", "--noise", "0.3",
+                 "--out", str(out)]) == 0
+    for name in ("image.png", "concepts.png", "concepts_cross.png", "concepts_argmax.png", "concepts.safetensors",
+                 "index.html"):
+        assert (out / name).is_file(), name
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["noise"] == 0.3 and settings["concepts"]["concepts"] == ["circle", "square"]
+    capsys.readouterr()
+    for extra, said in [(["--image", str(scenes / "0.png")], "expected --concepts"),
+                        (["--noise", "0.3", "--concepts", "circle"], "expected it with --image"),
+                        (["--image", str(scenes / "0.png"), "--concepts", "circle", "--steps", "3"],
+                         "--steps does nothing with --image"),
+                        (["--image", str(tmp_path / "none.png"), "--concepts", "circle"], "no image file")]:
+        assert main([*base, *extra, "--out", str(tmp_path / "bad")]) == 2
+        assert said in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()

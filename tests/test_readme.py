@@ -112,8 +112,8 @@ def test_every_command_of_the_table_runs_as_written(kind, tmp_path, monkeypatch,
         extra = []
         if folder is not None and "--from" not in argv:  # an edit from an inversion takes the file's model
             extra += ["--model", str(folder)]
-        if "--steps" in takes and "--from" not in argv:  # an inversion's edit takes the inversion's steps
-            extra += ["--steps", "2"]
+        if "--steps" in takes and not {"--from", "--image"} & set(argv):  # an inversion's edit takes the
+            extra += ["--steps", "2"]  # inversion's steps; an image's concept maps are one step
         code = main(argv + extra + (["--quiet"] if "--quiet" in takes else []))
         err = capsys.readouterr().err
         assert code == 0, f"{kind}: {command} exited {code}: {err}"

@@ -13,7 +13,7 @@
 from .analysis import SwapAnalysis, swap_analysis
 from .attend import AttendResult, attend
 from .attention import AttentionController, Controllers, LayerInfo, Site, control
-from .concepts import ConceptMaps, ConceptOptions
+from .concepts import ConceptMaps, ConceptOptions, ImageConcepts, image_concepts
 from .edits import EditOptions, EditResult, edit
 from .errors import InputError, ModelError, P2PError, PromptError
 from .flowedit import FlowEditOptions, FlowEditResult, flowedit
@@ -28,10 +28,10 @@ from .trace import Trace, trace
 __all__ = [
     "AttendResult", "AttentionController", "AttentionStore", "ConceptMaps", "ConceptOptions", "Controllers",
     "CrossAttentionMaps", "EditOptions", "EditResult", "FlowEditOptions", "FlowEditResult", "Generation",
-    "GenerationOptions", "HeatMap", "InputError", "Inversion", "InversionOptions", "LayerInfo", "ModelError",
-    "P2PError", "PromptError", "PromptTokens", "RecordOptions", "SelfAttentionMaps", "Site", "SwapAnalysis", "Trace",
-    "attend", "control", "edit", "flowedit", "generate", "invert", "load_pipeline", "sample_back", "swap_analysis",
-    "trace",
+    "GenerationOptions", "HeatMap", "ImageConcepts", "InputError", "Inversion", "InversionOptions", "LayerInfo",
+    "ModelError", "P2PError", "PromptError", "PromptTokens", "RecordOptions", "SelfAttentionMaps", "Site",
+    "SwapAnalysis", "Trace", "attend", "control", "edit", "flowedit", "generate", "image_concepts", "invert",
+    "load_pipeline", "sample_back", "swap_analysis", "trace",
 ]
 
 __version__ = "0.1.0"

@@ -163,15 +163,47 @@ def cmd_attend(args) -> None:
         from .concepts import ConceptOptions
 
         concepts = ConceptOptions(tuple(args.concepts), tuple(args.concept_blocks) if args.concept_blocks else None)
+    if args.image is not None or args.noise is not None:
+        _attend_image(args, concepts)
+        return
+    components = 6 if args.components is None else args.components
     options, device = _options(args), _device(args)
     _folder(args)
     pipe = _pipe(args, device)
     _warn_truncated(pipe, [args.prompt], args.quiet, args.model)
-    record = RecordOptions(self_attention=args.components > 0)
+    record = RecordOptions(self_attention=components > 0)
     res = tuple(args.res) if args.res else None
     result = attend(pipe, args.prompt, options, record, model=args.model, progress=not args.quiet, res=res,
                     concepts=concepts)
-    files = write_attend(result, args.out, res=res, components=args.components)
+    files = write_attend(result, args.out, res=res, components=components)
+    print(f"wrote {len(files)} files to {args.out}; open {files['html']}")
+
+
+def _attend_image(args, concepts) -> None:
+    """`p2p attend CAPTION --image IMG --concepts ...`: concept maps of an existing image (one step of it noised)."""
+    from .concepts import DEFAULT_NOISE, image_concepts
+    from .figures import write_image_concepts
+    from .images import read_image
+
+    if args.image is None:
+        raise InputError("--noise is the noise level an input image is read at: expected it with --image IMG")
+    if concepts is None:
+        raise InputError("--image reads concept maps of an image: expected --concepts WORD ... with it")
+    unused = [flag for flag, value in (("--steps", args.steps), ("--guidance", args.guidance), ("--res", args.res),
+                                       ("--components", args.components)) if value is not None]
+    if unused:
+        raise InputError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} nothing with --image (one "
+                         "step of the noised image, without guidance, gives concept maps only): leave "
+                         f"{'it' if len(unused) == 1 else 'them'} out")
+    read_image(args.image)  # an image that cannot be read is refused before the model loads
+    device = _device(args)
+    _folder(args)
+    pipe = _pipe(args, device)
+    _warn_truncated(pipe, [args.prompt], args.quiet, args.model)
+    result = image_concepts(pipe, args.image, args.prompt, concepts, DEFAULT_NOISE if args.noise is None else
+                            args.noise, 0 if args.seed is None else args.seed, args.height, args.width,
+                            model=args.model)
+    files = write_image_concepts(result, args.out)
     print(f"wrote {len(files)} files to {args.out}; open {files['html']}")
 
 
@@ -450,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--res", type=whole(1), nargs="+", default=None,
                    help="map sides to aggregate (e.g. 16, or 16 32); default: every recorded resolution, upsampled "
                    "to the largest")
-    p.add_argument("--components", type=whole(0), default=6,
+    p.add_argument("--components", type=whole(0), default=None,
                    help="self-attention principal components to draw; 0 records no self-attention (default: 6)")
     p.add_argument("--concepts", nargs="+", default=None, metavar="WORD",
                    help="MM-DiTs: also draw these concepts' maps (ConceptAttention: each word's share of every "
@@ -458,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "--concepts circle square background")
     p.add_argument("--concept-blocks", type=whole(0), nargs="+", default=None, metavar="N",
                    help="with --concepts: the joint blocks whose maps are averaged, counted from 0 (default: all)")
+    p.add_argument("--image", default=None, metavar="IMG",
+                   help="with --concepts: the concept maps of this image (PROMPT its caption) instead of a generated "
+                   "one: its latent noised to --noise, one step of the model, no guidance")
+    p.add_argument("--noise", type=number(0.0, 1.0, open_low=True, open_high=True), default=None, metavar="LEVEL",
+                   help="with --image: the noise level it is read at, between 0 and 1 (default: 0.5)")
     _common(p, "p2p-out/attend")
     p.set_defaults(func=cmd_attend)
 

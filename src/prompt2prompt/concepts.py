@@ -17,7 +17,7 @@ family's `concepts` adapter (`families/sd3.py`: `SD3Concepts`). Families without
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .errors import InputError, PromptError
 from .families import family_of
 from .maps import HeatMap
-from .routing import denoiser
+from .routing import denoiser, exclusive
 
 MAX_CONCEPTS = 32  # concepts per generation (each is one more token in every chosen block's attention)
 KINDS = ("output", "cross")  # the output-space maps (the method) and the cross-attention variant
@@ -109,7 +109,6 @@ def encode_concepts(pipe, concepts: tuple[str, ...]) -> torch.Tensor:
     """(concepts, text width): each concept encoded alone by the pipeline's text side, the mean of its own tokens
     (no start, end or padding token) in the part the family reads words from."""
     from .loading import default_part
-    from .routing import exclusive
     from .tokens import prompt_tokens
 
     adapter = family_of(pipe).concepts
@@ -280,3 +279,64 @@ class ConceptMaps:
             "concepts": json.dumps(list(self.concepts)), "kind": self.kind, "settings": json.dumps(self.settings)})
         tmp.replace(path)
         return path
+
+
+DEFAULT_NOISE = 0.5  # noise level of an input image's one step (our choice; not yet measured against others)
+
+
+@dataclass
+class ImageConcepts:
+    """Concept maps of an input image: the image as the model read it and its ConceptMaps."""
+
+    image: object  # the prepared PIL image (cropped and resized to the size the model works at)
+    maps: ConceptMaps  # the output-space maps (the method)
+    cross: ConceptMaps  # the cross-attention variant
+
+    def _repr_png_(self) -> bytes:
+        from .display import png
+
+        return png(self.maps.picture(0, self.image))
+
+    def __repr__(self) -> str:
+        return f"ImageConcepts({self.maps!r})"
+
+
+def image_concepts(pipe, image, caption: str, concepts: ConceptOptions | list[str] | tuple[str, ...],
+                   noise: float = DEFAULT_NOISE, seed: int = 0, height: int | None = None, width: int | None = None,
+                   max_sequence_length: int | None = None, model: str = "") -> ImageConcepts:
+    """Concept maps of an existing image (a path or a PIL image), as ConceptAttention reads a real image: its latent
+    noised to `noise` (x = (1 - noise) * latent + noise * e, e seeded standard normal: the flow models' own
+    interpolation), then one call of the denoiser under `caption`, without guidance, with the concept stream beside
+    its blocks. Every chosen block is read at that one step (`concepts.steps` has no loop to choose from)."""
+    from .flow import velocity
+    from .generation import image_size_for
+    from .images import prepare_image
+    from .inversion import encode, pack
+    from .loading import model_name
+    from .numbers import check_seed
+
+    check_family(pipe)
+    if not family_of(pipe).flow:  # every MM-DiT here samples by flow; the interpolation above assumes it
+        raise InputError(f"concept maps of an image need a flow-matching model; {family_of(pipe).title} is not one")
+    if not 0 < noise < 1:
+        raise InputError(f"expected a noise level between 0 and 1 (exclusive), got {noise!r}")
+    if not (caption or "").strip():
+        raise PromptError("expected a caption of the image, got an empty one")
+    check_seed(seed)
+    if not isinstance(concepts, ConceptOptions):
+        concepts = ConceptOptions(tuple([concepts] if isinstance(concepts, str) else concepts))
+    notes: list[str] = []
+    prepared = prepare_image(image, image_size_for(pipe, height, width), notes=notes, purpose="reading")
+    with exclusive(pipe):
+        latent = encode(pipe, prepared)  # (1, channels, h, w)
+        v = velocity(pipe, caption, 1.0, max_sequence_length, tuple(latent.shape[2:]))
+        x0 = pack(pipe, latent)
+        e = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(x0)
+        with ConceptRecorder(pipe, replace(concepts, steps=(0.0, 1.0)), prompts=1, steps=1) as recorder:
+            v((1 - noise) * x0 + noise * e, torch.tensor([noise * 1000.0]))
+    settings = {"prompts": [caption], "model": model_name(pipe, model), "family": family_of(pipe).name,
+                "size": list(prepared.size), "noise": noise, "seed": seed, "conversions": notes,
+                "concepts": {"concepts": list(recorder.concepts), "blocks": sorted(recorder.chosen), "steps": [0, 1],
+                             "method": "ConceptAttention (arXiv 2502.04320), one step of the noised image"}}
+    return ImageConcepts(prepared, *(ConceptMaps(recorder.maps(kind), recorder.concepts, kind, settings)
+                                     for kind in KINDS))

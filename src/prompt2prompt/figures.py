@@ -105,6 +105,33 @@ def _write_concepts(result: AttendResult, tmp: Path, files: dict) -> Section:
                    "cross-attention: image queries against concept keys.", shown)
 
 
+def write_image_concepts(result, out) -> dict:
+    """An input image's concept maps: the image as read, the maps of both kinds over it, the argmax concept, the maps
+    as safetensors, settings.json and index.html into out; returns the files."""
+    files, shown = {"image": "image.png"}, []
+    with staged(out) as tmp:
+        result.image.save(tmp / "image.png")
+        for cmaps, name in ((result.maps, "concepts"), (result.cross, "concepts_cross")):
+            picture = cmaps.picture(0, result.image)
+            picture.save(tmp / f"{name}.png")
+            cmaps.save(tmp / f"{name}.safetensors")
+            files.update({name: f"{name}.png", f"{name}_tensor": f"{name}.safetensors"})
+            shown.append((f"{'output-space' if cmaps.kind == 'output' else 'cross-attention'} concept maps", picture))
+        argmax = result.maps.argmax_picture(0)
+        argmax.save(tmp / "concepts_argmax.png")
+        files["concepts_argmax"] = "concepts_argmax.png"
+        shown.append(("the concept with the largest share", argmax))
+        settings = result.maps.settings
+        write_json(tmp / "settings.json", settings)
+        files.update(settings="settings.json", html="index.html")
+        text = (f"Concepts {', '.join(result.maps.concepts)} of the image captioned “{settings['prompts'][0]}”, read "
+                f"at noise level {settings['noise']:g} in one step of the model (ConceptAttention), from joint blocks "
+                f"{settings['concepts']['blocks']}.")
+        (tmp / "index.html").write_text(page("prompt2prompt: concept maps of an image",
+                                             [Section("Concept maps", text, shown)], settings))
+    return {k: Path(out) / v for k, v in files.items()}
+
+
 def _inversion_summary(inversion) -> dict:
     """What an inversion's settings say, without the per-step arrays."""
     settings = dict(inversion.settings)
