@@ -6,7 +6,17 @@ import torch
 
 from prompt2prompt.testing import tiny_pipeline
 
-torch.set_num_threads(int(os.environ.get("P2P_TEST_THREADS", "2")))
+THREADS = int(os.environ.get("P2P_TEST_THREADS", "2"))
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """Every test starts at the suite's thread count: the code under test may set torch's (the trainer's --threads,
+    a sweep worker's), and more threads than free cores slows every later test many times over."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
 
 
 def build_tiny(root, kinds) -> dict:

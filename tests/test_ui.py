@@ -38,7 +38,8 @@ def scene_png(tmp_path_factory):
 
 
 def test_maps_one_picture_per_word_and_files(app):
-    image, gallery, overlays, argmax, files = app.maps(SOURCE, seed=2, steps=4)
+    image, gallery, overlays, argmax, files, concepts = app.maps(SOURCE, seed=2, steps=4)
+    assert concepts == [] and not app.concepts  # the bundled UNet has no concept stream
     assert image.size == (64, 64)
     assert [label for _, label in gallery] == ["a", "red", "circle", "and", "blue", "square"]
     assert len(overlays) == len(gallery) and argmax.size[0] > 0
@@ -115,6 +116,16 @@ def test_the_real_image_tab_offers_what_the_family_can_invert(app, joint_pipes):
     assert App(joint_pipes["sd3"], "sd3").methods() == ["auto", *FLOW_METHODS]
     for kind in ("flux2", "qwenimage", "zimage"):  # no inversion yet: the tab is hidden, not offered and refused
         assert App(joint_pipes[kind], kind).methods() == []
+
+
+def test_concept_maps_on_an_mmdit(app, joint_pipes):
+    sd3 = App(joint_pipes["sd3"], "sd3")
+    assert sd3.concepts
+    image, *_, files, concepts = sd3.maps(SOURCE, seed=2, steps=2, guidance=2.0, concepts="circle square background")
+    assert [label for _, label in concepts] == ["circle", "square", "background"]
+    assert concepts[0][0].size == image.size and files[-1].endswith("concepts.safetensors")
+    with pytest.raises(InputError, match="need an MM-DiT"):  # the field is hidden there; typed anyway, refused
+        app.maps(SOURCE, steps=1, concepts="circle")
 
 
 def test_why_tab(app):

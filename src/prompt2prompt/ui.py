@@ -121,9 +121,9 @@ class App:
 
     # -- Maps -------------------------------------------------------------------------------------------------------
     def maps(self, prompt: str, seed=0, steps=50, guidance=7.5, sides: str = "", places=None, heads: str = "",
-             step_from: float = 0.0, step_to: float = 1.0):
+             step_from: float = 0.0, step_to: float = 1.0, concepts: str = ""):
         """(the generated image, per-word maps [(picture, word)], overlays [(picture, word)], most-attended word
-        picture, files)."""
+        picture, files, concept maps over the image [(picture, concept)] (empty without concepts))."""
         from . import plot
         from .attend import attend
         from .store import RecordOptions
@@ -136,7 +136,12 @@ class App:
         first, last = math.floor(step_from * gen.steps), max(math.ceil(step_to * gen.steps), 1)
         record = RecordOptions(self_attention=False, steps=(first, last))
         self._vocabulary(prompt)
-        result = attend(self.pipe, prompt, gen, record, model=self.model, progress=True)
+        named = None
+        if _words(concepts):
+            from .concepts import ConceptOptions
+
+            named = ConceptOptions(tuple(_words(concepts)), steps=(step_from, step_to))
+        result = attend(self.pipe, prompt, gen, record, model=self.model, progress=True, concepts=named)
         chosen = tuple(places) if places else None
         maps = result.maps(res=_sides(sides), places=chosen, heads=tuple(int(h) for h in _words(heads)) or None)
         image = result.images[0]
@@ -150,8 +155,20 @@ class App:
         folder = Path(tempfile.mkdtemp(prefix="p2p-ui-maps-"))
         saved = maps.save(folder / "maps")
         image.save(folder / "image.png")
-        return image, gallery, overlays, argmax, [str(saved), str(saved.with_suffix(".json")),
-                                                  str(folder / "image.png")]
+        files = [str(saved), str(saved.with_suffix(".json")), str(folder / "image.png")]
+        concept_gallery = []
+        if named is not None:
+            cmaps = result.concept_maps()
+            concept_gallery = [(h.overlay(image), h.label) for h in cmaps.all()]
+            files.append(str(cmaps.save(folder / "concepts.safetensors")))
+        return image, gallery, overlays, argmax, files, concept_gallery
+
+    @property
+    def concepts(self) -> bool:
+        """Whether the loaded family draws concept maps (an MM-DiT with a concept stream)."""
+        from .families import family_of
+
+        return family_of(self.pipe).concepts is not None
 
     # -- Edit -------------------------------------------------------------------------------------------------------
     def edit_options(self, mode="auto", cross=0.8, self_steps=0.4, per_word="", reweight="", blend="", subtract="",
@@ -316,18 +333,23 @@ def build(app: App):
                 heads = gr.Textbox(label="heads", placeholder="0 1", info="attention heads to average (empty: all)")
                 step_from = gr.Slider(0, 1, value=0, step=0.05, label="from step", info="fraction of the loop")
                 step_to = gr.Slider(0, 1, value=1, step=0.05, label="to step", info="fraction of the loop")
+            concepts = gr.Textbox(label="concepts", placeholder="circle square background", visible=app.concepts,
+                                  elem_id="maps-concepts", info="words whose concept maps to draw too "
+                                  "(ConceptAttention: each one's share of every pixel; the image is unchanged)")
             run = gr.Button("Draw maps", variant="primary", elem_id="maps-run")
             picture = gr.Image(label="the generated image", type="pil", elem_id="maps-image", height=256)
             gallery = gr.Gallery(label="per-word maps", columns=6, elem_id="maps-gallery", type="pil")
             overlays = gr.Gallery(label="overlaid on the image", columns=6, type="pil")
             argmax = gr.Image(label="most-attended word per pixel", type="pil")
             files = gr.File(label="download: maps.safetensors, maps.json, image.png", file_count="multiple")
+            concept_maps = gr.Gallery(label="concept maps over the image", columns=6, type="pil",
+                                      visible=app.concepts, elem_id="maps-concept-maps")
 
-            def do_maps(p, s, n, g, sd, pl, hd, a, b, _progress=progress):
-                return app.maps(p, s, n, g, sd, pl, hd, a, b)
+            def do_maps(p, s, n, g, sd, pl, hd, a, b, c, _progress=progress):
+                return app.maps(p, s, n, g, sd, pl, hd, a, b, c)
 
-            run.click(user_errors(do_maps), [prompt, seed, steps, guidance, sides, places, heads, step_from, step_to],
-                      [picture, gallery, overlays, argmax, files])
+            run.click(user_errors(do_maps), [prompt, seed, steps, guidance, sides, places, heads, step_from, step_to,
+                                             concepts], [picture, gallery, overlays, argmax, files, concept_maps])
 
         with gr.Tab("Edit"):
             source = gr.Textbox(value="a red circle and a blue square", label="source prompt", elem_id="edit-source",
