@@ -239,7 +239,8 @@ class Runner:
         self.pipe.set_progress_bar_config(disable=True)
         factor = self.pipe.vae_scale_factor
         self.options = GenerationOptions(steps=args.steps, seed=0, height=args.size * factor,
-                                         width=args.size * factor, max_sequence_length=args.text_tokens)
+                                         width=args.size * factor, max_sequence_length=args.text_tokens
+                                         ).resolved(self.pipe)  # the pipeline's own guidance
 
     def controller(self, config: str, prompts: list[str]):
         from prompt2prompt.attention import AttentionController, Controllers
