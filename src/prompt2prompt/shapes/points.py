@@ -36,8 +36,10 @@ def digest(state_dict: dict) -> str:
 
 
 def _fp16(parts: dict) -> dict:
+    """Each network's parameters in fp16, as 'component.name'. Buffers are left out: these networks build theirs
+    from their config (position ids, SD3's sine-cosine position table), and `restore` checks that only buffers were."""
     return {f"{name}.{key}": (value.half() if value.is_floating_point() else value).detach().cpu().contiguous()
-            for name, net in parts.items() for key, value in net.state_dict().items()}
+            for name, net in parts.items() for key, value in net.named_parameters()}
 
 
 def _bundled_with(vae_digest: str) -> str | None:
@@ -127,6 +129,17 @@ def write_tokenizer(meta: dict, folder: Path) -> bool:
     return True
 
 
+def _load(net, weights: dict, name: str) -> None:
+    """Load a point's weights (fp16 values into the fp32 parameters); every parameter must be there, only buffers
+    (which the network built itself) may be missing."""
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    parameters = dict(net.named_parameters())
+    lost = [k for k in missing if k in parameters]
+    if lost or unexpected:
+        raise InputError(f"the resume point's {name} does not fit this network: "
+                         f"{'missing ' + ', '.join(lost[:3]) if lost else 'unexpected ' + ', '.join(unexpected[:3])}")
+
+
 def restore(tensors: dict, meta: dict, nets: dict, vae) -> dict:
     """Load the point's weights into `nets` and the run's autoencoder into `vae` (from the file, or its source,
     checked by digest); returns what the restarted run's state starts with."""
@@ -136,7 +149,7 @@ def restore(tensors: dict, meta: dict, nets: dict, vae) -> dict:
 
     for name, net in nets.items():
         own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        net.load_state_dict(own)  # fp16 values into the fp32 parameters
+        _load(net, own, name)
     own = {k[len("vae.") :]: v for k, v in tensors.items() if k.startswith("vae.")}
     if not own:
         source = meta.get("vae_source")
@@ -149,6 +162,6 @@ def restore(tensors: dict, meta: dict, nets: dict, vae) -> dict:
     if "vae_sha256" in meta and digest(own) != meta["vae_sha256"]:
         raise InputError(f"{where} is not the one the run was trained on (its weights differ): restart with the "
                          "autoencoder the run used")
-    vae.load_state_dict(own)
+    _load(vae, own, "vae")
     return {"step": int(meta["step"]), "seconds": float(meta["hours"]) * 3600, "warm_from": int(meta["step"]),
             "restarts": [int(meta["step"])]}
