@@ -4,7 +4,12 @@ import shutil
 import pytest
 import torch
 
-from prompt2prompt.testing import tiny_pipeline
+from prompt2prompt.families import FAMILIES
+from prompt2prompt.testing import KINDS, tiny_pipeline
+
+# the tiny pipelines the tests build, from the registry: adding a family adds its builder to testing.KINDS, not a list
+UNETS = tuple(k for k in KINDS if not FAMILIES[k].joint)
+MMDITS = tuple(k for k in KINDS if FAMILIES[k].joint)
 
 THREADS = int(os.environ.get("P2P_TEST_THREADS", "2"))
 torch.set_num_threads(THREADS)
@@ -31,14 +36,14 @@ def build_tiny(root, kinds) -> dict:
 
 @pytest.fixture(scope="session")
 def pipes(tmp_path_factory):
-    """Tiny random SD 1.x, 2.x and XL pipelines, built once per test session."""
-    return build_tiny(tmp_path_factory.mktemp("pipes"), ("sd1", "sd2", "sdxl"))
+    """Tiny random UNet pipelines (SD 1.x, 2.x, XL), built once per test session."""
+    return build_tiny(tmp_path_factory.mktemp("pipes"), UNETS)
 
 
 @pytest.fixture(scope="session")
 def joint_pipes(tmp_path_factory):
-    """Tiny random SD3 and Flux pipelines (MM-DiTs), built once per test session."""
-    return build_tiny(tmp_path_factory.mktemp("joint-pipes"), ("sd3", "flux", "flux2", "qwenimage", "zimage"))
+    """Tiny random MM-DiT pipelines (SD3, Flux.1, Flux.2 [klein], Qwen-Image, Z-Image), built once per test session."""
+    return build_tiny(tmp_path_factory.mktemp("joint-pipes"), MMDITS)
 
 
 @pytest.fixture(scope="session")

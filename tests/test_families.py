@@ -14,13 +14,13 @@ from prompt2prompt.families import FAMILIES, family_of
 PACKAGE = Path(__file__).parents[1] / "src" / "prompt2prompt"
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "qwenimage", "zimage"])
+@pytest.mark.parametrize("kind", list(FAMILIES))
 def test_each_pipeline_has_its_family_once(kind, pipes, joint_pipes):
     pipe = {**pipes, **joint_pipes}[kind]
     family = family_of(pipe)
     assert family is FAMILIES[kind] and family_of(pipe) is family  # computed once, the same record after
     assert family.joint == (kind in ("sd3", "flux", "flux2", "qwenimage", "zimage")) and family.flow == family.joint
-    assert family.packed == (kind in ("flux", "flux2", "qwenimage")) == family.text_first
+    assert family.packed == (kind in ("flux", "flux2", "qwenimage"))
     assert family.guidance_calls == (kind in ("flux2", "qwenimage"))
     assert family.batch_padded == (kind in ("qwenimage", "zimage")) and family.conditional_first == (kind == "zimage")
     assert family.pooled == (kind in ("sdxl", "sd3")) and family.added_conditions == (kind == "sdxl")
@@ -29,7 +29,7 @@ def test_each_pipeline_has_its_family_once(kind, pipes, joint_pipes):
     assert family.pooled == (kind != "flux" and getattr(pipe, "text_encoder_2", None) is not None)
     assert family.added_conditions == (getattr(getattr(pipe, "unet", None), "config", {}).get("addition_embed_type")
                                        == "text_time")
-    assert ("t5" in family.text_parts) == (kind in ("sd3", "flux"))
+    assert family.invertible and (family.latents is not None) == family.flow  # every family takes real images
     net = pipe.transformer if family.joint else pipe.unet
     assert family_of(net).denoiser == family.denoiser  # a bare network (training) is routed the same way
 

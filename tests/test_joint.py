@@ -8,17 +8,19 @@ import json
 import pytest
 import torch
 
+from prompt2prompt import testing
 from prompt2prompt.attention import AttentionController, Controllers
 from prompt2prompt.cli import main
 from prompt2prompt.edits import EditOptions, edit, edit_controller, edit_controllers
 from prompt2prompt.errors import PromptError
+from prompt2prompt.families import FAMILIES
 from prompt2prompt.generation import GenerationOptions, generate
 from prompt2prompt.loading import family, load_pipeline
 from prompt2prompt.store import AttentionStore
 from prompt2prompt.tokens import prompt_tokens
 
 OPTS = GenerationOptions(steps=3, seed=1, height=32, width=32, max_sequence_length=24)
-KINDS = ["sd3", "flux", "flux2", "qwenimage", "zimage"]
+KINDS = [k for k in testing.KINDS if FAMILIES[k].joint]  # every MM-DiT tiny pipeline
 
 
 @pytest.fixture(scope="module")

@@ -583,10 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("invert", help="invert a real image (null-text, DDIM, negative-prompt, direct; FireFlow, "
                        "RF-Solver or Euler on flow models) for editing",
                        description=f"Invert an image under its caption so that sampling regenerates it, on {inverts} "
-                       f"pipelines (not yet: {not_yet}). The result (starting latent, per-step unconditional "
-                       "embeddings, a direct inversion's latent path, the model, settings) goes to one safetensors "
-                       "file for `p2p edit --from`; the reconstruction is written beside it and its PSNR printed. "
-                       "Inversion is deterministic: it takes no seed.")
+                       f"pipelines{f' (not yet: {not_yet})' if not_yet else ''}. The result (starting latent, per-step "
+                       "unconditional embeddings, a direct inversion's latent path, the model, settings) goes to one "
+                       "safetensors file for `p2p edit --from`; the reconstruction is written beside it and its PSNR "
+                       "printed. Inversion is deterministic: it takes no seed.")
     p.add_argument("image", help="image file, any size and mode (centre-cropped and resized to the inversion size; "
                    "enlarging more than 4 times is refused)")
     p.add_argument("caption", help="a caption of the image (becomes the source prompt of edits)")

@@ -11,12 +11,16 @@ concept's, averaged over the chosen blocks and steps and softmaxed over the conc
 shares sum to 1. The paper's cross-attention variant (image queries against concept keys, averaged over heads) is
 kept beside it, computed the same way (`kind="cross"`).
 
-What differs per family (how a concept is encoded, where the joint blocks are, one block's concept step) is the
-family's `concepts` adapter (`families/sd3.py`: `SD3Concepts`). Families without one are refused in one sentence.
+What differs per family is the family's `concepts` adapter (`SD3Concepts` in `families/sd3.py`, and one in each
+MM-DiT's adapter): `encode(pipe, concept)` the denoiser's text embedding of the concept alone, `blocks(net)` the
+blocks the stream runs beside, `start(net, embeds)` the concepts as the first block's text side takes them, and
+`step(block, call, rows, stream, read, grid)` one block of the stream from the block's bound inputs (the stream after
+it and, if read, the block's maps). A family without one is refused in one sentence.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -69,16 +73,17 @@ def check_family(pipe) -> None:
                          "stream yet: use its word maps")
 
 
-def concept_attention(q, k, v, image: slice, cq, ck, cv, read: bool):
+def concept_attention(q, k, v, image: slice, cq, ck, cv, read: bool, key_mask: torch.Tensor | None = None):
     """The concepts' attention in one block, and (if read) its maps, from the block's queries, keys and values
     (rows, heads, tokens, head_dim) of the image and prompt tokens (`image` their image tokens) and of the concepts:
     (concept outputs (rows, heads, concepts, head_dim), None or (output-space scores, cross-attention scores), each
-    (rows, image tokens, concepts))."""
+    (rows, image tokens, concepts)). key_mask: (rows, tokens) bool, False on the padded keys the block masks out."""
     # a concept attends to the image tokens and to the concepts; nothing attends to a concept
     c_out = F.scaled_dot_product_attention(cq, torch.cat([k[:, :, image], ck], 2), torch.cat([v[:, :, image], cv], 2))
     if not read:
         return c_out, None
-    img_out = F.scaled_dot_product_attention(q[:, :, image], k, v)  # the image tokens' own attention, as the block's
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # (rows, 1, 1, tokens)
+    img_out = F.scaled_dot_product_attention(q[:, :, image], k, v, attn_mask=mask)  # the image tokens' own output
     rows, heads, tokens, d = img_out.shape
     output = img_out.transpose(1, 2).reshape(rows, tokens, heads * d) @ merge_heads(c_out).transpose(1, 2)
     cross = (q[:, :, image] @ ck.transpose(-1, -2)).mean(1) * d**-0.5  # image queries x concept keys, mean of heads
@@ -151,7 +156,7 @@ class ConceptRecorder:
         self.window = (int(lo * steps), max(int(lo * steps) + 1, round(hi * steps)))
         self.embeds = encode_concepts(pipe, self.concepts)
         self.options = options
-        self.calls, self.stream, self.grid = 0, None, None
+        self.calls, self.stream, self.grid, self._timestep = 0, None, None, None
         self.sums = {kind: None for kind in KINDS}  # (prompts, image tokens, concepts) float32
         self.reads = 0  # (block, step) maps in the sums
         self.last = max(self.chosen)  # the stream is not carried past the last chosen block
@@ -178,10 +183,21 @@ class ConceptRecorder:
         return slice(0, p) if self.family.conditional_first else slice(p, 2 * p)
 
     def _on_call(self, net, args, kwargs):
-        step, self.calls = self.calls, self.calls + 1
-        sample = kwargs.get("hidden_states", args[0] if args else None)
-        self.rows = self._rows(sample.shape[0])
+        if self.family.inputs is not None:  # a family whose call holds its rows in lists (Z-Image)
+            sample, batch, _ = self.family.inputs(args, kwargs, None)
+        else:
+            sample = kwargs.get("hidden_states", args[0] if args else None)
+            batch = sample.shape[0]
         self.stream = None
+        if self.family.guidance_calls:  # guidance as separate calls, the conditional first: a call at the same
+            # timestep as the previous one is that step's unconditional call, which carries no concepts
+            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            again = t is not None and self._timestep is not None and torch.equal(t, self._timestep)
+            self._timestep = t
+            if again:
+                return None
+        step, self.calls = self.calls, self.calls + 1
+        self.rows = self._rows(batch)
         if not self.window[0] <= step < self.window[1]:
             return None  # a step whose maps are not read costs nothing
         _, self.grid = self.family.grid(net, sample, kwargs, {})
@@ -191,12 +207,15 @@ class ConceptRecorder:
         return None
 
     def _on_block(self, index: int):
+        signature = inspect.signature(self.blocks[index].forward)
+
         def hook(block, args, kwargs):
             if self.stream is None:
                 return None
             read = index in self.chosen
+            call = signature.bind_partial(*args, **kwargs).arguments  # the block's inputs by name
             with torch.no_grad():
-                self.stream, maps = self.adapter.step(block, kwargs, self.rows, self.stream, read)
+                self.stream, maps = self.adapter.step(block, call, self.rows, self.stream, read, self.grid)
             if read:
                 self.reads += 1
                 for kind, m in zip(KINDS, maps):  # (rows, image tokens, concepts)
@@ -329,7 +348,7 @@ def image_concepts(pipe, image, caption: str, concepts: ConceptOptions | list[st
     prepared = prepare_image(image, image_size_for(pipe, height, width), notes=notes, purpose="reading")
     with exclusive(pipe):
         latent = encode(pipe, prepared)  # (1, channels, h, w)
-        v = velocity(pipe, caption, 1.0, max_sequence_length, tuple(latent.shape[2:]))
+        v = velocity(pipe, caption, 1.0, max_sequence_length, tuple(latent.shape))
         x0 = pack(pipe, latent)
         e = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(x0)
         with ConceptRecorder(pipe, replace(concepts, steps=(0.0, 1.0)), prompts=1, steps=1) as recorder:

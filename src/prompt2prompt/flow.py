@@ -1,4 +1,5 @@
-"""Rectified-flow inversion for flow-matching pipelines (SD3 / SD3.5, the bundled `shapes-flow`, Flux.1).
+"""Rectified-flow inversion for flow-matching pipelines (SD3 / SD3.5, the bundled `shapes-flow`, Flux.1, Flux.2
+[klein], Qwen-Image, Z-Image).
 
 A flow-matching model predicts the velocity v = noise - image of the straight path x_s = (1 - s) image + s noise, and
 sampling integrates dx/ds = v from s = 1 (noise) down to s = 0. Inversion integrates the same ODE upwards, from the
@@ -15,11 +16,10 @@ image's latent at s = 0 to the noise at s = 1, on the grid of noise levels that 
   - v) / (h / 2) with v_mid at x + h / 2 v: two model calls a step (N steps: 2N calls), both directions through the
   same midpoints; sampled back with `RFSolverScheduler`.
 
-Both directions walk the same grid with the same guidance (SD3: classifier-free, one batch [uncond, cond];
-Flux.1-dev: its guidance embedding, an input of the transformer; schnell has none), so that the round trip differs
-only by the solvers' errors. The grid is the pipeline's own (`set_flow_timesteps`): SD3 its scheduler's; Flux its
-linear noise levels from 1 to 1/N, shifted by the image's token count where the scheduler shifts dynamically. Flux's
-latents are inverted in the packed token sequence the transformer sees (the pipeline's own `_pack_latents`).
+Both directions walk the same grid with the same guidance, the pipeline's own (`velocity`, `set_flow_timesteps`:
+the family's real-image side, `families/latents.py`, knows its velocity call, noise levels and shift), so that the
+round trip differs only by the solvers' errors. Latents are inverted in the layout the pipeline's loop holds them in
+(Flux's packed token sequence, SD3's image-shaped latents).
 FireFlow evaluates the velocity at the same midpoints both ways; Euler evaluates at each step's start, which is the
 step's other end going the other way (why its errors add up rather than cancel).
 """
@@ -153,87 +153,38 @@ def shift_mu(config, tokens: int) -> float:
     return tokens * slope + base - slope * base_len
 
 
-def set_flow_timesteps(pipe, scheduler, steps: int, latent: torch.Tensor) -> None:
-    """Set the scheduler's steps as the pipeline's own loop does for these latents (as the pipeline holds them)."""
-    import numpy as np
-
+def set_flow_timesteps(pipe, scheduler, steps: int, shape: tuple[int, ...] | None = None) -> None:
+    """Set the scheduler's steps as the pipeline's own loop does for latents of this image-layout shape (the family's
+    `latents.timesteps`: its noise levels and shift); without a shape or a family (a bare solver), the scheduler's
+    own steps."""
     from .families import family_of
 
-    kwargs = {}
-    packed = getattr(pipe, "transformer", None) is not None and family_of(pipe).packed  # (a bare solver: not)
-    if packed:  # Flux: its own linear noise levels, 1 to 1/N; (1, tokens, channels) latents
-        kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
-    if scheduler.config.get("use_dynamic_shifting"):
-        if packed:
-            tokens = latent.shape[1]
-        else:  # SD3: (1, channels, h, w) latents in patches
-            patch = pipe.transformer.config.patch_size
-            tokens = (latent.shape[2] // patch) * (latent.shape[3] // patch)
-        kwargs["mu"] = shift_mu(scheduler.config, tokens)
+    side = family_of(pipe).latents if shape is not None else None
+    kwargs = {} if side is None else side.timesteps(pipe, scheduler.config, steps, shape)
     scheduler.set_timesteps(steps, **kwargs)
 
 
 def velocity(pipe, prompt: str, guidance: float, max_sequence_length: int | None = None,
-             latent_size: tuple[int, int] | None = None):
-    """v(x, t) under the caption. SD3: classifier-free guidance as its pipeline applies it (one batch [uncond,
-    cond]); Flux: the transformer's guidance input where it has one (dev; schnell has none), t / 1000 as its
-    pipeline passes it, and the image ids of latents of latent_size (h, w) before packing."""
+             shape: tuple[int, ...] | None = None):
+    """v(x, t) under the caption, as the pipeline's own loop computes it (the family's `latents.velocity`: its text
+    encoders, ids, guidance and conventions), x in the loop layout of latents whose image layout has this shape, t in
+    the scheduler's timesteps."""
+    from .errors import ModelError
     from .families import family_of
-    from .loading import execution_device
-    from .routing import exclusive
 
-    net, device = pipe.transformer, execution_device(pipe)
-    kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
-    if family_of(pipe).packed:
-        return _flux_velocity(pipe, prompt, guidance, kwargs, latent_size)
-    guided = guidance > 1
-    with torch.no_grad(), exclusive(pipe):  # the pipeline's lock: its tokenizers are not to be shared by threads
-        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, prompt_3=None, do_classifier_free_guidance=guided, device=device,
-            **kwargs)
-    if guided:
-        embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
-
-    @torch.no_grad()
-    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        inp = torch.cat([x, x]) if guided else x
-        out = net(hidden_states=inp, timestep=t.to(device).expand(inp.shape[0]), encoder_hidden_states=embeds,
-                  pooled_projections=pooled, return_dict=False)[0]
-        if guided:
-            uncond, cond = out.chunk(2)
-            out = uncond + guidance * (cond - uncond)
-        return out
-
-    return v
+    family = family_of(pipe)
+    if family.latents is None:
+        raise ModelError(f"real images on {family.title} need a flow-matching family with a real-image side")
+    return family.latents.velocity(pipe, prompt, guidance, max_sequence_length, shape)
 
 
-def _flux_velocity(pipe, prompt: str, guidance: float, kwargs: dict, latent_size: tuple[int, int]):
-    from .loading import execution_device
-    from .routing import exclusive
-
-    net, device = pipe.transformer, execution_device(pipe)
-    with torch.no_grad(), exclusive(pipe):
-        embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, **kwargs)
-    h, w = latent_size  # the unpacked latent's sides: tokens are 2x2 patches of it
-    image_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, embeds.dtype)
-    embedded = torch.full([1], float(guidance), device=device, dtype=torch.float32) \
-        if net.config.guidance_embeds else None  # dev: guidance is an input; schnell: none
-
-    @torch.no_grad()
-    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # x: (1, tokens, channels) packed
-        return net(hidden_states=x, timestep=(t.to(device).expand(x.shape[0]) / 1000).to(x.dtype), guidance=embedded,
-                   pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=image_ids,
-                   return_dict=False)[0]
-
-    return v
-
-
-def invert_flow(pipe, latent: torch.Tensor, v, steps: int, method: str, progress: bool = True) -> torch.Tensor:
+def invert_flow(pipe, latent: torch.Tensor, v, steps: int, method: str, progress: bool = True,
+                shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """The noise at s = 1 whose sampling (with `flow_sampler(pipe, method)`, `steps` steps) returns `latent` (s = 0),
-    up to the solver's error. latent: as the pipeline holds its latents ((1, channels, h, w); Flux: packed),
-    scaled as they are."""
+    up to the solver's error. latent: in the pipeline's loop layout, scaled as it holds them; shape: its image
+    layout's (the noise levels depend on it: `set_flow_timesteps`)."""
     sampler = flow_sampler(pipe, method)
-    set_flow_timesteps(pipe, sampler, steps, latent)
+    set_flow_timesteps(pipe, sampler, steps, shape)
     dtype = latent.dtype
     x = latent.float()
     if method == "euler":

@@ -138,12 +138,12 @@ def flowedit(pipe, image, source: str, target: str, options: FlowEditOptions = F
     start = time.perf_counter()
     with exclusive(pipe), torch.no_grad():
         x_src = encode(pipe, prepared)  # (1, channels, h, w)
-        grid = tuple(x_src.shape[2:])
-        x_src = pack(pipe, x_src).float()  # as the transformer takes it
-        v_src = velocity(pipe, source, options.source_guidance, options.max_sequence_length, grid)
-        v_tar = velocity(pipe, target, options.target_guidance, options.max_sequence_length, grid)
+        shape = tuple(x_src.shape)
+        x_src = pack(pipe, x_src).float()  # as the pipeline's loop holds it
+        v_src = velocity(pipe, source, options.source_guidance, options.max_sequence_length, shape)
+        v_tar = velocity(pipe, target, options.target_guidance, options.max_sequence_length, shape)
         schedule = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        set_flow_timesteps(pipe, schedule, options.steps, x_src)
+        set_flow_timesteps(pipe, schedule, options.steps, shape)
         sigmas, scale = schedule.sigmas.float(), schedule.config.num_train_timesteps  # (steps + 1,) down to 0
         dtype = denoiser(pipe).dtype
         generator = torch.Generator("cpu").manual_seed(options.seed)

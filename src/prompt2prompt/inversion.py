@@ -248,36 +248,35 @@ def tensor_to_image(pipe, x: torch.Tensor) -> Image.Image:
     return pipe.image_processor.postprocess(x.float().cpu(), output_type="pil")[0]
 
 
-def _shift(pipe) -> float:
-    return pipe.vae.config.get("shift_factor") or 0.0  # SD3's autoencoders centre their latents; SD 1.x's do not
+def _codec(pipe):
+    """The family's latent codec and layouts (`families/latents.py`); DDIM-family models use the generic one."""
+    from .families.latents import FlowLatents
+
+    return family_of(pipe).latents or FlowLatents
 
 
 @torch.no_grad()
 def encode(pipe, image: Image.Image) -> torch.Tensor:
-    """The image's latent as the pipeline's denoiser sees it: (mean - shift_factor) * scaling_factor."""
+    """The image's latent as the pipeline's denoiser sees it, in the image layout (1, channels, h, w): SD's
+    (mean - shift_factor) * scaling_factor, or the family's own codec."""
     x = image_to_tensor(pipe, image).to(execution_device(pipe), pipe.vae.dtype)
-    return (pipe.vae.encode(x).latent_dist.mean - _shift(pipe)) * pipe.vae.config.scaling_factor
+    return _codec(pipe).encode(pipe, x)
 
 
 @torch.no_grad()
 def decode(pipe, latent: torch.Tensor) -> Image.Image:
-    return tensor_to_image(pipe, pipe.vae.decode(latent / pipe.vae.config.scaling_factor + _shift(pipe)).sample)
+    return tensor_to_image(pipe, _codec(pipe).decode(pipe, latent))
 
 
 def pack(pipe, latent: torch.Tensor) -> torch.Tensor:
-    """Latents (n, channels, h, w) as the pipeline holds them: Flux's packed token sequence (its own `_pack_latents`),
-    others as they are."""
-    if not family_of(pipe).packed:
-        return latent
-    n, channels, h, w = latent.shape
-    return pipe._pack_latents(latent, n, channels, h, w)
+    """Latents (n, channels, h, w) in the layout the pipeline's loop holds them (Flux's packed token sequence)."""
+    return _codec(pipe).pack(pipe, latent)
 
 
 def unpack(pipe, latent: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """`pack` undone for an image of size (width, height) in pixels."""
-    if not family_of(pipe).packed:
-        return latent
-    return pipe._unpack_latents(latent, size[1], size[0], pipe.vae_scale_factor)
+    cell = _codec(pipe).cell(pipe)
+    return _codec(pipe).unpack(pipe, latent, (size[1] // cell, size[0] // cell))
 
 
 def autoencoder_reconstruction(pipe, image: Image.Image) -> Image.Image:
@@ -341,9 +340,8 @@ def check_inversion(pipe, inversion: Inversion, source: str | None = None) -> No
     if family_of(pipe).added_conditions != (inversion.uncond_pooled is not None):
         made = "an SDXL" if inversion.uncond_pooled is not None else "a one-text-encoder (SD 1.x / 2.x)"
         raise InputError(f"the inversion was made with {made} pipeline, {recorded!r}: pass --model {recorded}")
-    net = pipe.transformer if flow else pipe.unet
-    channels = net.config.in_channels // (4 if family_of(pipe).packed else 1)  # Flux: 2x2 patches of channels
-    factor, multiple = int(pipe.vae_scale_factor), size_multiple(pipe)
+    channels = _codec(pipe).channels(pipe) if flow else pipe.unet.config.in_channels
+    factor, multiple = _codec(pipe).cell(pipe), size_multiple(pipe)
     side = tuple(int(n) * factor for n in inversion.latent.shape[2:])
     if side != (inversion.image.height, inversion.image.width) or side[0] % multiple or side[1] % multiple:
         raise InputError(f"the inversion's latent {tuple(inversion.latent.shape)} does not fit its "
@@ -377,11 +375,11 @@ def sampler(pipe, inversion: Inversion):
 
 
 def sampling_kwargs(inversion: Inversion, pipe=None) -> dict:
-    """What `generate` needs to sample from the inversion: its latent (packed for a pipeline that packs them: give
-    the pipe), per-step unconditional embeddings (DDIM methods; flow inversions use the plain empty caption, as their
-    inversion did) and, for `direct`, the latent path the source prompt is pinned to."""
+    """What `generate` needs to sample from the inversion: its latent (in the layout the pipeline's `latents=` takes:
+    give the pipe), per-step unconditional embeddings (DDIM methods; flow inversions use the plain empty caption, as
+    their inversion did) and, for `direct`, the latent path the source prompt is pinned to."""
     uncond = None if inversion.options.method in FLOW_METHODS else inversion.uncond
-    latent = inversion.latent if pipe is None else pack(pipe, inversion.latent)
+    latent = inversion.latent if pipe is None else _codec(pipe).input(pipe, inversion.latent)
     return {"latent": latent, "uncond": uncond, "uncond_pooled": inversion.uncond_pooled,
             "path": inversion.path}
 
@@ -513,9 +511,10 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
 
         with exclusive(pipe):
             latent = encode(pipe, prepared)  # (1, channels, h, w)
-            v = velocity(pipe, prompt, options.guidance, options.max_sequence_length, tuple(latent.shape[2:]))
-            noise = unpack(pipe, invert_flow(pipe, pack(pipe, latent), v, options.steps, options.method, progress),
-                           prepared.size)  # kept as (1, channels, h, w) whatever the pipeline's layout
+            shape = tuple(latent.shape)
+            v = velocity(pipe, prompt, options.guidance, options.max_sequence_length, shape)
+            noise = invert_flow(pipe, pack(pipe, latent), v, options.steps, options.method, progress, shape)
+            noise = unpack(pipe, noise, prepared.size)  # kept in the image layout whatever the pipeline's loop holds
         uncond, path, pooled = torch.zeros(0, 0, 0), None, None  # sampling uses the empty caption, as the inversion did
     else:
         noise, uncond, losses, path, pooled = _ddim_family(pipe, prepared, prompt, options, progress)
@@ -523,7 +522,7 @@ def invert(pipe, image, prompt: str, options: InversionOptions = InversionOption
 
     settings = {"model": model_name(pipe, model), "family": family_of(pipe).name, "size": list(prepared.size),
                 "seconds": time.perf_counter() - start,
-                "losses": losses, "scaling_factor": float(pipe.vae.config.scaling_factor), "conversions": notes}
+                "losses": losses, "scaling_factor": pipe.vae.config.get("scaling_factor"), "conversions": notes}
     return Inversion(noise.detach().cpu(), uncond.detach().cpu(), prompt, options, prepared, settings,
                      None if path is None else path.detach().cpu(), None if pooled is None else pooled.detach().cpu())
 

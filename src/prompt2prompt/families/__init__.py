@@ -33,19 +33,16 @@ class Family:
     denoiser: str  # "unet": cross-attention layers to the text; "joint": MM-DiT attention over text and image tokens
     pipelines: tuple[str, ...] = ()  # diffusers' pipeline classes of this family (loading accepts these)
     networks: tuple[str, ...] = ()  # its denoising network's classes (a bare network, in training)
-    text_first: bool = False  # joint: the sequence is text then image (Flux) rather than image then text (SD3); a
-    # description: the adapter's `project` places the tokens
     packed: bool = False  # the pipeline's latents are a sequence of grid tokens (Flux), not an image
     flow: bool = False  # samples by flow matching (SD3, Flux); else a DDIM-family sampler (epsilon or v)
     pooled: bool = False  # `encode_prompt` gives each prompt a pooled embedding beside its sequence (SDXL, SD3)
     added_conditions: bool = False  # the UNet takes that pooled embedding and size ids as added conditions (SDXL): a
     # DDIM-family inversion carries an unconditional pooled embedding
-    text_parts: tuple[str, ...] = ("clip",)  # encoders filling a prompt's token positions, in sequence order
     default_part: str | None = None  # the part a word's map is read from by default; None: the only one
     processors: tuple[str, ...] = ()  # joint: diffusers' stock processor classes of its attention modules
-    invertible: bool = True  # real images can be inverted and edited (DDIM-family or flow methods, by `flow`)
     flowedit: tuple[int, int, float, float] | None = None  # FlowEdit's defaults (steps, n_max, source and target
-    # guidance), from the paper's published settings (fallenshock/FlowEdit, SD3_exp.yaml / FLUX_exp.yaml); None: n/a
+    # guidance), from the paper's published settings (fallenshock/FlowEdit, SD3_exp.yaml / FLUX_exp.yaml; the other
+    # flow families: `latents.CFG_FLOWEDIT`); None: n/a
     guidance_calls: bool = False  # classifier-free guidance runs the denoiser twice a step, the conditional call
     # first (Flux.2 klein, Qwen-Image); else the unconditional rows come first in one call's batch
     conditional_first: bool = False  # one call's batch holds the conditional rows first, then the unconditional
@@ -81,10 +78,17 @@ class Family:
     # processor returns
     concepts: type | None = None  # joint: the concept stream's adapter (`concepts.py`: encode, blocks, start, step);
     # None: no concept maps
+    latents: type | None = None  # flow: the real-image side (`latents.FlowLatents` or a subclass: the latent codec
+    # and layouts, the noise levels, one guided velocity call); None: no flow inversion, FlowEdit or image concepts
 
     @property
     def joint(self) -> bool:
         return self.denoiser == "joint"
+
+    @property
+    def invertible(self) -> bool:
+        """Real images can be inverted and edited: DDIM-family methods, or flow methods through `latents`."""
+        return not self.flow or self.latents is not None
 
 
 def _adapters() -> list:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import Family
+from .latents import FlowLatents, linear_sigmas
 
 
 def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
@@ -90,18 +91,18 @@ class FluxConcepts:
         return net.context_embedder(embeds)
 
     @staticmethod
-    def step(block, kwargs: dict, rows: slice, stream: torch.Tensor, read: bool):
+    def step(block, call: dict, rows: slice, stream: torch.Tensor, read: bool, grid):
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
         from ..concepts import concept_attention, text_side_update
 
-        hidden, context, temb = (kwargs[k][rows] for k in ("hidden_states", "encoder_hidden_states", "temb"))
+        hidden, context, temb = (call[k][rows] for k in ("hidden_states", "encoder_hidden_states", "temb"))
         attn = block.attn
         norm_hidden = block.norm1(hidden, emb=temb)[0]
         norm_context = block.norm1_context(context, emb=temb)[0]
         norm_stream, *gates = block.norm1_context(stream, emb=temb)
         q, k, v, _, image = project(attn, {"hidden_states": norm_hidden, "encoder_hidden_states": norm_context,
-                                           "image_rotary_emb": kwargs.get("image_rotary_emb")}, 0, None)
+                                           "image_rotary_emb": call.get("image_rotary_emb")}, 0, None)
         cq, ck, cv = (x.unflatten(-1, (-1, attn.head_dim)) for x in _get_qkv_projections(attn, norm_stream,
                                                                                           norm_stream)[3:])
         cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
@@ -110,8 +111,64 @@ class FluxConcepts:
         return text_side_update(block, stream, c_out, *gates), maps
 
 
+class FluxLatents(FlowLatents):
+    """Flux.1's real-image side: latents packed into 2x2-patch tokens (the pipeline's own `_pack_latents`), its
+    linear noise levels shifted by the token count, and one transformer call with its text and image ids and (dev)
+    its guidance input; schnell has none."""
+
+    @staticmethod
+    def channels(pipe) -> int:
+        return int(pipe.transformer.config.in_channels) // 4  # each token holds a 2x2 patch of channels
+
+    @staticmethod
+    def pack(pipe, latent):
+        n, channels, h, w = latent.shape
+        return pipe._pack_latents(latent, n, channels, h, w)
+
+    @staticmethod
+    def unpack(pipe, latent, shape):
+        factor = pipe.vae_scale_factor
+        return pipe._unpack_latents(latent, shape[-2] * factor, shape[-1] * factor, factor)
+
+    @staticmethod
+    def tokens(pipe, shape) -> int:
+        return (shape[-2] // 2) * (shape[-1] // 2)
+
+    @classmethod
+    def timesteps(cls, pipe, config, steps, shape) -> dict:
+        from ..flow import shift_mu
+
+        kwargs = {"sigmas": linear_sigmas(steps)}
+        if config.get("use_dynamic_shifting"):
+            kwargs["mu"] = shift_mu(config, cls.tokens(pipe, shape))
+        return kwargs
+
+    @staticmethod
+    def velocity(pipe, prompt, guidance, max_sequence_length, shape):
+        from ..loading import execution_device
+        from ..routing import exclusive
+
+        net, device = pipe.transformer, execution_device(pipe)
+        kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        with torch.no_grad(), exclusive(pipe):
+            embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, **kwargs)
+        h, w = shape[-2:]  # the image layout's sides: tokens are 2x2 patches of it
+        image_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, embeds.dtype)
+        embedded = torch.full([1], float(guidance), device=device, dtype=torch.float32) \
+            if net.config.guidance_embeds else None  # dev: guidance is an input; schnell: none
+
+        @torch.no_grad()
+        def v(x, t):  # x: (1, tokens, channels) packed
+            return net(hidden_states=x, timestep=(t.to(device).expand(x.shape[0]) / 1000).to(x.dtype),
+                       guidance=embedded, pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                       img_ids=image_ids, return_dict=False)[0]
+
+        return v
+
+
 FLUX = Family("flux", "Flux.1", "joint", pipelines=("FluxPipeline",), networks=("FluxTransformer2DModel",),
-              text_first=True, packed=True, flow=True, text_parts=("t5",),
+              packed=True, flow=True,
               processors=("FluxAttnProcessor", "FluxAttnProcessor2_0"), flowedit=(28, 24, 1.5, 5.5), tokens=tokens,
-              noise=noise, grid=grid, project=project, finish=finish, concepts=FluxConcepts)
+              noise=noise, grid=grid, project=project, finish=finish, concepts=FluxConcepts,
+              latents=FluxLatents)
 FAMILIES = (FLUX,)

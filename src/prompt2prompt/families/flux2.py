@@ -2,7 +2,7 @@
 single-stream ones, whose attention shares one projection with the MLP), with a Qwen3 text encoder that reads the
 prompt inside its chat template (the denoiser sees every templated position, padding included), latents patchified
 2x2 and packed by the pipeline, and classifier-free guidance as two transformer calls a step, the conditional first.
-Real-image inversion is not supported on it yet; Flux.2 [dev] (Flux2Pipeline, a Mistral text encoder) is not routed.
+Real images through `Flux2Latents`; Flux.2 [dev] (Flux2Pipeline, a Mistral text encoder) is not routed.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import torch
 from . import Family
 from .flux import _joint
 from .flux import grid as flux_grid
+from .latents import CFG_FLOWEDIT, FlowLatents, linear_sigmas
+from .shared import chat
 
 
 def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
@@ -21,17 +23,6 @@ def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
 
     return PromptTokens.from_template(pipe.tokenizer, prompt, chat(pipe.tokenizer, thinking=False),
                                       sequence_length(pipe, max_sequence_length))
-
-
-def chat(tokenizer, thinking: bool):
-    """content -> the chat text a Qwen3 reads for one user turn with the generation prompt (Flux.2 klein: thinking
-    off; Z-Image: on)."""
-
-    def render(content: str) -> str:
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True, enable_thinking=thinking)
-
-    return render
 
 
 def guidance(scale: float, negative_prompt: str | None, prompts: int) -> dict:
@@ -77,9 +68,133 @@ def finish(attn, out, call: dict, text: slice, image: slice):
     return attn.to_out[1](attn.to_out[0](out[:, image])), attn.to_add_out(out[:, text])
 
 
+class Flux2Concepts:
+    """Flux.2 [klein]'s concept stream (`concepts.py`): a concept is one context token (its Qwen3 embedding, the
+    pipeline's stacked hidden layers, through the transformer's `context_embedder`), carried through the
+    double-stream `Flux2TransformerBlock`s by their text side: the transformer's text modulation (`temb_mod_txt`,
+    shared by every double block), `norm1_context`, the added projections and qk-norms, `to_add_out`,
+    `norm2_context`, `ff_context`. A concept gets no rotary embedding (position 0 on every axis: it has no place in
+    the prompt). The stream ends with the double-stream blocks, as on Flux.1."""
+
+    @staticmethod
+    def encode(pipe, concept: str) -> torch.Tensor:
+        from ..loading import execution_device
+
+        return pipe.encode_prompt(prompt=concept, device=execution_device(pipe))[0]
+
+    @staticmethod
+    def blocks(net) -> list:
+        return list(net.transformer_blocks)
+
+    @staticmethod
+    def start(net, embeds: torch.Tensor) -> torch.Tensor:
+        return net.context_embedder(embeds)
+
+    @staticmethod
+    def step(block, call: dict, rows: slice, stream: torch.Tensor, read: bool, grid):
+        from diffusers.models.transformers.transformer_flux2 import Flux2Modulation, _get_qkv_projections
+
+        from ..concepts import concept_attention, merge_heads
+
+        hidden, context = call["hidden_states"][rows], call["encoder_hidden_states"][rows]
+        mods = []
+        for name in ("temb_mod_img", "temb_mod_txt"):  # (batch or 1, 6 * width)
+            m = call[name]
+            mods.append(Flux2Modulation.split(m[rows] if m.shape[0] > 1 else m, 2))
+        ((shift, scale, _), _), ((c_shift, c_scale, c_gate), (c_shift2, c_scale2, c_gate2)) = mods
+        attn = block.attn
+        norm_hidden = (1 + scale) * block.norm1(hidden) + shift
+        norm_context = (1 + c_scale) * block.norm1_context(context) + c_shift
+        norm_stream = (1 + c_scale) * block.norm1_context(stream) + c_shift
+        q, k, v, _, image = project(attn, {"hidden_states": norm_hidden, "encoder_hidden_states": norm_context,
+                                           "image_rotary_emb": call.get("image_rotary_emb")}, 0, grid)
+        cq, ck, cv = (x.unflatten(-1, (-1, attn.head_dim)) for x in _get_qkv_projections(attn, norm_stream,
+                                                                                          norm_stream)[3:])
+        cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+        cq, ck, cv = (x.transpose(1, 2) for x in (cq, ck, cv))  # (rows, heads, concepts, head_dim)
+        c_out, maps = concept_attention(q, k, v, image, cq, ck, cv, read)
+        stream = stream + c_gate * attn.to_add_out(merge_heads(c_out))
+        normed = block.norm2_context(stream) * (1 + c_scale2) + c_shift2
+        return stream + c_gate2 * block.ff_context(normed), maps
+
+
+class Flux2Latents(FlowLatents):
+    """Flux.2 [klein]'s real-image side. Its image layout is the autoencoder's latent patchified 2x2 and normalised
+    by the autoencoder's batch-norm statistics (`_patchify_latents`, `bn`): what the pipeline's `latents=` takes and
+    packs itself into a token sequence (the loop layout); its noise levels are linear, shifted by its empirical `mu`;
+    guidance is two transformer calls against the empty prompt (none on a distilled model)."""
+
+    @staticmethod
+    def cell(pipe) -> int:
+        return 2 * int(pipe.vae_scale_factor)  # a cell is a 2x2 patch of the autoencoder's latent
+
+    @staticmethod
+    def _statistics(pipe, like):
+        bn, eps = pipe.vae.bn, pipe.vae.config.batch_norm_eps
+        mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+        return mean, torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps).to(like.device, like.dtype)
+
+    @classmethod
+    def encode(cls, pipe, x):
+        latent = pipe._patchify_latents(pipe.vae.encode(x).latent_dist.mode())
+        mean, std = cls._statistics(pipe, latent)
+        return (latent - mean) / std
+
+    @classmethod
+    def decode(cls, pipe, latent):
+        mean, std = cls._statistics(pipe, latent)
+        return pipe.vae.decode(pipe._unpatchify_latents(latent * std + mean)).sample
+
+    @staticmethod
+    def pack(pipe, latent):
+        return pipe._pack_latents(latent)  # (n, h * w, channels)
+
+    @staticmethod
+    def unpack(pipe, latent, shape):
+        return latent.transpose(1, 2).reshape(latent.shape[0], -1, *shape[-2:])
+
+    @staticmethod
+    def input(pipe, latent):
+        return latent
+
+    @staticmethod
+    def tokens(pipe, shape) -> int:
+        return shape[-2] * shape[-1]
+
+    @classmethod
+    def timesteps(cls, pipe, config, steps, shape) -> dict:
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        sigmas = None if config.get("use_flow_sigmas") else linear_sigmas(steps)
+        return {"sigmas": sigmas, "mu": compute_empirical_mu(image_seq_len=cls.tokens(pipe, shape), num_steps=steps)}
+
+    @staticmethod
+    def velocity(pipe, prompt, guidance, max_sequence_length, shape):
+        from ..loading import execution_device
+        from ..routing import exclusive
+
+        net, device = pipe.transformer, execution_device(pipe)
+        guided = guidance > 1 and not pipe.config.get("is_distilled", False)
+        kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        with torch.no_grad(), exclusive(pipe):
+            texts = [pipe.encode_prompt(prompt=p, device=device, **kwargs) for p in ([prompt, ""] if guided
+                                                                                     else [prompt])]
+        image_ids = pipe._prepare_latent_ids(torch.empty(1, 1, *shape[-2:])).to(device)
+
+        @torch.no_grad()
+        def v(x, t):  # x: (1, tokens, channels)
+            timestep = (t.to(device).expand(x.shape[0]) / 1000).to(x.dtype)
+            cond, *uncond = (net(hidden_states=x, timestep=timestep, guidance=None, encoder_hidden_states=embeds,
+                                 txt_ids=ids, img_ids=image_ids, return_dict=False)[0] for embeds, ids in texts)
+            return cond if not uncond else uncond[0] + guidance * (cond - uncond[0])
+
+        return v
+
+
 FLUX2 = Family("flux2", "Flux.2 [klein]", "joint", pipelines=("Flux2KleinPipeline",),
-               networks=("Flux2Transformer2DModel",), text_first=True, packed=True, flow=True, text_parts=("qwen3",),
-               processors=("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor"), invertible=False,
+               networks=("Flux2Transformer2DModel",), packed=True, flow=True,
+               processors=("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor"),
                guidance_calls=True, guidance=guidance, tokens=tokens, noise=noise, grid=flux_grid,
-               project=project, finish=finish)
+               project=project, finish=finish, concepts=Flux2Concepts, latents=Flux2Latents,
+               flowedit=CFG_FLOWEDIT)
 FAMILIES = (FLUX2,)

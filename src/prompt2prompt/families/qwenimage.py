@@ -2,7 +2,7 @@
 Qwen2.5-VL's last hidden layer over the prompt inside a fixed template, with the template's opening dropped (the
 denoiser sees the prompt's tokens first, then the template's closing); each call's texts are padded to the longest of
 them, the padding masked out of the attention. Latents are packed into 2x2-patch tokens; classifier-free guidance
-("true CFG") is two transformer calls a step, the conditional first. Real-image inversion is not supported on it yet.
+("true CFG") is two transformer calls a step, the conditional first. Real images through `QwenImageLatents`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 
 from . import Family
 from .flux import noise
+from .latents import CFG_FLOWEDIT, FlowLatents, linear_sigmas
 
 
 def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
@@ -74,11 +75,138 @@ def finish(attn, out, call: dict, text: slice, image: slice):
     return image_out, attn.to_add_out(out[:, text].contiguous())
 
 
+class QwenImageConcepts:
+    """Qwen-Image's concept stream (`concepts.py`): a concept is one context token (its Qwen2.5-VL embedding through
+    the transformer's `txt_norm` and `txt_in`), carried through every `QwenImageTransformerBlock` by its text side
+    (`txt_mod`, `txt_norm1`, the added projections and qk-norms, `to_add_out`, `txt_norm2`, `txt_mlp`). A concept
+    gets no rotary embedding (it has no place in the prompt). The image's own attention output keeps the block's
+    padding mask over the prompt's keys."""
+
+    @staticmethod
+    def encode(pipe, concept: str) -> torch.Tensor:
+        from ..loading import execution_device
+
+        return pipe.encode_prompt(prompt=concept, device=execution_device(pipe))[0]
+
+    @staticmethod
+    def blocks(net) -> list:
+        return list(net.transformer_blocks)
+
+    @staticmethod
+    def start(net, embeds: torch.Tensor) -> torch.Tensor:
+        return net.txt_in(net.txt_norm(embeds))
+
+    @staticmethod
+    def step(block, call: dict, rows: slice, stream: torch.Tensor, read: bool, grid):
+        from ..concepts import concept_attention, merge_heads
+        from ..errors import InputError
+        from .shared import text_side_qkv
+
+        if block.zero_cond_t or call.get("modulate_index") is not None:
+            raise InputError("concept maps read Qwen-Image's text-to-image blocks; this model modulates reference "
+                             "images' tokens apart (zero_cond_t), which the concept stream does not follow")
+        hidden, context, temb = (call[k][rows] for k in ("hidden_states", "encoder_hidden_states", "temb"))
+        mask = call.get("encoder_hidden_states_mask")
+        img_mod1 = block.img_mod(temb).chunk(2, dim=-1)[0]
+        txt_mod1, txt_mod2 = block.txt_mod(temb).chunk(2, dim=-1)
+        norm_hidden = block._modulate(block.img_norm1(hidden), img_mod1)[0]
+        norm_context = block._modulate(block.txt_norm1(context), txt_mod1)[0]
+        norm_stream, gate1 = block._modulate(block.txt_norm1(stream), txt_mod1)
+        projected = {"hidden_states": norm_hidden, "encoder_hidden_states": norm_context,
+                     "encoder_hidden_states_mask": None if mask is None else mask[rows],
+                     "image_rotary_emb": call.get("image_rotary_emb")}
+        q, k, v, _, image = project(block.attn, projected, 0, grid)
+        cq, ck, cv = text_side_qkv(block.attn, norm_stream)  # (rows, heads, concepts, head_dim)
+        c_out, maps = concept_attention(q, k, v, image, cq, ck, cv, read, projected.get("_key_mask"))
+        stream = stream + gate1 * block.attn.to_add_out(merge_heads(c_out))
+        normed, gate2 = block._modulate(block.txt_norm2(stream), txt_mod2)
+        return stream + gate2 * block.txt_mlp(normed), maps
+
+
+class QwenImageLatents(FlowLatents):
+    """Qwen-Image's real-image side: a video autoencoder (one frame) whose latents are normalised by its
+    `latents_mean` / `latents_std`, packed into 2x2-patch tokens (the pipeline's `_pack_latents`), linear noise levels
+    shifted by the token count, and true classifier-free guidance: two calls, the guided velocity rescaled to the
+    conditional one's norm per token, as the pipeline's loop does."""
+
+    @staticmethod
+    def channels(pipe) -> int:
+        return int(pipe.transformer.config.in_channels) // 4
+
+    @staticmethod
+    def _statistics(pipe, like):
+        config = pipe.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1).to(like.device, like.dtype)
+        return mean, torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(like.device, like.dtype)
+
+    @classmethod
+    def encode(cls, pipe, x):
+        latent = pipe.vae.encode(x[:, :, None]).latent_dist.mode()  # (1, channels, 1 frame, h, w)
+        mean, std = cls._statistics(pipe, latent)
+        return ((latent - mean) / std)[:, :, 0]
+
+    @classmethod
+    def decode(cls, pipe, latent):
+        latent = latent[:, :, None]
+        mean, std = cls._statistics(pipe, latent)
+        return pipe.vae.decode(latent * std + mean).sample[:, :, 0]
+
+    @staticmethod
+    def pack(pipe, latent):
+        n, channels, h, w = latent.shape
+        return pipe._pack_latents(latent, n, channels, h, w)
+
+    @staticmethod
+    def unpack(pipe, latent, shape):
+        factor = pipe.vae_scale_factor
+        return pipe._unpack_latents(latent, shape[-2] * factor, shape[-1] * factor, factor)[:, :, 0]
+
+    @staticmethod
+    def tokens(pipe, shape) -> int:
+        return (shape[-2] // 2) * (shape[-1] // 2)
+
+    @classmethod
+    def timesteps(cls, pipe, config, steps, shape) -> dict:
+        from ..flow import shift_mu
+
+        return {"sigmas": linear_sigmas(steps), "mu": shift_mu(config, cls.tokens(pipe, shape))}
+
+    @staticmethod
+    def velocity(pipe, prompt, guidance, max_sequence_length, shape):
+        from ..errors import ModelError
+        from ..loading import execution_device
+        from ..routing import exclusive
+
+        net, device = pipe.transformer, execution_device(pipe)
+        if net.config.guidance_embeds:
+            raise ModelError("a guidance-distilled Qwen-Image (guidance_embeds) is not supported for real images")
+        guided = guidance > 1
+        kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        with torch.no_grad(), exclusive(pipe):  # the negative prompt " " as the family's guidance passes it
+            texts = [pipe.encode_prompt(prompt=p, device=device, **kwargs) for p in ([prompt, " "] if guided
+                                                                                     else [prompt])]
+        shapes = [[(1, shape[-2] // 2, shape[-1] // 2)]]
+
+        @torch.no_grad()
+        def v(x, t):  # x: (1, tokens, channels)
+            timestep = (t.to(device).expand(x.shape[0]) / 1000).to(x.dtype)
+            cond, *uncond = (net(hidden_states=x, timestep=timestep, guidance=None, encoder_hidden_states_mask=mask,
+                                 encoder_hidden_states=embeds, img_shapes=shapes, return_dict=False)[0]
+                             for embeds, mask in texts)
+            if not uncond:
+                return cond
+            guided_v = uncond[0] + guidance * (cond - uncond[0])
+            return guided_v * (cond.norm(dim=-1, keepdim=True) / guided_v.norm(dim=-1, keepdim=True))
+
+        return v
+
+
 QWEN_IMAGE = Family("qwenimage", "Qwen-Image", "joint", pipelines=("QwenImagePipeline",),
-                    networks=("QwenImageTransformer2DModel",), text_first=True, packed=True, flow=True,
-                    text_parts=("qwen2.5-vl",), processors=("QwenDoubleStreamAttnProcessor2_0",), invertible=False,
+                    networks=("QwenImageTransformer2DModel",), packed=True, flow=True,
+                    processors=("QwenDoubleStreamAttnProcessor2_0",),
                     guidance_calls=True, batch_padded=True, scale=("true_cfg_scale", 0.0),
                     arguments=("attn", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask",
                                "attention_mask", "image_rotary_emb"),
-                    tokens=tokens, noise=noise, grid=grid, project=project, finish=finish, guidance=guidance)
+                    tokens=tokens, noise=noise, grid=grid, project=project, finish=finish, guidance=guidance,
+                    concepts=QwenImageConcepts, latents=QwenImageLatents, flowedit=CFG_FLOWEDIT)
 FAMILIES = (QWEN_IMAGE,)

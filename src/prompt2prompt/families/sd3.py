@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import Family
+from .latents import FlowLatents
+from .shared import text_side_qkv
 
 
 def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
@@ -31,18 +33,6 @@ def grid(net, sample, kwargs, cache):
     return latent, (latent[0] // patch, latent[1] // patch)
 
 
-def context_projections(attn, states: torch.Tensor):
-    """The text side's queries, keys and values (batch, heads, tokens, head_dim) of a joint attention module."""
-    batch, head_dim = states.shape[0], attn.add_k_proj.out_features // attn.heads
-    q, k, v = (proj(states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-               for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-    if attn.norm_added_q is not None:
-        q = attn.norm_added_q(q)
-    if attn.norm_added_k is not None:
-        k = attn.norm_added_k(k)
-    return q, k, v
-
-
 def project(attn, call: dict, text_tokens: int, grid):
     """JointAttnProcessor2_0's projections: image queries then text queries."""
     hidden_states, encoder_hidden_states = call["hidden_states"], call.get("encoder_hidden_states")
@@ -57,7 +47,7 @@ def project(attn, call: dict, text_tokens: int, grid):
     n = query.shape[2]
     if encoder_hidden_states is None:  # SD3.5's image-only attention
         return query, key, value, slice(n, n), slice(0, n)
-    eq, ek, ev = context_projections(attn, encoder_hidden_states)
+    eq, ek, ev = text_side_qkv(attn, encoder_hidden_states)
     t = eq.shape[2]
     return torch.cat([query, eq], 2), torch.cat([key, ek], 2), torch.cat([value, ev], 2), slice(n, n + t), slice(0, n)
 
@@ -96,12 +86,12 @@ class SD3Concepts:
         return net.context_embedder(embeds)  # (concepts, width)
 
     @staticmethod
-    def step(block, kwargs: dict, rows: slice, stream: torch.Tensor, read: bool):
+    def step(block, call: dict, rows: slice, stream: torch.Tensor, read: bool, grid):
         """One block of the concept stream on a call's conditional rows: (the stream after the block, None after the
         last; if read, the (rows, image tokens, concepts) scores in the output space and of cross-attention)."""
         from ..concepts import concept_attention, text_side_update
 
-        hidden, context, temb = (kwargs[k][rows] for k in ("hidden_states", "encoder_hidden_states", "temb"))
+        hidden, context, temb = (call[k][rows] for k in ("hidden_states", "encoder_hidden_states", "temb"))
         norm_hidden = block.norm1(hidden, emb=temb)[0]  # the image tokens as the block's attention reads them
         if block.context_pre_only:
             norm_context, norm_stream = block.norm1_context(context, temb), block.norm1_context(stream, temb)
@@ -110,7 +100,7 @@ class SD3Concepts:
             norm_stream, *gates = block.norm1_context(stream, emb=temb)
         q, k, v, _, image = project(block.attn, {"hidden_states": norm_hidden, "encoder_hidden_states": norm_context},
                                     0, None)  # (rows, heads, tokens, head_dim)
-        cq, ck, cv = context_projections(block.attn, norm_stream)  # the concepts through the text side's layers
+        cq, ck, cv = text_side_qkv(block.attn, norm_stream)  # the concepts through the text side's layers
         c_out, maps = concept_attention(q, k, v, image, cq, ck, cv, read)
         if block.context_pre_only:
             return None, maps
@@ -124,7 +114,8 @@ def load(index: dict) -> dict:
 
 
 SD3 = Family("sd3", "Stable Diffusion 3 / 3.5", "joint", pipelines=("StableDiffusion3Pipeline",),
-             networks=("SD3Transformer2DModel",), flow=True, pooled=True, text_parts=("clip", "t5"),
+             networks=("SD3Transformer2DModel",), flow=True, pooled=True,
              default_part="clip", processors=("JointAttnProcessor2_0",), flowedit=(50, 33, 3.5, 13.5),
-             tokens=tokens, grid=grid, project=project, finish=finish, load=load, concepts=SD3Concepts)
+             tokens=tokens, grid=grid, project=project, finish=finish, load=load, concepts=SD3Concepts,
+             latents=FlowLatents)
 FAMILIES = (SD3,)

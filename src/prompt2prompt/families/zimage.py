@@ -4,7 +4,7 @@ jointly in its main `layers`, image first: each part padded with learned tokens 
 batch padded to its longest sequence (masked out). The caption is a Qwen3's second-to-last hidden layer over the
 chat-templated prompt, its padding removed. Classifier-free guidance is one call whose batch holds the conditional
 rows first; its pipeline's scale g means pos + g (pos - neg), the usual scale s - 1. Its transformer has no
-`attn_processors`: each attention module's own processor slot is used. Real-image inversion is not supported yet.
+`attn_processors`: each attention module's own processor slot is used. Real images through `ZImageLatents`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from . import Family
+from .latents import CFG_FLOWEDIT, FlowLatents
+from .shared import chat
 
 PAD = 32  # the transformer pads image and caption tokens to multiples of this (transformer_z_image.SEQ_MULTI_OF)
 DEFAULT_SIDE = 1024  # ZImagePipeline.__call__'s height and width when none is given
@@ -33,7 +35,6 @@ def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
     transformer can position (its rotary table) is refused: the stock pipeline would fail inside the transformer."""
     from ..errors import PromptError
     from ..tokens import PromptTokens, sequence_length
-    from .flux2 import chat
 
     seen = PromptTokens.from_template(pipe.tokenizer, prompt, chat(pipe.tokenizer, thinking=True),
                                       sequence_length(pipe, max_sequence_length), padded=False, multiple=PAD)
@@ -121,10 +122,110 @@ def finish(attn, out, call: dict, text: slice, image: slice):
     return attn.to_out[1](out) if len(attn.to_out) > 1 else out
 
 
+class ZImageConcepts:
+    """Z-Image's concept stream (`concepts.py`). Z-Image has one set of weights for text and image tokens, so a
+    concept is carried as its caption tokens are: its Qwen3 embedding through `cap_embedder` and the caption refiner
+    (`context_refiner`, the concepts attending among themselves there, as the caption's tokens do), then through the
+    main `layers` with their modulation (`adaLN_modulation`), norms, projections and feed-forward. A concept gets no
+    rotary embedding (it has no place in the caption). The image's own attention output keeps the layer's padding
+    mask."""
+
+    @staticmethod
+    def encode(pipe, concept: str) -> torch.Tensor:
+        from ..loading import execution_device
+
+        embeds = pipe.encode_prompt(prompt=concept, device=execution_device(pipe), do_classifier_free_guidance=False)
+        return embeds[0][0][None]  # (1, caption tokens, width): the pipeline gives a list of (tokens, width)
+
+    @staticmethod
+    def blocks(net) -> list:
+        return list(net.layers)
+
+    @staticmethod
+    def start(net, embeds: torch.Tensor) -> torch.Tensor:
+        stream = net.cap_embedder(embeds)[None]  # (1, concepts, width)
+        for layer in net.context_refiner:  # unmodulated, no mask, no rotary
+            stream = layer(stream, None, None)
+        return stream[0]
+
+    @staticmethod
+    def step(block, call: dict, rows: slice, stream: torch.Tensor, read: bool, grid):
+        from ..concepts import concept_attention, merge_heads
+        from ..errors import InputError
+
+        if call.get("noise_mask") is not None:
+            raise InputError("concept maps follow Z-Image's text-to-image layers; this call modulates clean and "
+                             "noisy tokens apart (an omni model's reference images), which the concept stream does "
+                             "not follow")
+        x, adaln = call["x"][rows], call["adaln_input"][rows]
+        mask, freqs = call.get("attn_mask"), call.get("freqs_cis")
+        attn = block.attention
+        scale_msa, gate_msa, scale_mlp, gate_mlp = block.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=2)
+        gate_msa, gate_mlp, scale_msa, scale_mlp = gate_msa.tanh(), gate_mlp.tanh(), 1 + scale_msa, 1 + scale_mlp
+        projected = {"hidden_states": block.attention_norm1(x) * scale_msa,
+                     "attention_mask": None if mask is None else mask[rows],
+                     "freqs_cis": None if freqs is None else freqs[rows]}
+        q, k, v, _, image = project(attn, projected, 0, grid)
+        normed = block.attention_norm1(stream) * scale_msa
+        cq, ck, cv = (proj(normed).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            cq = attn.norm_q(cq)
+        if attn.norm_k is not None:
+            ck = attn.norm_k(ck)
+        cq, ck, cv = (t.transpose(1, 2) for t in (cq, ck, cv))  # (rows, heads, concepts, head_dim)
+        c_out, maps = concept_attention(q, k, v, image, cq, ck, cv, read, projected.get("_key_mask"))
+        stream = stream + gate_msa * block.attention_norm2(finish(attn, merge_heads(c_out), {}, image, image))
+        return stream + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(stream) * scale_mlp)), maps
+
+
+class ZImageLatents(FlowLatents):
+    """Z-Image's real-image side: latents as images (scaling and shift factors), its own noise levels
+    (`get_default_z_image_sigmas`) shifted by the token count, and its transformer's convention: rows as a list of
+    (channels, 1 frame, h, w), the time given as 1 - t, the output the negative of the velocity; guidance one call of
+    [conditional, unconditional] rows, pos + (s - 1)(pos - neg), as the pipeline's loop combines them."""
+
+    @staticmethod
+    def tokens(pipe, shape) -> int:
+        patch = pipe.transformer.config.all_patch_size[0]
+        return (shape[-2] // patch) * (shape[-1] // patch)
+
+    @classmethod
+    def timesteps(cls, pipe, config, steps, shape) -> dict:
+        from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
+
+        from ..flow import shift_mu
+
+        return {"sigmas": get_default_z_image_sigmas(steps), "mu": shift_mu(config, cls.tokens(pipe, shape))}
+
+    @staticmethod
+    def velocity(pipe, prompt, guidance, max_sequence_length, shape):
+        from ..loading import execution_device
+        from ..routing import exclusive
+
+        net, device = pipe.transformer, execution_device(pipe)
+        guided = guidance > 1
+        kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        with torch.no_grad(), exclusive(pipe):
+            positive, negative = pipe.encode_prompt(prompt=prompt, device=device, do_classifier_free_guidance=guided,
+                                                    **kwargs)
+        captions = positive + negative  # lists of (tokens, width): the conditional row first
+
+        @torch.no_grad()
+        def v(x, t):  # x: (1, channels, h, w)
+            rows = [x[0].unsqueeze(1).to(net.dtype)] * len(captions)  # (channels, 1 frame, h, w) each
+            time = ((1000 - t.to(device).float()) / 1000).expand(len(captions))
+            out = [o.float()[:, 0] for o in net(rows, time, captions, return_dict=False)[0]]
+            pred = out[0] if not guided else out[0] + (guidance - 1) * (out[0] - out[1])
+            return -pred[None]
+
+        return v
+
+
 Z_IMAGE = Family("zimage", "Z-Image", "joint", pipelines=("ZImagePipeline",), networks=("ZImageTransformer2DModel",),
-                 flow=True, text_parts=("qwen3",), processors=("ZSingleStreamAttnProcessor",), invertible=False,
+                 flow=True, processors=("ZSingleStreamAttnProcessor",),
                  conditional_first=True, batch_padded=True, scale=("guidance_scale", 1.0),
                  arguments=("attn", "hidden_states", "encoder_hidden_states", "attention_mask", "freqs_cis"),
                  tokens=tokens, guidance=guidance, modules=modules, size=size, place=place, inputs=inputs, grid=grid,
-                 project=project, finish=finish)
+                 project=project, finish=finish, concepts=ZImageConcepts,
+                 latents=ZImageLatents, flowedit=CFG_FLOWEDIT)
 FAMILIES = (Z_IMAGE,)
