@@ -1,14 +1,14 @@
 """The rectified-flow solvers at equal model calls: Euler, FireFlow, RF-Solver.
 
-    python benchmarks/flow_solvers.py [--json flow_solvers.json]
+    python benchmarks/flow_solvers.py [--json flow_solvers.json] [--kinds sd3 flux ...]
 
 1. Sampling an ODE with a known solution (dx/ds = cos(3 s) x + s from s = 1 to 0; the reference is RK4 on 4000
    steps), through each solver's diffusers scheduler as a pipeline loop runs it: the largest error at 10, 20, 40 and 80
    model calls, and the observed order between 40 and 80 calls.
-2. Inversion then sampling back through real pipeline loops (tiny random SD3 and Flux.1 pipelines, as the tests build
-   them: 32x32 images), at 10 and 20 model calls each way: the RMS gap between the latent sampled back and the image's
-   own latent, relative to that latent's standard deviation. Random weights make a rougher velocity field than a
-   trained model's; the ranking, not the size of the gaps, is the point.
+2. Inversion then sampling back through real pipeline loops (the tiny random pipeline of every flow family, as the
+   tests build them: 32x32 images; `--kinds` picks some), at 10, 20 and 40 model calls each way: the RMS gap between
+   the latent sampled back and the image's own latent, relative to that latent's standard deviation. Random weights
+   make a rougher velocity field than a trained model's; the ranking, not the size of the gaps, is the point.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from prompt2prompt.families import FAMILIES
 from prompt2prompt.flow import SOLVERS
 from prompt2prompt.inversion import InversionOptions, encode, invert, sample_back, unpack
 from prompt2prompt.testing import tiny_pipeline
 
 CALLS = (10, 20, 40, 80)
 
+FLOW = [name for name, family in FAMILIES.items() if family.latents is not None]  # families with flow inversion
+TRIP_CALLS = (10, 20, 40)  # model calls each way of part 2
 
 def steps_for(method: str, calls: int) -> int:
     """Steps that cost `calls` model calls: Euler one a step, FireFlow one a step plus one, RF-Solver two a step."""
@@ -78,10 +81,10 @@ def picture() -> Image.Image:
     return Image.fromarray(np.clip(a + rng.integers(0, 10, a.shape), 0, 255).astype(np.uint8))
 
 
-def round_trips() -> dict:
+def round_trips(kinds) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
-        for kind in ("sd3", "flux"):
+        for kind in kinds:
             pipe = tiny_pipeline(kind, f"{folder}/{kind}")
             pipe.set_progress_bar_config(disable=True)
             image = picture()
@@ -89,7 +92,7 @@ def round_trips() -> dict:
             rows[kind] = {}
             for method in SOLVERS:
                 rows[kind][method] = {}
-                for calls in (10, 20):
+                for calls in TRIP_CALLS:
                     options = InversionOptions(method=method, steps=steps_for(method, calls), guidance=1.0,
                                                height=32, width=32)
                     inv = invert(pipe, image, "a red square", options, progress=False)
@@ -101,6 +104,8 @@ def round_trips() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write the numbers here")
+    parser.add_argument("--kinds", nargs="+", default=FLOW, choices=FLOW,
+                        help=f"tiny pipelines of part 2 (default: every flow family: {' '.join(FLOW)})")
     args = parser.parse_args()
     torch.manual_seed(0)
     solved = ode()
@@ -108,12 +113,12 @@ def main() -> None:
     print(f"{'solver':<12}" + "".join(f"{c:>12} calls" for c in CALLS) + f"{'order':>8}")
     for method, row in solved.items():
         print(f"{method:<12}" + "".join(f"{row['errors'][c]:>18.2e}" for c in CALLS) + f"{row['order']:>8.2f}")
-    trips = round_trips()
+    trips = round_trips(args.kinds)
     print("\n2. invert then sample back (tiny random pipelines, 32x32): RMS gap / latent std")
-    print(f"{'pipeline':<10}{'solver':<12}{'10 calls':>10}{'20 calls':>10}")
+    print(f"{'pipeline':<10}{'solver':<12}" + "".join(f"{f'{c} calls':>10}" for c in TRIP_CALLS))
     for kind, by_method in trips.items():
         for method, gaps in by_method.items():
-            print(f"{kind:<10}{method:<12}{gaps[10]:>10.4f}{gaps[20]:>10.4f}")
+            print(f"{kind:<10}{method:<12}" + "".join(f"{gaps[c]:>10.4f}" for c in TRIP_CALLS))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ode": solved, "round_trips": trips}, f, indent=2)
