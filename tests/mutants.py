@@ -128,6 +128,15 @@ MUTANTS = {
     "template-opening-unaligned": (
         "alignment.py", "mapper[range(head), range(head)] = 1.0", "mapper[0, 0] = 1.0",
         ["tests/test_joint.py::test_flux2_words_sit_inside_the_chat_template_and_edits_keep_it_aligned"]),
+    # every family all the way: the adapters' real-image sides and concept streams
+    "qwen-cfg-not-rescaled": (
+        "families/qwenimage.py",
+        "return guided_v * (cond.norm(dim=-1, keepdim=True) / guided_v.norm(dim=-1, keepdim=True))",
+        "return guided_v",
+        ["tests/test_flow_families.py::test_the_velocity_is_the_loops_own_and_the_grid_its_grid"]),
+    "zimage-concepts-ungated": (
+        "families/zimage.py", "stream = stream + gate_msa * block.attention_norm2(", "stream = stream + (",
+        ["tests/test_concepts.py::test_the_concept_stream_is_each_stock_block_with_the_concepts_as_its_text"]),
 }
 FAST = ("foreign-file-replaced", "sixteen-bits-clipped", "yaml-aliases-allowed", "case-limit-ignored",
         "word-tokens-overreach", "refine-off-by-one", "fireflow-as-euler")  # the CI's subset: each caught in seconds

@@ -1,5 +1,6 @@
-"""Concept maps (ConceptAttention) on the MM-DiT: the image untouched, shares that sum to 1, the method's formula
-re-stated from the stock modules, the outputs of `p2p attend --concepts`, and bad input."""
+"""Concept maps (ConceptAttention) on every MM-DiT: the image untouched, shares that sum to 1, the method's formula
+re-stated from the stock modules (SD3), each family's concept stream against its stock blocks, the outputs of
+`p2p attend --concepts`, and bad input."""
 
 import json
 
@@ -228,3 +229,61 @@ def test_p2p_attend_image_writes_its_maps_and_refuses_what_does_nothing(sd3, sce
         assert main([*base, *extra, "--out", str(tmp_path / "bad")]) == 2
         assert said in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
+
+
+def _identity_rotary(kind: str, rotary, text: int, concepts: int):
+    """The block's rotary input with the prompt's positions replaced by the concepts' (no rotation: position 0)."""
+    if kind == "qwenimage":  # (image frequencies, text frequencies), complex
+        image, words = rotary
+        return image, torch.ones(concepts, words.shape[-1], dtype=words.dtype)
+    cos, sin = rotary  # Flux: (text + image positions, head_dim), text first
+    return (torch.cat([torch.ones(concepts, cos.shape[-1], dtype=cos.dtype), cos[text:]]),
+            torch.cat([torch.zeros(concepts, sin.shape[-1], dtype=sin.dtype), sin[text:]]))
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_the_concept_stream_is_each_stock_block_with_the_concepts_as_its_text(joint_pipes, kind, monkeypatch):
+    """An independent check of every family's stream (not its maps: the map formula is the SD3 by-hand test's): since
+    a concept attends to the image and the concepts only, the stream after a block is what the stock block makes of
+    the concepts given as its whole text (its image side's output, which then attends to the concepts, is not used)."""
+    from prompt2prompt.families import family_of
+
+    pipe = joint_pipes[kind]
+    adapter = family_of(pipe).concepts
+    seen = []
+    original = adapter.step
+
+    def recording(block, call, rows, stream, read, grid):
+        after, maps = original(block, call, rows, stream, read, grid)
+        if len(seen) < len(adapter.blocks(pipe.transformer)):  # the first step's blocks
+            seen.append((block, dict(call), rows, stream.clone(), None if after is None else after.clone(), grid))
+        return after, maps
+
+    monkeypatch.setattr(adapter, "step", staticmethod(recording))
+    attend(pipe, PROMPTS[0], OPTS, RecordOptions(self_attention=False), progress=False, concepts=list(CONCEPTS))
+    monkeypatch.undo()
+    checked = 0
+    with torch.no_grad():
+        for block, call, rows, stream, after, grid in seen:
+            if after is None:  # SD3's last block has no text output
+                continue
+            c = stream.shape[1]
+            if kind == "zimage":
+                n = grid[0] * grid[1]
+                x = torch.cat([call["x"][rows][:, :n], stream], 1)
+                freqs = call["freqs_cis"][rows][:, :n]
+                freqs = torch.cat([freqs, torch.ones(freqs.shape[0], c, freqs.shape[-1], dtype=freqs.dtype)], 1)
+                expected = block(x, None, freqs, call["adaln_input"][rows])[:, n:]
+            else:
+                kwargs = {k: (v[rows] if torch.is_tensor(v) and v.shape[0] > 1 else v) for k, v in call.items()
+                          if k not in ("joint_attention_kwargs", "attention_kwargs")}
+                kwargs["encoder_hidden_states"] = stream
+                if kwargs.get("image_rotary_emb") is not None:
+                    text = call["encoder_hidden_states"].shape[1]
+                    kwargs["image_rotary_emb"] = _identity_rotary(kind, kwargs["image_rotary_emb"], text, c)
+                if "encoder_hidden_states_mask" in kwargs:
+                    kwargs["encoder_hidden_states_mask"] = None
+                expected = block(**kwargs)[0]  # (text output, image output)
+            torch.testing.assert_close(after, expected, atol=2e-5, rtol=1e-4)
+            checked += 1
+    assert checked >= 2
