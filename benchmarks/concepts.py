@@ -64,7 +64,7 @@ def score(image: np.ndarray, caption: str, word_maps, concepts: dict, prompt: in
     return row
 
 
-def run(pipe, count: int, seed: int, options, progress: bool = True) -> dict:
+def run(pipe, count: int, seed: int, options, progress: bool = True, blocks: tuple[int, ...] | None = None) -> dict:
     from tqdm import tqdm
 
     from prompt2prompt.attend import attend
@@ -77,7 +77,7 @@ def run(pipe, count: int, seed: int, options, progress: bool = True) -> dict:
     rows = []
     for k, caption in enumerate(tqdm(captions, desc="captions", disable=not progress)):
         nouns = [shape for _, shape in world.parse_caption(caption)]
-        concepts = ConceptOptions((*dict.fromkeys(nouns), "background"))
+        concepts = ConceptOptions((*dict.fromkeys(nouns), "background"), blocks=blocks)
         r = attend(pipe, caption, replace(options, seed=seed + k), progress=False, concepts=concepts)
         image = np.asarray(r.images[0], dtype=np.float32) / 255.0
         cmaps = {"concept output": r.concept_maps("output"), "concept cross": r.concept_maps("cross")}
@@ -85,7 +85,7 @@ def run(pipe, count: int, seed: int, options, progress: bool = True) -> dict:
     kinds = list(rows[0]["iou"])
     summary = {kind: {"mask_iou": float(np.mean([v for r in rows for v in r["iou"][kind]])),
                       "miou": float(np.mean([r["miou"][kind] for r in rows]))} for kind in kinds}
-    return {"count": count, "seed": seed, **options.to_dict(), "summary": summary, "rows": rows}
+    return {"count": count, "seed": seed, **options.to_dict(), "blocks": blocks, "summary": summary, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=28, help="denoising steps (default: 28, SD3's own)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance (default: the pipeline's own)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--blocks", type=int, nargs="+", default=None,
+                        help="joint blocks whose concept maps are averaged (default: every one)")
     parser.add_argument("--json", default=None, help="also write the summary and per-caption rows here")
     args = parser.parse_args(argv)
     from prompt2prompt.generation import GenerationOptions
@@ -104,8 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, progress=False)
-    result = run(pipe, args.count, args.seed, GenerationOptions(steps=args.steps, guidance=args.guidance))
-    print(f"{args.model}: {args.count} captions, {args.steps} steps, guidance {result['guidance']:g}")
+    result = run(pipe, args.count, args.seed, GenerationOptions(steps=args.steps, guidance=args.guidance),
+                 blocks=None if args.blocks is None else tuple(args.blocks))
+    print(f"{args.model}: {args.count} captions, {args.steps} steps, guidance {result['guidance']:g}, blocks "
+          f"{'all' if args.blocks is None else ' '.join(map(str, args.blocks))}")
     print(f"{'maps':<16}{'mask IoU':>10}{'mIoU':>8}")
     for kind, s in result["summary"].items():
         print(f"{kind:<16}{s['mask_iou']:>10.3f}{s['miou']:>8.3f}")

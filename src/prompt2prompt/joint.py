@@ -95,18 +95,11 @@ def _folded(t: torch.Tensor, scale: torch.Tensor | None = None, transposed: bool
     return copy.view(n * heads, *copy.shape[2:])
 
 
-def joint_layers(name: str, module, family: Family | None = None) -> tuple[LayerInfo, LayerInfo]:
+def joint_layers(name: str, module, family: Family) -> tuple[LayerInfo, LayerInfo]:
     """(text site, image site) of one attention module of an MM-DiT."""
     parts = name.split(".")
     block = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-    if family is not None and family.place is not None:
-        place = family.place(name)
-    elif parts[0].startswith("single"):
-        place = "single"  # Flux single-stream: text and image concatenated before attention
-    elif parts[2:3] == ["attn2"]:
-        place = "image"  # SD3.5's second (image-only) attention of a dual-attention block
-    else:
-        place = "joint"
+    place = family.place(name) if family.place is not None else "joint"
     heads = int(module.heads)
     return (LayerInfo(f"{name}:text", place, block, True, heads, 0), LayerInfo(f"{name}:image", place, block, False,
                                                                                heads, 0))

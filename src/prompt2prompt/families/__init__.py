@@ -70,7 +70,7 @@ class Family:
     modules: Callable | None = None  # joint: (net) -> {processor key: attention module} to route, for a network
     # without `attn_processors` or whose other modules stay untouched; None: every one of `net.attn_processors`
     place: Callable | None = None  # joint: (module name) -> its place: "joint" (text and image), "single" (text
-    # already concatenated in front), "image" (image only); None: the Flux / SD3 names
+    # already concatenated in front), "image" (image only); None: "joint" everywhere
     project: Callable | None = None  # joint: (attn, call: dict, text_tokens, grid) -> (q, k, v, text, image slices),
     # q, k, v (batch, heads, tokens, head_dim), from its stock processor's bound arguments `call`; it may leave
     # call["_key_mask"], (batch, tokens) bool, False on padded text keys

@@ -61,6 +61,11 @@ def _joint(attn, query, key, value, eq, ek, ev, encoder_hidden_states, text_toke
     return query, key, value, slice(0, t), slice(t, length)
 
 
+def place(name: str) -> str:
+    """A single-stream block's attention gets text and image already concatenated."""
+    return "single" if name.startswith("single") else "joint"
+
+
 def finish(attn, out, call: dict, text: slice, image: slice):
     if call.get("encoder_hidden_states") is None:  # single-stream: the block projects it itself
         return out
@@ -169,6 +174,6 @@ class FluxLatents(FlowLatents):
 FLUX = Family("flux", "Flux.1", "joint", pipelines=("FluxPipeline",), networks=("FluxTransformer2DModel",),
               packed=True, flow=True,
               processors=("FluxAttnProcessor", "FluxAttnProcessor2_0"), flowedit=(28, 24, 1.5, 5.5), tokens=tokens,
-              noise=noise, grid=grid, project=project, finish=finish, concepts=FluxConcepts,
+              noise=noise, grid=grid, project=project, finish=finish, place=place, concepts=FluxConcepts,
               latents=FluxLatents)
 FAMILIES = (FLUX,)

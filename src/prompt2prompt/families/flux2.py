@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import Family
-from .flux import _joint
+from .flux import _joint, place
 from .flux import grid as flux_grid
 from .latents import CFG_FLOWEDIT, FlowLatents, linear_sigmas
 from .shared import chat
@@ -195,6 +195,6 @@ FLUX2 = Family("flux2", "Flux.2 [klein]", "joint", pipelines=("Flux2KleinPipelin
                networks=("Flux2Transformer2DModel",), packed=True, flow=True,
                processors=("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor"),
                guidance_calls=True, guidance=guidance, tokens=tokens, noise=noise, grid=flux_grid,
-               project=project, finish=finish, concepts=Flux2Concepts, latents=Flux2Latents,
+               project=project, finish=finish, place=place, concepts=Flux2Concepts, latents=Flux2Latents,
                flowedit=CFG_FLOWEDIT)
 FAMILIES = (FLUX2,)

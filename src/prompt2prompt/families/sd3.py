@@ -52,6 +52,11 @@ def project(attn, call: dict, text_tokens: int, grid):
     return torch.cat([query, eq], 2), torch.cat([key, ek], 2), torch.cat([value, ev], 2), slice(n, n + t), slice(0, n)
 
 
+def place(name: str) -> str:
+    """SD3.5's second attention of a dual-attention block (`attn2`) sees the image tokens only."""
+    return "image" if name.split(".")[2:3] == ["attn2"] else "joint"
+
+
 def finish(attn, out, call: dict, text: slice, image: slice):
     """out: (batch, tokens, width); the processor's output projections and return values."""
     if call.get("encoder_hidden_states") is None:
@@ -116,6 +121,6 @@ def load(index: dict) -> dict:
 SD3 = Family("sd3", "Stable Diffusion 3 / 3.5", "joint", pipelines=("StableDiffusion3Pipeline",),
              networks=("SD3Transformer2DModel",), flow=True, pooled=True,
              default_part="clip", processors=("JointAttnProcessor2_0",), flowedit=(50, 33, 3.5, 13.5),
-             tokens=tokens, grid=grid, project=project, finish=finish, load=load, concepts=SD3Concepts,
+             tokens=tokens, grid=grid, project=project, finish=finish, place=place, load=load, concepts=SD3Concepts,
              latents=FlowLatents)
 FAMILIES = (SD3,)
