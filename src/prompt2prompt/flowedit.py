@@ -1,5 +1,6 @@
 """FlowEdit (Kulikov et al. 2024, "FlowEdit: Inversion-Free Text-Based Editing Using Pre-Trained Flow Models"): a real
-image edited without inverting it, on flow-matching pipelines (SD3 / SD3.5, Flux.1).
+image edited without inverting it, on every flow-matching family (SD3 / SD3.5, Flux.1, Flux.2 [klein], Qwen-Image,
+Z-Image).
 
 No noise is searched for. The edited latent starts as the image's own latent and is moved by the difference of the
 target's and the source's velocities, each evaluated on a noisy copy made with the same fresh noise:
@@ -10,9 +11,10 @@ target's and the source's velocities, each evaluated on a noisy copy made with t
 
 over the last n_max of the pipeline's `steps` noise levels (the first, noisiest ones are skipped: how far the edit
 may move). With the target prompt equal to the source and equal guidance the difference is zero and the image comes
-back exactly. Each velocity is the pipeline's own guided one (`flow.velocity`: SD3's classifier-free guidance, Flux's
-guidance input), the source with its guidance and the target with its (usually higher) one. The defaults per family
-(`families.Family.flowedit`) are those of the paper's published settings.
+back exactly. Each velocity is the pipeline's own guided one (`flow.velocity`, the family's: SD3's classifier-free
+guidance, Flux's guidance input, ...), the source with its guidance and the target with its (usually higher) one. The
+defaults per family (`families.Family.flowedit`) are those of the paper's published settings (SD3's, untuned, on the
+families the paper gave none).
 
 With `blend` words (this project's addition: FlowEdit itself has no mask), the velocities run under attention control
 that sums those words' cross-attention (the source's words in the source's calls, the target's in the target's), and
