@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from . import Family
-from .flux import noise
-from .latents import CFG_FLOWEDIT, FlowLatents, linear_sigmas
+from .flux import FluxLatents, noise
+from .latents import CFG_FLOWEDIT, linear_sigmas
 
 
 def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
@@ -123,15 +123,11 @@ class QwenImageConcepts:
         return stream + gate2 * block.txt_mlp(normed), maps
 
 
-class QwenImageLatents(FlowLatents):
+class QwenImageLatents(FluxLatents):
     """Qwen-Image's real-image side: a video autoencoder (one frame) whose latents are normalised by its
-    `latents_mean` / `latents_std`, packed into 2x2-patch tokens (the pipeline's `_pack_latents`), linear noise levels
-    shifted by the token count, and true classifier-free guidance: two calls, the guided velocity rescaled to the
-    conditional one's norm per token, as the pipeline's loop does."""
-
-    @staticmethod
-    def channels(pipe) -> int:
-        return int(pipe.transformer.config.in_channels) // 4
+    `latents_mean` / `latents_std`, packed into 2x2-patch tokens as Flux.1's (the pipeline's `_pack_latents`), linear
+    noise levels shifted by the token count, and true classifier-free guidance: two calls, the guided velocity
+    rescaled to the conditional one's norm per token, as the pipeline's loop does."""
 
     @staticmethod
     def _statistics(pipe, like):
@@ -152,18 +148,9 @@ class QwenImageLatents(FlowLatents):
         return pipe.vae.decode(latent * std + mean).sample[:, :, 0]
 
     @staticmethod
-    def pack(pipe, latent):
-        n, channels, h, w = latent.shape
-        return pipe._pack_latents(latent, n, channels, h, w)
-
-    @staticmethod
     def unpack(pipe, latent, shape):
         factor = pipe.vae_scale_factor
         return pipe._unpack_latents(latent, shape[-2] * factor, shape[-1] * factor, factor)[:, :, 0]
-
-    @staticmethod
-    def tokens(pipe, shape) -> int:
-        return (shape[-2] // 2) * (shape[-1] // 2)
 
     @classmethod
     def timesteps(cls, pipe, config, steps, shape) -> dict:
