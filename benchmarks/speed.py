@@ -142,7 +142,7 @@ def build_mmdit(model: str, size: int, dtype, device, layers: int):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from prompt2prompt.testing import _t5, tiny_t5_tokenizer, tiny_tokenizer
+    from prompt2prompt.testing import tiny_t5, tiny_t5_tokenizer, tiny_tokenizer
 
     torch.manual_seed(0)
     folder = tempfile.mkdtemp()
@@ -177,7 +177,7 @@ def build_mmdit(model: str, size: int, dtype, device, layers: int):
             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
             guidance_embeds=True, axes_dims_rope=(16, 56, 56))
         pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-                            text_encoder=clip(768), tokenizer=tokenizer, text_encoder_2=_t5(t5_tokenizer, 4096),
+                            text_encoder=clip(768), tokenizer=tokenizer, text_encoder_2=tiny_t5(t5_tokenizer, 4096),
                             tokenizer_2=t5_tokenizer)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):

@@ -30,7 +30,7 @@ MUTANTS = {
     "refine-new-tokens": (
         "edits.py", "mapped = mapped * w + edited * (1 - w)", "mapped = mapped * w", ["tests/test_edits.py"]),
     "v-prediction-as-epsilon": (
-        "inversion.py", 'if self.prediction == "v_prediction":', "if False:", ["tests/test_inversion.py"]),
+        "inversion/ddim.py", 'if self.prediction == "v_prediction":', "if False:", ["tests/test_inversion.py"]),
     "subtract-ignored": (
         "edits.py", "mask = mask & ~(keep_out[:1] | keep_out)", "mask = mask", ["tests/test_edits.py"]),
     "blend-map-size": (
@@ -39,7 +39,7 @@ MUTANTS = {
         "edits.py", "if not self.self_range[0] <= site.step < self.self_range[1]:", "if False:",
         ["tests/test_edits.py"]),
     "null-text-loss-rises": (
-        "inversion.py", "            loss.backward()\n            opt.step()", "            (-loss).backward()\n"
+        "inversion/ddim.py", "            loss.backward()\n            opt.step()", "            (-loss).backward()\n"
         "            opt.step()", ["tests/test_inversion.py"]),
     "noise-not-shared": (
         "generation.py", "generator=[_copy(generator) for _ in prompts],", "generator=None,",
@@ -56,7 +56,7 @@ MUTANTS = {
     "reference-schedule-rows": (
         "schedule.py", "n = steps + 1 if reference else steps", "n = steps", ["tests/test_reference.py"]),
     "pipeline-scheduler-kept": (
-        "inversion.py", "        pipe.scheduler = original\n", "        pass\n", ["tests/test_inversion.py"]),
+        "inversion/ddim.py", "        pipe.scheduler = original\n", "        pass\n", ["tests/test_inversion.py"]),
     # input checks (issue "hostile inputs")
     "foreign-file-replaced": (
         "outputs.py", "if path.exists() and not (owned is not None and owned(path)):", "if False:",
@@ -71,7 +71,7 @@ MUTANTS = {
         "images.py", "if mode.startswith(\"I;16\") or mode == \"I\":", "if False:",
         ["tests/test_hostile.py::test_images_of_high_bit_depth_are_scaled_not_clipped"]),
     "inversion-tensors-unchecked": (
-        "inversion.py", "if t.ndim != ndim or (floating and not t.is_floating_point())",
+        "inversion/record.py", "if t.ndim != ndim or (floating and not t.is_floating_point())",
         "if False and (t.ndim != ndim)",
         ["tests/test_hostile.py::test_a_spoiled_inversion_file_is_one_sentence_before_the_model_loads"]),
     "yaml-aliases-allowed": (

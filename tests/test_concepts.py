@@ -126,6 +126,16 @@ def test_blocks_are_averaged_before_the_softmax(sd3):
                                rtol=1e-4)
 
 
+def test_default_blocks_are_the_papers_on_flux_and_every_block_elsewhere():
+    from prompt2prompt.concepts import default_blocks
+    from prompt2prompt.families import FAMILIES
+
+    assert list(default_blocks(FAMILIES["flux"].concepts, 19)) == [15, 16, 17, 18]  # ConceptAttention's layer_indices
+    assert list(default_blocks(FAMILIES["flux"].concepts, 2)) == [0, 1]
+    for name in ("sd3", "flux2", "qwenimage", "zimage"):
+        assert list(default_blocks(FAMILIES[name].concepts, 24)) == list(range(24))
+
+
 def test_p2p_attend_concepts_writes_pictures_tensors_and_settings(sd3, tmp_path, capsys):
     sd3.save_pretrained(tmp_path / "sd3")
     out = tmp_path / "out"

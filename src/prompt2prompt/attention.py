@@ -219,7 +219,7 @@ def control(pipe, controller: AttentionController, prompts: int | None = None) -
     unet = denoiser(pipe)
     with exclusive(unet):
         family = family_of(pipe)
-        modules = family.modules(unet) if family.modules is not None else None  # only these are routed
+        modules = family.modules(unet)  # only these are routed (None: every one of attn_processors)
         originals = dict(unet.attn_processors) if modules is None else {k: m.processor for k, m in modules.items()}
         if family.joint:  # an MM-DiT (SD3, Flux, ...): joint attention
             router = Router(controller, prompts, pipe if unet is not pipe else None)

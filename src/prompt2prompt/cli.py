@@ -489,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "image token, read in the joint attention's output space; the image is unchanged), e.g. "
                    "--concepts circle square background")
     p.add_argument("--concept-blocks", type=whole(0), nargs="+", default=None, metavar="N",
-                   help="with --concepts: the joint blocks whose maps are averaged, counted from 0 (default: all)")
+                   help="with --concepts: the joint blocks whose maps are averaged, counted from 0 (default: Flux.1's "
+                   "last 4, the ConceptAttention code's default there; every block on the other families)")
     p.add_argument("--image", default=None, metavar="IMG",
                    help="with --concepts: the concept maps of this image (PROMPT its caption) instead of a generated "
                    "one: its latent noised to --noise, one step of the model, no guidance")

@@ -40,7 +40,7 @@ KINDS = ("output", "cross")  # the output-space maps (the method) and the cross-
 class ConceptOptions:
     concepts: tuple[str, ...]  # the words whose maps are drawn, each encoded alone
     blocks: tuple[int, ...] | None = None  # joint blocks whose maps are averaged (indices into the family's joint
-    # blocks); None: every one
+    # blocks); None: the family's default (`default_blocks`)
     steps: tuple[float, float] = (0.0, 1.0)  # the part of the loop whose steps are averaged, as fractions
 
     def __post_init__(self):
@@ -60,6 +60,16 @@ class ConceptOptions:
         lo, hi = self.steps
         if not 0 <= lo < hi <= 1:
             raise InputError(f"expected concept steps as fractions 0 <= start < end <= 1, got {lo:g} to {hi:g}")
+
+
+def default_blocks(adapter, count: int) -> range:
+    """The joint blocks a concept map averages when none are chosen, of the family's `count`: its adapter's last
+    `last_blocks` where it names them (Flux.1: the last 4, the ConceptAttention code's default for Flux, its
+    `layer_indices` 15 to 18 of Flux.1's 19 double-stream blocks, helblazer811/ConceptAttention
+    `concept_attention/flux/pipeline.py`), else every one: the paper's defaults were set on Flux.1 only, and on our
+    flow model every block measured better than either half (BENCHMARKS.md "Concept maps against word maps")."""
+    last = adapter.last_blocks
+    return range(count) if last is None else range(max(0, count - last), count)
 
 
 def check_family(pipe) -> None:
@@ -147,7 +157,7 @@ class ConceptRecorder:
         self.adapter = self.family.concepts
         self.net = denoiser(pipe)
         self.blocks = self.adapter.blocks(self.net)
-        chosen = range(len(self.blocks)) if options.blocks is None else options.blocks
+        chosen = default_blocks(self.adapter, len(self.blocks)) if options.blocks is None else options.blocks
         for i in chosen:
             if not 0 <= i < len(self.blocks):
                 raise InputError(f"expected joint block indices from 0 to {len(self.blocks) - 1}, got {i}")
@@ -183,11 +193,7 @@ class ConceptRecorder:
         return slice(0, p) if self.family.conditional_first else slice(p, 2 * p)
 
     def _on_call(self, net, args, kwargs):
-        if self.family.inputs is not None:  # a family whose call holds its rows in lists (Z-Image)
-            sample, batch, _ = self.family.inputs(args, kwargs, None)
-        else:
-            sample = kwargs.get("hidden_states", args[0] if args else None)
-            batch = sample.shape[0]
+        sample, batch, _ = self.family.inputs(args, kwargs, None)
         self.stream = None
         if self.family.guidance_calls:  # guidance as separate calls, the conditional first: a call at the same
             # timestep as the previous one is that step's unconditional call, which carries no concepts
@@ -300,7 +306,9 @@ class ConceptMaps:
         return path
 
 
-DEFAULT_NOISE = 0.5  # noise level of an input image's one step (our choice; not yet measured against others)
+DEFAULT_NOISE = 0.5  # noise level of an input image's one step: the ConceptAttention code's default for an image
+# (`ConceptAttentionFluxPipeline.encode_image`: Flux schnell's unshifted 4-step schedule 1, 0.75, 0.5, 0.25 read at
+# index 2, helblazer811/ConceptAttention `concept_attention/flux/pipeline.py` and `segmentation.py`)
 
 
 @dataclass
@@ -330,7 +338,7 @@ def image_concepts(pipe, image, caption: str, concepts: ConceptOptions | list[st
     from .flow import velocity
     from .generation import image_size_for
     from .images import prepare_image
-    from .inversion import encode, pack
+    from .inversion.codec import encode, pack
     from .loading import model_name
     from .numbers import check_seed
 

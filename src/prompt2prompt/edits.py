@@ -9,7 +9,6 @@ differences docs/how-it-works.md lists; `EditOptions.reference()` reproduces the
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -21,7 +20,7 @@ from .errors import NonFiniteError, PromptError
 from .families import family_of
 from .generation import Generation, GenerationOptions, generate
 from .joint import JOINT_PLACES
-from .loading import execution_device, model_name
+from .loading import model_name
 from .numbers import FACTOR_MAX, check_factor
 from .routing import AttentionController, Controllers, RunInfo, Site, denoiser, exclusive
 from .schedule import Span, check_span, resolve_cross, step_range
@@ -463,21 +462,11 @@ def edit_controller(p2p: PromptToPrompt, blend: LocalBlend | None, extra: Attent
 
 def _source_pooled(pipe, prompts: list[str], generation: GenerationOptions) -> dict:
     """SDXL or SD3 with pooled="source": every prompt's pooled text embedding replaced by the source's (pipeline
-    kwargs). Every text encoder reads the same prompts (and negative prompt), as the pipeline itself does when only
-    `prompt` is given: its encode_prompt's `prompt_2`, `prompt_3`, ... are named from its own signature."""
-    import inspect
-
+    kwargs), the prompts encoded by the family's adapter (`Family.encode`)."""
     generation = generation.resolved(pipe)
-    names = inspect.signature(pipe.encode_prompt).parameters
-    negative = [generation.negative_prompt] * len(prompts) if generation.negative_prompt else None
-    texts = {k: list(prompts) for k in names if k == "prompt" or re.fullmatch(r"prompt_\d", k)}
-    texts.update({k: negative for k in names if re.fullmatch(r"negative_prompt(_\d)?", k)})
-    if "max_sequence_length" in names and generation.max_sequence_length is not None:
-        texts["max_sequence_length"] = generation.max_sequence_length
     with torch.no_grad(), exclusive(pipe):  # the pipeline's lock: its tokenizers are not to be shared by threads
-        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            **texts, device=execution_device(pipe), num_images_per_prompt=1,
-            do_classifier_free_guidance=generation.guidance > 1)
+        embeds, negative_embeds, pooled, negative_pooled = family_of(pipe).encode(
+            pipe, prompts, generation.negative_prompt, generation.max_sequence_length, generation.guidance > 1)
     kwargs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled[:1].expand_as(pooled).clone()}
     if generation.guidance > 1:
         kwargs.update(negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled)

@@ -126,7 +126,7 @@ def flowedit(pipe, image, source: str, target: str, options: FlowEditOptions = F
     from .flow import set_flow_timesteps, velocity
     from .generation import image_size_for
     from .images import prepare_image
-    from .inversion import decode, encode, pack, unpack
+    from .inversion.codec import decode, encode, pack, unpack
     from .routing import denoiser, exclusive
 
     options = options.resolved(pipe)

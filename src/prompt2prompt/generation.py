@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
@@ -12,9 +11,8 @@ from PIL import Image
 from .attention import control
 from .errors import InputError, NonFiniteError
 from .families import family_of
-from .loading import execution_device
 from .numbers import MAX_STEPS, check_finite, check_seed, check_whole
-from .routing import AttentionController, Controllers, denoiser, exclusive
+from .routing import AttentionController, Controllers, denoiser, exclusive, execution_device
 from .tokens import prompt_tokens
 
 MAX_SIDE = 4096  # pixels: an image side above this is refused (8192 x 8192 took 8 GB of latents and activations)
@@ -83,19 +81,13 @@ class Generation:
 
 def native_size(pipe) -> tuple[int, int]:
     """(height, width) in pixels the pipeline draws when none is given, by its family's adapter."""
-    family = family_of(pipe)
-    if family.size is not None:
-        return family.size(pipe)[0]
-    sample = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
-    side = sample * pipe.vae_scale_factor if isinstance(sample, int) else None
-    return (side, side) if side else tuple(s * pipe.vae_scale_factor for s in sample)
+    return family_of(pipe).size(pipe)[0]
 
 
 def largest_size(pipe) -> tuple[int, int] | None:
     """(height, width) in pixels beyond which the denoiser cannot place image tokens (a rotary table's length), or
     None where nothing in the model bounds it."""
-    family = family_of(pipe)
-    return family.size(pipe)[1] if family.size is not None else None
+    return family_of(pipe).size(pipe)[1]
 
 
 def packed(pipe) -> bool:
@@ -105,13 +97,8 @@ def packed(pipe) -> bool:
 
 def size_multiple(pipe) -> int:
     """Image sides must be multiples of this: the autoencoder's factor times the patch (MM-DiT), or with 8 (diffusers'
-    UNet pipelines check it)."""
-    factor = int(pipe.vae_scale_factor)
-    if packed(pipe):
-        return factor * 2
-    config = denoiser(pipe).config
-    patch = getattr(config, "patch_size", None) or (getattr(config, "all_patch_size", None) or (None,))[0]
-    return factor * patch if patch else math.lcm(8, factor)
+    UNet pipelines check it), by the family's adapter."""
+    return family_of(pipe).multiple(pipe)
 
 
 def image_size_for(pipe, height: int | None, width: int | None) -> tuple[int, int]:
@@ -144,13 +131,8 @@ def initial_latent(pipe, options: GenerationOptions, generator: torch.Generator 
     generator: draw from it (it advances); default: a fresh CPU generator seeded with options.seed.
     """
     height, width = image_size_for(pipe, options.height, options.width)
-    factor = pipe.vae_scale_factor
     generator = generator or torch.Generator("cpu").manual_seed(options.seed)
-    family = family_of(pipe)
-    if family.noise is not None:
-        return family.noise(pipe, height, width, generator)
-    shape = (1, denoiser(pipe).config.in_channels, height // factor, width // factor)
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+    return family_of(pipe).noise(pipe, height, width, generator)
 
 
 def image_size(pipe, latents: torch.Tensor, options: GenerationOptions) -> tuple[int, int]:
@@ -162,10 +144,7 @@ def image_size(pipe, latents: torch.Tensor, options: GenerationOptions) -> tuple
 
 def guidance_arguments(pipe, scale: float, negative_prompt: str | None, prompts: int) -> dict:
     """The pipeline's own arguments for guidance at this scale, against this negative prompt (None: its default)."""
-    family = family_of(pipe)
-    if family.guidance is not None:
-        return family.guidance(scale, negative_prompt, prompts)
-    return {"guidance_scale": scale, **({"negative_prompt": [negative_prompt] * prompts} if negative_prompt else {})}
+    return family_of(pipe).guidance(scale, negative_prompt, prompts)
 
 
 def _copy(generator: torch.Generator) -> torch.Generator:

@@ -99,7 +99,7 @@ def joint_layers(name: str, module, family: Family) -> tuple[LayerInfo, LayerInf
     """(text site, image site) of one attention module of an MM-DiT."""
     parts = name.split(".")
     block = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-    place = family.place(name) if family.place is not None else "joint"
+    place = family.place(name)
     heads = int(module.heads)
     return (LayerInfo(f"{name}:text", place, block, True, heads, 0), LayerInfo(f"{name}:image", place, block, False,
                                                                                heads, 0))
@@ -120,12 +120,7 @@ def _on_transformer_call(router: Router, family: Family):
     cache: dict = {}
 
     def hook(module, args, kwargs):
-        if family.inputs is not None:
-            sample, batch, router.text_tokens = family.inputs(args, kwargs, router.prompts)
-        else:
-            sample = args[0] if args else kwargs["hidden_states"]
-            text = kwargs.get("encoder_hidden_states")
-            batch, router.text_tokens = sample.shape[0], 0 if text is None else text.shape[1]
+        sample, batch, router.text_tokens = family.inputs(args, kwargs, router.prompts)
         if family.guidance_calls:
             router.passive = router.calls > 0  # the unconditional call(s) of this step
             router.calls += 1
@@ -152,7 +147,7 @@ class JointRoutedProcessor:
         self.original = original
         self.family = family
         # the family's projections are restated (by its adapter) only for its stock processors
-        self.stock = type(original).__name__ in family.processors and family.project is not None
+        self.stock = type(original).__name__ in family.processors
         self._pads = None  # (layout, zero channels, text marker) for the fused call, made once per layout
         self._scales, self._scales_of = None, None  # the softmax scale as a tensor, and its value
         # the original's own signature: the arguments are bound by name only where the controller wants the call

@@ -144,17 +144,6 @@ def check_offload(offload: str | None, device: torch.device) -> None:
                          f"device is the CPU{has}: run without offload, or with --device cuda")
 
 
-def execution_device(pipe) -> torch.device:
-    """Where the pipeline computes: its execution device (under offload the weights wait on the CPU), or a bare
-    network's device."""
-    device = getattr(pipe, "_execution_device", None)
-    if device is None:
-        from .routing import denoiser
-
-        device = denoiser(pipe).device
-    return torch.device(device)
-
-
 def model_name(pipe, given: str | Path = "") -> str:
     """How results and files name a pipeline's model: as the caller gave it, else the folder it was loaded from (a
     bundled model by its name), so a result made from the API still says which model made it."""
@@ -209,8 +198,7 @@ def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.
     if missing:
         raise ModelError(f"{folder} lacks the component folder(s) {', '.join(m + '/' for m in missing)} that its "
                          f"model_index.json lists ({', '.join(components)})")
-    loaders = {f.load for f in PIPELINES[cls] if f.load is not None}  # one per class (SD 1.x and 2.x share it)
-    extra = loaders.pop()(index) if loaders else {}
+    extra = PIPELINES[cls][0].load(index)  # the class's families load alike (SD 1.x and 2.x share it)
     try:
         with _loading_bars(progress):
             pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra)

@@ -234,19 +234,19 @@ class Router:
         return slice(0, n) if self.conditional_first else slice(batch - n, batch)
 
     def route(self, probs: torch.Tensor, site: Site) -> torch.Tensor:
-        """probs: (batch, heads, queries, keys). Hands the conditional rows (the last `conditional(batch)`) to the
-        controller; returns the probabilities to use, changed where the controller said."""
+        """probs: (batch, heads, queries, keys). Hands the conditional rows (`rows(batch)`) to the controller;
+        returns the probabilities to use, changed where the controller said."""
         batch = probs.shape[0]
-        free = batch - self.conditional(batch)
-        rows = probs[free:] if free else probs
+        cond = self.rows(batch)
+        rows = probs[cond]
         new = self.controller.attention(rows, site)
         if new is None or new is rows:  # nothing changed, or changed in place
             return probs
-        if free == 0:
+        if cond.stop - cond.start == batch:
             return new.to(probs.dtype)
         if probs.requires_grad:  # softmax's backward needs its output unchanged
-            return torch.cat([probs[:free], new.to(probs.dtype)])
-        probs[free:] = new.to(probs.dtype)  # in place: probs is this call's own fresh tensor
+            return torch.cat([probs[: cond.start], new.to(probs.dtype), probs[cond.stop:]])
+        probs[cond] = new.to(probs.dtype)  # in place: probs is this call's own fresh tensor
         return probs
 
 
@@ -257,6 +257,13 @@ def denoiser(pipe):
         if net is not None:
             return net
     return pipe
+
+
+def execution_device(pipe) -> torch.device:
+    """Where the pipeline computes: its execution device (under offload the weights wait on the CPU), or a bare
+    network's device."""
+    device = getattr(pipe, "_execution_device", None)
+    return torch.device(denoiser(pipe).device if device is None else device)
 
 
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -290,10 +290,7 @@ def prompt_tokens(pipe, prompt: str, max_sequence_length: int | None = None) -> 
 
     with exclusive(pipe):
         check_control_tokens(pipe, prompt)
-        family = family_of(pipe)
-        if family.tokens is not None:
-            return family.tokens(pipe, prompt, max_sequence_length)
-        return PromptTokens.from_tokenizer(pipe.tokenizer, prompt)
+        return family_of(pipe).tokens(pipe, prompt, max_sequence_length)
 
 
 def batch_tokens(pipe, prompts: list[str], max_sequence_length: int | None = None) -> list[PromptTokens]:

@@ -5,11 +5,13 @@ itself: which attention installer routes its layers (UNet cross-attention or MM-
 attention module's arguments become queries, keys and values and its sequence splits into text and image tokens, how
 the image-token grid is read from the denoiser's call, which tokens of the text sequence are a prompt's words (a
 chat template's offset, several encoders' parts), what initial noise the pipeline takes, how classifier-free guidance
-is run (rows of one call, or one call per branch), and whether it samples by flow matching or in the DDIM family.
+is run (rows of one call, or one call per branch), whether it samples by flow matching or in the DDIM family, and how
+its tiny pipeline is built for the tests. The record's methods are the generic behaviour; an adapter subclasses
+`Family` and overrides what differs in its family.
 
 Each family lives in its own adapter module in this package (`sd.py`, `sd3.py`, `flux.py`, `flux2.py`, ...), found
-when the package is imported: adding a family is one adapter file (its `FAMILIES` records; `by_parts` where one
-pipeline or network class serves several families) plus its tiny pipeline in `testing.py` and its tests. A pipeline
+when the package is imported: adding a family is one adapter file (its `FAMILIES` records, its tiny pipeline;
+`by_parts` where one pipeline or network class serves several families) and its tests. A pipeline
 is recognised by its class (diffusers' own pipelines), else (a pipeline class no record names, e.g. an img2img
 variant) by its adapters' `by_parts` or its denoising network's class, and a bare denoising network (training) by its
 class. The record is computed once per object and kept while the object lives.
@@ -18,16 +20,21 @@ class. The record is computed once per object and kept while the object lives.
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import ModelError
 
 
 @dataclass(frozen=True)
 class Family:
+    """A family's facts (the fields) and its behaviour (the methods). The methods here are the generic behaviour,
+    Stable Diffusion's; an adapter whose family differs subclasses `Family` and overrides what differs (a joint
+    family always overrides `grid`, `project` and `finish`; a family the tests build overrides `tiny`)."""
+
     name: str  # "sd1", "sd2", "sdxl", "sd3", "flux", "flux2", ...
     title: str  # for people: "Stable Diffusion 1.x"
     denoiser: str  # "unet": cross-attention layers to the text; "joint": MM-DiT attention over text and image tokens
@@ -51,31 +58,9 @@ class Family:
     # prompts of one generation share that length (`tokens.batch_tokens`)
     arguments: tuple[str, ...] = ("attn", "hidden_states", "encoder_hidden_states", "attention_mask",
                                   "image_rotary_emb")  # joint: the stock processors' arguments `project` understands
-    # -- the adapter's functions (None: the generic behaviour) --------------------------------------------------
     scale: tuple[str, float] = ("guidance_scale", 0.0)  # the pipeline's argument for the guidance scale and what to
     # add to its value to get the usual scale (Z-Image's pos + g (pos - neg) is the usual g + 1): its default there is
     # the default guidance here
-    load: Callable | None = None  # (model_index.json as a dict) -> extra keyword arguments for from_pretrained
-    size: Callable | None = None  # (pipe) -> ((height, width) the pipeline draws by default, (height, width) the
-    # largest its denoiser can position, or None: no limit); None: the pipeline's default_sample_size or the
-    # denoiser's sample_size, times the autoencoder's factor, and no limit
-    guidance: Callable | None = None  # (scale, negative prompt or None, prompts) -> the pipeline's guidance arguments;
-    # None: guidance_scale and negative_prompt, as SD's pipelines take them
-    tokens: Callable | None = None  # (pipe, prompt, max_sequence_length) -> PromptTokens of the denoiser's text
-    noise: Callable | None = None  # (pipe, height, width, generator) -> the initial latent the pipeline takes, drawn
-    # on the CPU; None: (1, in_channels, height / vae factor, width / vae factor) standard normal
-    grid: Callable | None = None  # joint: (net, sample, kwargs, cache: dict) -> (latent size, image-token grid)
-    inputs: Callable | None = None  # joint: (args, kwargs, conditional rows or None) of a denoiser call -> (its image
-    # input, batch rows, text tokens of the conditional rows); None: `hidden_states` and `encoder_hidden_states`
-    modules: Callable | None = None  # joint: (net) -> {processor key: attention module} to route, for a network
-    # without `attn_processors` or whose other modules stay untouched; None: every one of `net.attn_processors`
-    place: Callable | None = None  # joint: (module name) -> its place: "joint" (text and image), "single" (text
-    # already concatenated in front), "image" (image only); None: "joint" everywhere
-    project: Callable | None = None  # joint: (attn, call: dict, text_tokens, grid) -> (q, k, v, text, image slices),
-    # q, k, v (batch, heads, tokens, head_dim), from its stock processor's bound arguments `call`; it may leave
-    # call["_key_mask"], (batch, tokens) bool, False on padded text keys
-    finish: Callable | None = None  # joint: (attn, out (batch, tokens, width), call, text, image) -> what its stock
-    # processor returns
     concepts: type | None = None  # joint: the concept stream's adapter (`concepts.py`: encode, blocks, start, step);
     # None: no concept maps
     latents: type | None = None  # flow: the real-image side (`latents.FlowLatents` or a subclass: the latent codec
@@ -89,6 +74,115 @@ class Family:
     def invertible(self) -> bool:
         """Real images can be inverted and edited: DDIM-family methods, or flow methods through `latents`."""
         return not self.flow or self.latents is not None
+
+    # -- loading and sizes ---------------------------------------------------------------------------------------
+    def load(self, index: dict) -> dict:
+        """(model_index.json as a dict) -> extra keyword arguments for `from_pretrained`."""
+        return {}
+
+    def size(self, pipe) -> tuple[tuple[int, int], tuple[int, int] | None]:
+        """((height, width) the pipeline draws by default, (height, width) the largest its denoiser can position, or
+        None: no limit): the pipeline's default_sample_size or the denoiser's sample_size, times the autoencoder's
+        factor."""
+        from ..routing import denoiser
+
+        sample = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
+        factor = pipe.vae_scale_factor
+        side = sample * factor if isinstance(sample, int) else None
+        return ((side, side) if side else tuple(s * factor for s in sample)), None
+
+    def multiple(self, pipe) -> int:
+        """Image sides must be multiples of this: the autoencoder's factor times the patch (an MM-DiT; packed
+        latents: 2x2 patches), or with 8 (diffusers' UNet pipelines check it)."""
+        from ..routing import denoiser
+
+        factor = int(pipe.vae_scale_factor)
+        if self.packed:
+            return factor * 2
+        patch = getattr(denoiser(pipe).config, "patch_size", None)
+        return factor * patch if patch else math.lcm(8, factor)
+
+    # -- prompts and guidance ------------------------------------------------------------------------------------
+    def tokens(self, pipe, prompt: str, max_sequence_length: int | None = None):
+        """The prompt's `PromptTokens` (`tokens.py`) as the denoiser sees its text: every adapter says it."""
+        raise NotImplementedError(f"the {self.title} adapter does not say how its prompts are tokenised")
+
+    def guidance(self, scale: float, negative_prompt: str | None, prompts: int) -> dict:
+        """The pipeline's guidance arguments: guidance_scale and negative_prompt, as SD's pipelines take them."""
+        return {"guidance_scale": scale, **({"negative_prompt": [negative_prompt] * prompts} if negative_prompt else
+                                            {})}
+
+    def encode(self, pipe, prompts: list[str], negative_prompt: str | None, max_sequence_length: int | None,
+               guided: bool) -> tuple:
+        """(embeds, negative embeds, pooled, negative pooled) of the prompts by the pipeline's `encode_prompt`, every
+        text encoder reading the same prompts (and negative prompt), as the pipeline does when only `prompt` is
+        given: its `prompt_2`, `prompt_3`, ... are named from its own signature. A family with pooled embeddings."""
+        import inspect
+        import re
+
+        from ..routing import execution_device
+
+        names = inspect.signature(pipe.encode_prompt).parameters
+        negative = [negative_prompt] * len(prompts) if negative_prompt else None
+        texts = {k: list(prompts) for k in names if k == "prompt" or re.fullmatch(r"prompt_\d", k)}
+        texts.update({k: negative for k in names if re.fullmatch(r"negative_prompt(_\d)?", k)})
+        if "max_sequence_length" in names and max_sequence_length is not None:
+            texts["max_sequence_length"] = max_sequence_length
+        return pipe.encode_prompt(**texts, device=execution_device(pipe), num_images_per_prompt=1,
+                                  do_classifier_free_guidance=guided)
+
+    def noise(self, pipe, height: int, width: int, generator):
+        """The initial latent the pipeline takes, drawn on the CPU: (1, in_channels, height / vae factor, width / vae
+        factor) standard normal."""
+        import torch
+
+        from ..routing import denoiser
+
+        factor = pipe.vae_scale_factor
+        shape = (1, denoiser(pipe).config.in_channels, height // factor, width // factor)
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+    # -- joint attention -----------------------------------------------------------------------------------------
+    def modules(self, net) -> dict | None:
+        """{processor key: attention module} to route, for a network without `attn_processors` or whose other
+        modules stay untouched; None: every one of `net.attn_processors`."""
+        return None
+
+    def place(self, name: str) -> str:
+        """Joint: a module's place: "joint" (text and image), "single" (text already concatenated in front),
+        "image" (image only)."""
+        return "joint"
+
+    def inputs(self, args: tuple, kwargs: dict, prompts: int | None) -> tuple:
+        """Joint: (its image input, batch rows, text tokens) of a denoiser call (`prompts`: its conditional rows,
+        None if unknown): `hidden_states` and `encoder_hidden_states`."""
+        sample = kwargs.get("hidden_states", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states")
+        return sample, sample.shape[0], 0 if text is None else text.shape[1]
+
+    def grid(self, net, sample, kwargs: dict, cache: dict) -> tuple:
+        """Joint: (latent size, image-token grid) of a denoiser call."""
+        raise NotImplementedError(f"{self.title} has no joint attention")
+
+    def project(self, attn, call: dict, text_tokens: int, grid) -> tuple:
+        """Joint: (q, k, v, text, image slices), q, k, v (batch, heads, tokens, head_dim), from its stock
+        processor's bound arguments `call`; it may leave call["_key_mask"], (batch, tokens) bool, False on padded
+        text keys."""
+        raise NotImplementedError(f"{self.title} has no joint attention")
+
+    def finish(self, attn, out, call: dict, text: slice, image: slice):
+        """Joint: out (batch, tokens, width) -> what its stock processor returns."""
+        raise NotImplementedError(f"{self.title} has no joint attention")
+
+    # -- tests ---------------------------------------------------------------------------------------------------
+    def tiny(self, folder: Path):
+        """A tiny random pipeline of this family, built offline in code (`testing.tiny_pipeline`); folder receives
+        its tokenizer files."""
+        raise ModelError(f"no tiny pipeline of {self.title} is built here")
+
+    @property
+    def has_tiny(self) -> bool:
+        return type(self).tiny is not Family.tiny
 
 
 def _adapters() -> list:

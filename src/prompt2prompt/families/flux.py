@@ -3,6 +3,8 @@ single-stream blocks; latents packed into a sequence of 2x2-patch tokens."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from . import Family
@@ -81,9 +83,12 @@ class FluxConcepts:
     none. The stream ends with the double-stream blocks: a single-stream block has one stream for text and image,
     no text side of its own to carry a concept."""
 
+    last_blocks = 4  # the ConceptAttention code's default on Flux.1: its last 4 double-stream blocks
+    # (concepts.default_blocks)
+
     @staticmethod
     def encode(pipe, concept: str) -> torch.Tensor:
-        from ..loading import execution_device
+        from ..routing import execution_device
 
         return pipe.encode_prompt(prompt=concept, prompt_2=None, device=execution_device(pipe))[0]
 
@@ -150,8 +155,7 @@ class FluxLatents(FlowLatents):
 
     @staticmethod
     def velocity(pipe, prompt, guidance, max_sequence_length, shape):
-        from ..loading import execution_device
-        from ..routing import exclusive
+        from ..routing import exclusive, execution_device
 
         net, device = pipe.transformer, execution_device(pipe)
         kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
@@ -171,9 +175,37 @@ class FluxLatents(FlowLatents):
         return v
 
 
-FLUX = Family("flux", "Flux.1", "joint", pipelines=("FluxPipeline",), networks=("FluxTransformer2DModel",),
-              packed=True, flow=True,
-              processors=("FluxAttnProcessor", "FluxAttnProcessor2_0"), flowedit=(28, 24, 1.5, 5.5), tokens=tokens,
-              noise=noise, grid=grid, project=project, finish=finish, place=place, concepts=FluxConcepts,
-              latents=FluxLatents)
+def tiny(folder: Path):
+    """An MM-DiT with a CLIP and a T5 encoder, text then image in its double-stream blocks, single-stream blocks,
+    rotary embeddings: 16x16 latents packed into 8x8 tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    from ..testing import clip_config, tiny_t5, tiny_t5_tokenizer, tiny_tokenizer, tiny_vae
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(folder / "tokenizer"), tiny_t5_tokenizer(folder / "tokenizer_2")
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+    )
+    return FluxPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=tiny_vae(0.05),
+        text_encoder=CLIPTextModel(clip_config(tokenizer, 32)), tokenizer=tokenizer,
+        text_encoder_2=tiny_t5(tokenizer_2, 32), tokenizer_2=tokenizer_2,
+    )
+
+
+class Flux(Family):
+    tokens = staticmethod(tokens)
+    noise = staticmethod(noise)
+    grid = staticmethod(grid)
+    project = staticmethod(project)
+    finish = staticmethod(finish)
+    place = staticmethod(place)
+    tiny = staticmethod(tiny)
+
+
+FLUX = Flux("flux", "Flux.1", "joint", pipelines=("FluxPipeline",), networks=("FluxTransformer2DModel",), packed=True,
+            flow=True, processors=("FluxAttnProcessor", "FluxAttnProcessor2_0"), flowedit=(28, 24, 1.5, 5.5),
+            concepts=FluxConcepts, latents=FluxLatents)
 FAMILIES = (FLUX,)

@@ -7,6 +7,8 @@ Real images through `Flux2Latents`; Flux.2 [dev] (Flux2Pipeline, a Mistral text 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from . import Family
@@ -76,9 +78,11 @@ class Flux2Concepts:
     `norm2_context`, `ff_context`. A concept gets no rotary embedding (position 0 on every axis: it has no place in
     the prompt). The stream ends with the double-stream blocks, as on Flux.1."""
 
+    last_blocks = None  # every block (concepts.default_blocks)
+
     @staticmethod
     def encode(pipe, concept: str) -> torch.Tensor:
-        from ..loading import execution_device
+        from ..routing import execution_device
 
         return pipe.encode_prompt(prompt=concept, device=execution_device(pipe))[0]
 
@@ -170,8 +174,7 @@ class Flux2Latents(FlowLatents):
 
     @staticmethod
     def velocity(pipe, prompt, guidance, max_sequence_length, shape):
-        from ..loading import execution_device
-        from ..routing import exclusive
+        from ..routing import exclusive, execution_device
 
         net, device = pipe.transformer, execution_device(pipe)
         guided = guidance > 1 and not pipe.config.get("is_distilled", False)
@@ -191,10 +194,50 @@ class Flux2Latents(FlowLatents):
         return v
 
 
-FLUX2 = Family("flux2", "Flux.2 [klein]", "joint", pipelines=("Flux2KleinPipeline",),
-               networks=("Flux2Transformer2DModel",), packed=True, flow=True,
-               processors=("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor"),
-               guidance_calls=True, guidance=guidance, tokens=tokens, noise=noise, grid=flux_grid,
-               project=project, finish=finish, place=place, concepts=Flux2Concepts, latents=Flux2Latents,
-               flowedit=CFG_FLOWEDIT)
+def tiny(folder: Path):
+    """A 28-layer Qwen3 text encoder read at layers 9, 18 and 27, parallel single-stream attention, patchified
+    latents."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from ..testing import tiny_qwen_tokenizer
+
+    tokenizer = tiny_qwen_tokenizer(folder / "tokenizer")
+    width = 16  # Flux.2 klein stacks the encoder's hidden states after layers 9, 18 and 27: 28 tiny layers
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=28,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * width, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                             sample_size=32, layers_per_block=1)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer)
+
+
+class Flux2(Family):
+    guidance = staticmethod(guidance)
+    tokens = staticmethod(tokens)
+    noise = staticmethod(noise)
+    grid = staticmethod(flux_grid)
+    project = staticmethod(project)
+    finish = staticmethod(finish)
+    place = staticmethod(place)
+    tiny = staticmethod(tiny)
+
+
+FLUX2 = Flux2("flux2", "Flux.2 [klein]", "joint", pipelines=("Flux2KleinPipeline",),
+              networks=("Flux2Transformer2DModel",), packed=True, flow=True,
+              processors=("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor"), guidance_calls=True,
+              concepts=Flux2Concepts, latents=Flux2Latents, flowedit=CFG_FLOWEDIT)
 FAMILIES = (FLUX2,)

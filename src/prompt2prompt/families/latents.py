@@ -1,6 +1,6 @@
 """What real-image work on a flow-matching family needs of its adapter: the autoencoder's latent codec, the layouts
 of the pipeline's latents, its grid of noise levels and one guided velocity call. Inversion (`flow.py`,
-`inversion.py`), FlowEdit (`flowedit.py`) and concept maps of an image (`concepts.py`) read these methods only.
+`inversion/`), FlowEdit (`flowedit.py`) and concept maps of an image (`concepts.py`) read these methods only.
 
 Three layouts of one latent:
 - the *image* layout, (1, channels, h, w), what an inversion file stores: h * `cell` pixels high;
@@ -77,8 +77,7 @@ class FlowLatents:
     def velocity(pipe, prompt: str, guidance: float, max_sequence_length: int | None, shape: tuple[int, ...]):
         """v(x, t) under the caption, x in the loop layout, t in the scheduler's timesteps (noise level times its
         training steps), guided as the pipeline's loop guides (SD3: classifier-free, one batch [uncond, cond])."""
-        from ..loading import execution_device
-        from ..routing import exclusive
+        from ..routing import exclusive, execution_device
 
         net, device = pipe.transformer, execution_device(pipe)
         guided = guidance > 1

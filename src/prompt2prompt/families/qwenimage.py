@@ -7,6 +7,8 @@ them, the padding masked out of the attention. Latents are packed into 2x2-patch
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from . import Family
@@ -82,9 +84,11 @@ class QwenImageConcepts:
     gets no rotary embedding (it has no place in the prompt). The image's own attention output keeps the block's
     padding mask over the prompt's keys."""
 
+    last_blocks = None  # every block (concepts.default_blocks)
+
     @staticmethod
     def encode(pipe, concept: str) -> torch.Tensor:
-        from ..loading import execution_device
+        from ..routing import execution_device
 
         return pipe.encode_prompt(prompt=concept, device=execution_device(pipe))[0]
 
@@ -161,8 +165,7 @@ class QwenImageLatents(FluxLatents):
     @staticmethod
     def velocity(pipe, prompt, guidance, max_sequence_length, shape):
         from ..errors import ModelError
-        from ..loading import execution_device
-        from ..routing import exclusive
+        from ..routing import exclusive, execution_device
 
         net, device = pipe.transformer, execution_device(pipe)
         if net.config.guidance_embeds:
@@ -188,12 +191,60 @@ class QwenImageLatents(FluxLatents):
         return v
 
 
-QWEN_IMAGE = Family("qwenimage", "Qwen-Image", "joint", pipelines=("QwenImagePipeline",),
-                    networks=("QwenImageTransformer2DModel",), packed=True, flow=True,
-                    processors=("QwenDoubleStreamAttnProcessor2_0",),
-                    guidance_calls=True, batch_padded=True, scale=("true_cfg_scale", 0.0),
-                    arguments=("attn", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask",
-                               "attention_mask", "image_rotary_emb"),
-                    tokens=tokens, noise=noise, grid=grid, project=project, finish=finish, guidance=guidance,
-                    concepts=QwenImageConcepts, latents=QwenImageLatents, flowedit=CFG_FLOWEDIT)
+# the words of Qwen-Image's prompt template (its system line), one token each as in Qwen's own vocabulary
+TEMPLATE_WORDS = ("system Describe image by detailing color shape size texture quantity text spatial relationships "
+                  "of objects background").split()
+
+
+def tiny(folder: Path):
+    """A Qwen2.5-VL text encoder (its 34-token template opening dropped), complex rotary embeddings, a 5D
+    autoencoder."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from ..testing import tiny_qwen_tokenizer
+
+    tokenizer = tiny_qwen_tokenizer(folder / "tokenizer", TEMPLATE_WORDS)
+    width = 32
+    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=width,
+                  fullatt_block_indexes=[0])
+    text.update(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=len(tokenizer),
+                              image_token_id=0, video_token_id=0, vision_start_token_id=0, vision_end_token_id=0)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=width, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+                                 temperal_downsample=[False], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=0.9)
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+                             tokenizer=tokenizer, transformer=transformer)
+
+
+class QwenImage(Family):
+    tokens = staticmethod(tokens)
+    guidance = staticmethod(guidance)
+    noise = staticmethod(noise)
+    grid = staticmethod(grid)
+    project = staticmethod(project)
+    finish = staticmethod(finish)
+    tiny = staticmethod(tiny)
+
+
+QWEN_IMAGE = QwenImage("qwenimage", "Qwen-Image", "joint", pipelines=("QwenImagePipeline",),
+                       networks=("QwenImageTransformer2DModel",), packed=True, flow=True,
+                       processors=("QwenDoubleStreamAttnProcessor2_0",), guidance_calls=True, batch_padded=True,
+                       scale=("true_cfg_scale", 0.0),
+                       arguments=("attn", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask",
+                                  "attention_mask", "image_rotary_emb"),
+                       concepts=QwenImageConcepts, latents=QwenImageLatents, flowedit=CFG_FLOWEDIT)
 FAMILIES = (QWEN_IMAGE,)

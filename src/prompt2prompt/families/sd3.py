@@ -6,6 +6,8 @@ by default (the T5 part is zeros in a pipeline without T5). SD3.5's dual-attenti
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from . import Family
@@ -74,10 +76,12 @@ class SD3Concepts:
     feed-forward (`norm2_context`, `ff_context`), as the block carries a prompt token. The last block
     (`context_pre_only`) reads maps but has no text output: the stream ends there."""
 
+    last_blocks = None  # every block (concepts.default_blocks)
+
     @staticmethod
     def encode(pipe, concept: str) -> torch.Tensor:
         """(1, text tokens, joint width): the prompt embedding the transformer reads, of the concept alone."""
-        from ..loading import execution_device
+        from ..routing import execution_device
 
         return pipe.encode_prompt(prompt=concept, prompt_2=None, prompt_3=None, device=execution_device(pipe),
                                   do_classifier_free_guidance=False)[0]
@@ -118,9 +122,41 @@ def load(index: dict) -> dict:
             if not isinstance(index.get(k), list) or index[k][0] is None}
 
 
-SD3 = Family("sd3", "Stable Diffusion 3 / 3.5", "joint", pipelines=("StableDiffusion3Pipeline",),
-             networks=("SD3Transformer2DModel",), flow=True, pooled=True,
-             default_part="clip", processors=("JointAttnProcessor2_0",), flowedit=(50, 33, 3.5, 13.5),
-             tokens=tokens, grid=grid, project=project, finish=finish, place=place, load=load, concepts=SD3Concepts,
-             latents=FlowLatents)
+def tiny(folder: Path):
+    """An MM-DiT with two CLIP encoders and a T5 encoder, image tokens then text in each joint attention, a
+    context-only last block, qk-norm and a dual-attention block as SD3.5: 16x16 latents in 8x8 tokens (patch 2)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from ..testing import clip_config, tiny_t5, tiny_t5_tokenizer, tiny_tokenizer, tiny_vae
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(folder / "tokenizer"), tiny_tokenizer(folder / "tokenizer_2")
+    tokenizer_3 = tiny_t5_tokenizer(folder / "tokenizer_3")
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,),
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(0.05),
+        text_encoder=CLIPTextModelWithProjection(clip_config(tokenizer, 32)), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(clip_config(tokenizer_2, 32)), tokenizer_2=tokenizer_2,
+        text_encoder_3=tiny_t5(tokenizer_3, 64), tokenizer_3=tokenizer_3,
+    )
+
+
+class StableDiffusion3(Family):
+    load = staticmethod(load)
+    tokens = staticmethod(tokens)
+    grid = staticmethod(grid)
+    project = staticmethod(project)
+    finish = staticmethod(finish)
+    place = staticmethod(place)
+    tiny = staticmethod(tiny)
+
+
+SD3 = StableDiffusion3("sd3", "Stable Diffusion 3 / 3.5", "joint", pipelines=("StableDiffusion3Pipeline",),
+                       networks=("SD3Transformer2DModel",), flow=True, pooled=True, default_part="clip",
+                       processors=("JointAttnProcessor2_0",), flowedit=(50, 33, 3.5, 13.5), concepts=SD3Concepts,
+                       latents=FlowLatents)
 FAMILIES = (SD3,)

@@ -9,6 +9,8 @@ rows first; its pipeline's scale g means pos + g (pos - neg), the usual scale s 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from . import Family
@@ -130,9 +132,11 @@ class ZImageConcepts:
     rotary embedding (it has no place in the caption). The image's own attention output keeps the layer's padding
     mask."""
 
+    last_blocks = None  # every block (concepts.default_blocks)
+
     @staticmethod
     def encode(pipe, concept: str) -> torch.Tensor:
-        from ..loading import execution_device
+        from ..routing import execution_device
 
         embeds = pipe.encode_prompt(prompt=concept, device=execution_device(pipe), do_classifier_free_guidance=False)
         return embeds[0][0][None]  # (1, caption tokens, width): the pipeline gives a list of (tokens, width)
@@ -199,8 +203,7 @@ class ZImageLatents(FlowLatents):
 
     @staticmethod
     def velocity(pipe, prompt, guidance, max_sequence_length, shape):
-        from ..loading import execution_device
-        from ..routing import exclusive
+        from ..routing import exclusive, execution_device
 
         net, device = pipe.transformer, execution_device(pipe)
         guided = guidance > 1
@@ -221,11 +224,48 @@ class ZImageLatents(FlowLatents):
         return v
 
 
-Z_IMAGE = Family("zimage", "Z-Image", "joint", pipelines=("ZImagePipeline",), networks=("ZImageTransformer2DModel",),
-                 flow=True, processors=("ZSingleStreamAttnProcessor",),
-                 conditional_first=True, batch_padded=True, scale=("guidance_scale", 1.0),
+def multiple(pipe) -> int:
+    """The autoencoder's factor times the transformer's (first) patch size."""
+    return int(pipe.vae_scale_factor) * pipe.transformer.config.all_patch_size[0]
+
+
+def tiny(folder: Path):
+    """A Qwen3 base text encoder, refiners and image-first main layers."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from ..testing import tiny_qwen_tokenizer, tiny_vae
+
+    tokenizer = tiny_qwen_tokenizer(folder / "tokenizer")
+    width = 16
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id))
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=width, axes_dims=[4, 6, 6], axes_lens=[256, 32, 32])
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(0.05),
+                          text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+
+
+class ZImage(Family):
+    tokens = staticmethod(tokens)
+    guidance = staticmethod(guidance)
+    modules = staticmethod(modules)
+    size = staticmethod(size)
+    multiple = staticmethod(multiple)
+    place = staticmethod(place)
+    inputs = staticmethod(inputs)
+    grid = staticmethod(grid)
+    project = staticmethod(project)
+    finish = staticmethod(finish)
+    tiny = staticmethod(tiny)
+
+
+Z_IMAGE = ZImage("zimage", "Z-Image", "joint", pipelines=("ZImagePipeline",), networks=("ZImageTransformer2DModel",),
+                 flow=True, processors=("ZSingleStreamAttnProcessor",), conditional_first=True, batch_padded=True,
+                 scale=("guidance_scale", 1.0),
                  arguments=("attn", "hidden_states", "encoder_hidden_states", "attention_mask", "freqs_cis"),
-                 tokens=tokens, guidance=guidance, modules=modules, size=size, place=place, inputs=inputs, grid=grid,
-                 project=project, finish=finish, concepts=ZImageConcepts,
-                 latents=ZImageLatents, flowedit=CFG_FLOWEDIT)
+                 concepts=ZImageConcepts, latents=ZImageLatents, flowedit=CFG_FLOWEDIT)
 FAMILIES = (Z_IMAGE,)
