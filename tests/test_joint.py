@@ -460,3 +460,151 @@ def test_blocks_in_bf16_are_the_float32_blocks_to_its_precision(joint, kind):
     first = [(a, b) for (s, a), (_, b) in zip(seen[torch.float32], half) if s.step == 0]
     for a, b in first:  # the first step (the same latents in): only the precision differs
         torch.testing.assert_close(b, a, atol=2e-2, rtol=5e-2)
+
+
+# -- an independent oracle: each family's joint softmax written out from diffusers' stock processor ------------------
+# (JointAttnProcessor2_0, FluxAttnProcessor, Flux2AttnProcessor / Flux2ParallelSelfAttnProcessor,
+# QwenDoubleStreamAttnProcessor2_0, ZSingleStreamAttnProcessor in diffusers' transformer_*.py and
+# attention_processor.py), from the module's own layers and its call's inputs as a forward pre-hook sees them; nothing
+# of the library's (`Family.project`, joint.py) is used to get them.
+
+ORACLE_PROMPTS = ["a red circle",  # the second prompt is longer: Qwen-Image and Z-Image mask the first one's padding
+                  "a big red circle and a blue square next to a small green cross on a white background"]
+
+
+def _oracle_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch, tokens, heads * head_dim) -> (batch, tokens, heads, head_dim) float64."""
+    return x.unflatten(-1, (heads, -1)).double()
+
+
+def _oracle_qk(kind: str, name: str, attn, args: tuple, kwargs: dict, net_call: tuple) -> tuple:
+    """(q, k (batch, tokens, heads, head_dim) float64, text slice, image slice, key mask (batch, tokens) bool or None)
+    of one call of the attention module `name`, as the family's stock processor forms them; `net_call`: the
+    transformer's (args, kwargs) of the same call."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    h = args[0] if args else kwargs["hidden_states"]
+    text_in = kwargs.get("encoder_hidden_states")
+    heads, mask = attn.heads, None
+    if kind == "flux2" and hasattr(attn, "to_qkv_mlp_proj"):  # Flux2ParallelSelfAttnProcessor: q, k, v, then the MLP
+        qkv = attn.to_qkv_mlp_proj(h)[..., : 3 * attn.inner_dim]
+        q, k = (_oracle_heads(x, heads) for x in qkv.chunk(3, -1)[:2])
+    else:
+        assert not getattr(attn, "fused_projections", False)
+        q, k = _oracle_heads(attn.to_q(h), heads), _oracle_heads(attn.to_k(h), heads)
+    if attn.norm_q is not None:  # RMSNorm over head_dim: the same in (b, t, h, d) as in (b, h, t, d)
+        q, k = attn.norm_q(q.float()).double(), attn.norm_k(k.float()).double()
+    if text_in is not None:
+        eq, ek = _oracle_heads(attn.add_q_proj(text_in), heads), _oracle_heads(attn.add_k_proj(text_in), heads)
+        if attn.norm_added_q is not None:
+            eq, ek = attn.norm_added_q(eq.float()).double(), attn.norm_added_k(ek.float()).double()
+    n, t = h.shape[1], 0 if text_in is None else text_in.shape[1]
+    if kind == "sd3":  # image then text, no rotary
+        if text_in is not None:
+            q, k = torch.cat([q, eq], 1), torch.cat([k, ek], 1)
+        return q, k, slice(n, n + t), slice(0, n), None
+    if kind in ("flux", "flux2"):  # text then image, Flux's real rotary over the joint sequence
+        if text_in is not None:
+            q, k = torch.cat([eq, q], 1), torch.cat([ek, k], 1)
+        else:  # single-stream: the block concatenated the transformer's text in front of the image
+            t = net_call[1]["encoder_hidden_states"].shape[1]
+            n -= t
+        cos, sin = (x.double() for x in kwargs["image_rotary_emb"])
+        q, k = (apply_rotary_emb(x, (cos, sin), sequence_dim=1) for x in (q, k))
+        return q, k, slice(0, t), slice(t, t + n), None
+    if kind == "qwenimage":  # separate complex rotaries for image and text, then text before image
+        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+        image_freqs, text_freqs = kwargs["image_rotary_emb"]
+        q, k = (apply_rotary_emb_qwen(x, image_freqs, use_real=False) for x in (q, k))
+        eq, ek = (apply_rotary_emb_qwen(x, text_freqs, use_real=False) for x in (eq, ek))
+        q, k = torch.cat([eq, q], 1).double(), torch.cat([ek, k], 1).double()
+        text_mask = kwargs.get("encoder_hidden_states_mask")
+        if text_mask is not None:
+            mask = torch.cat([text_mask.bool(), torch.ones(h.shape[:2], dtype=torch.bool)], 1)
+        return q, k, slice(0, t), slice(t, t + n), mask
+    assert kind == "zimage"  # one sequence: image tokens (padded to 32), caption (padded to 32), the batch's padding
+    freqs = kwargs["freqs_cis"].unsqueeze(2)  # (batch, tokens, 1, head_dim / 2) complex
+
+    def rotate(x):
+        return torch.view_as_real(torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * freqs).flatten(3)
+
+    q, k = rotate(q).double(), rotate(k).double()
+    images, _, captions = net_call[0][:3]  # x, t, cap_feats: lists, the conditional rows first
+    side = images[0].shape[-1] // 2  # 2x2 patches
+    n = side * images[0].shape[-2] // 2
+    if name.startswith("noise_refiner"):  # the image refiner: image tokens only
+        return q, k, slice(n, n), slice(0, n), None
+    start = -(-n // 32) * 32
+    t = max(-(-len(c) // 32) * 32 for c in captions[: len(ORACLE_PROMPTS)])
+    mask = kwargs.get("attention_mask")
+    return q, k, slice(start, start + t), slice(0, n), None if mask is None else mask.reshape(mask.shape[0], -1).bool()
+
+
+def _oracle_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) over every key, (batch, heads, tokens, tokens), padded keys excluded."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return scores.softmax(-1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_recorded_blocks_equal_the_joint_softmax_written_out_from_the_stock_processor(joint_pipes, kind):
+    """For every routed attention module of one step (double- and single-stream, joint and image-only), the blocks
+    the recorder keeps (the conditional rows' image queries over the text keys, heads apart; over the image keys,
+    head mean) equal softmax(Q K^T / sqrt(d)) computed here from the module's own projections, qk-norms, rotary and
+    padding mask, in the family's text / image order, on the inputs the module got in a stock run."""
+    from prompt2prompt.store import RecordOptions
+
+    pipe = joint_pipes[kind]
+    net = pipe.transformer
+    opts = GenerationOptions(steps=1, seed=1, height=32, width=32,
+                             max_sequence_length=None if kind in ("qwenimage", "zimage") else 24)
+    names = [n for n, m in net.named_modules() if hasattr(m, "set_processor") and not n.startswith("context_refiner")]
+    calls: dict = {}  # module name (or "" for the transformer) -> [(args, kwargs) of each call], in call order
+
+    def keep(name):
+        def hook(module, args, kwargs):
+            calls.setdefault(name, []).append((args, dict(kwargs)))
+        return hook
+
+    hooks = [net.get_submodule(n).register_forward_pre_hook(keep(n), with_kwargs=True) for n in ["", *names]]
+    try:
+        stock = generate(pipe, ORACLE_PROMPTS, None, opts, progress=False)
+        captured, calls = calls, {}
+        store = AttentionStore(RecordOptions(self_res=(8,)))  # 32 px: 8x8 image tokens in every family
+        recorded = generate(pipe, ORACLE_PROMPTS, store, opts, progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    two_calls = FAMILIES[kind].guidance_calls  # guidance as two calls a step, the conditional one first
+    assert len(captured[""]) == (2 if two_calls else 1)
+    prompts = len(ORACLE_PROMPTS)
+    checked, masked = set(), False
+    with torch.no_grad():
+        for name in names:
+            args, kwargs = captured[name][0]  # the conditional call's (the step's only call where guidance is rows)
+            q, k, text, image, mask = _oracle_qk(kind, name, net.get_submodule(name), args, kwargs, captured[""][0])
+            probs = _oracle_probs(q, k, mask)
+            batch = probs.shape[0]
+            # the conditional rows: the last ones on SD3 (diffusers' [negative, positive]), the first ones on Z-Image,
+            # all of the conditional call on Flux.2 [klein] and Qwen-Image; Flux.1 runs no unconditional rows
+            rows = slice(batch - prompts, batch) if kind == "sd3" else slice(0, prompts)
+            assert batch == (2 * prompts if kind in ("sd3", "zimage") else prompts)
+            cond = probs[rows, :, image]  # (prompts, heads, image queries, keys)
+            key = f"{name}.processor"
+            if text.stop > text.start:
+                torch.testing.assert_close(store.mean(f"{key}:text").double(), cond[..., text], atol=1e-5, rtol=0)
+                checked.add("single" if name.startswith("single") else "joint")
+            else:
+                assert f"{key}:text" not in store.sums
+            torch.testing.assert_close(store.mean(f"{key}:image").double(), cond[..., image].mean(1), atol=1e-5,
+                                       rtol=0)
+            if mask is not None:  # padded keys of the first prompt's row: recorded as no attention
+                padded = ~mask[rows, None, None, text].expand_as(cond[..., text])
+                assert padded.any() and not store.mean(f"{key}:text")[padded].any()
+                masked = True
+    assert checked == ({"joint", "single"} if kind in ("flux", "flux2") else {"joint"})  # text blocks compared
+    assert masked == (kind in ("qwenimage", "zimage"))  # the families that mask a batch's padded text
+    torch.testing.assert_close(recorded.latents, stock.latents, atol=1e-5, rtol=1e-5)  # recording changed nothing
