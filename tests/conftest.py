@@ -42,7 +42,7 @@ def pipes(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def joint_pipes(tmp_path_factory):
-    """Tiny random MM-DiT pipelines (SD3, Flux.1, Flux.2 [klein], Qwen-Image, Z-Image), built once per test session."""
+    """Tiny random MM-DiT pipelines (every joint family with a tiny builder), built once per test session."""
     return build_tiny(tmp_path_factory.mktemp("joint-pipes"), MMDITS)
 
 

@@ -13,7 +13,7 @@ from prompt2prompt.generation import pipeline_defaults
 # diffusers 0.42's own defaults (their __call__ signatures), in the usual guidance convention: Z-Image's
 # `guidance_scale` 5 is pos + 5 (pos - neg), the usual 6; Qwen-Image guides with `true_cfg_scale`
 EXPECTED = {"sd1": (50, 7.5), "sd2": (50, 7.5), "sdxl": (50, 5.0), "sd3": (28, 7.0), "flux": (28, 3.5),
-            "flux2": (50, 4.0), "qwenimage": (50, 4.0), "zimage": (50, 6.0)}
+            "flux2": (50, 4.0), "flux2dev": (50, 4.0), "qwenimage": (50, 4.0), "zimage": (50, 6.0)}
 
 
 def test_the_package_reaches_every_entry_point():

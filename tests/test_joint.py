@@ -486,7 +486,8 @@ def _oracle_qk(kind: str, name: str, attn, args: tuple, kwargs: dict, net_call: 
     h = args[0] if args else kwargs["hidden_states"]
     text_in = kwargs.get("encoder_hidden_states")
     heads, mask = attn.heads, None
-    if kind == "flux2" and hasattr(attn, "to_qkv_mlp_proj"):  # Flux2ParallelSelfAttnProcessor: q, k, v, then the MLP
+    # Flux2ParallelSelfAttnProcessor: q, k, v, then the MLP
+    if kind in ("flux2", "flux2dev") and hasattr(attn, "to_qkv_mlp_proj"):
         qkv = attn.to_qkv_mlp_proj(h)[..., : 3 * attn.inner_dim]
         q, k = (_oracle_heads(x, heads) for x in qkv.chunk(3, -1)[:2])
     else:
@@ -503,7 +504,7 @@ def _oracle_qk(kind: str, name: str, attn, args: tuple, kwargs: dict, net_call: 
         if text_in is not None:
             q, k = torch.cat([q, eq], 1), torch.cat([k, ek], 1)
         return q, k, slice(n, n + t), slice(0, n), None
-    if kind in ("flux", "flux2"):  # text then image, Flux's real rotary over the joint sequence
+    if kind in ("flux", "flux2", "flux2dev"):  # text then image, Flux's real rotary over the joint sequence
         if text_in is not None:
             q, k = torch.cat([eq, q], 1), torch.cat([ek, k], 1)
         else:  # single-stream: the block concatenated the transformer's text in front of the image
@@ -605,6 +606,7 @@ def test_recorded_blocks_equal_the_joint_softmax_written_out_from_the_stock_proc
                 padded = ~mask[rows, None, None, text].expand_as(cond[..., text])
                 assert padded.any() and not store.mean(f"{key}:text")[padded].any()
                 masked = True
-    assert checked == ({"joint", "single"} if kind in ("flux", "flux2") else {"joint"})  # text blocks compared
+    # text blocks compared
+    assert checked == ({"joint", "single"} if kind in ("flux", "flux2", "flux2dev") else {"joint"})
     assert masked == (kind in ("qwenimage", "zimage"))  # the families that mask a batch's padded text
     torch.testing.assert_close(recorded.latents, stock.latents, atol=1e-5, rtol=1e-5)  # recording changed nothing

@@ -1,5 +1,5 @@
 """Tiny random pipelines, built offline in code (as diffusers' own tests do), one per family that has a builder:
-SD 1.x, 2.x, XL, 3, Flux.1, Flux.2 [klein], Qwen-Image and Z-Image.
+SD 1.x, 2.x, XL, 3, Flux.1, Flux.2 [klein] and [dev], Qwen-Image and Z-Image.
 
 Each family's adapter builds its own (`Family.tiny`, in `families/`): the real architecture at toy widths. This module
 holds what they share: the CLIP tokenizer and text config, a small autoencoder, a T5-style tokenizer (a small

@@ -2,7 +2,7 @@
 single-stream ones, whose attention shares one projection with the MLP), with a Qwen3 text encoder that reads the
 prompt inside its chat template (the denoiser sees every templated position, padding included), latents patchified
 2x2 and packed by the pipeline, and classifier-free guidance as two transformer calls a step, the conditional first.
-Real images through `Flux2Latents`; Flux.2 [dev] (Flux2Pipeline, a Mistral text encoder) is not routed.
+Real images through `Flux2Latents`; Flux.2 [dev] (Flux2Pipeline, a Mistral text encoder) in `flux2dev.py`.
 """
 
 from __future__ import annotations
