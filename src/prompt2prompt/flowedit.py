@@ -1,5 +1,5 @@
 """FlowEdit (Kulikov et al. 2024, "FlowEdit: Inversion-Free Text-Based Editing Using Pre-Trained Flow Models"): a real
-image edited without inverting it, on every flow-matching family (SD3 / SD3.5, Flux.1, Flux.2 [klein], Qwen-Image,
+image edited without inverting it, on every flow-matching family (SD3 / SD3.5, Flux.1, Flux.2 [klein] and [dev], Qwen-Image,
 Z-Image).
 
 No noise is searched for. The edited latent starts as the image's own latent and is moved by the difference of the

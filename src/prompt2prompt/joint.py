@@ -1,4 +1,4 @@
-"""MM-DiT joint attention (SD3 / SD3.5, Flux.1, Flux.2 [klein], Qwen-Image, Z-Image) routed through the same
+"""MM-DiT joint attention (SD3 / SD3.5, Flux.1, Flux.2 [klein] and [dev], Qwen-Image, Z-Image) routed through the same
 controllers as the UNet's layers.
 
 In an MM-DiT, image and text tokens attend jointly: one softmax over the image and the text keys (SD3 and Z-Image:
