@@ -1,6 +1,6 @@
 """FlowEdit (Kulikov et al. 2024, "FlowEdit: Inversion-Free Text-Based Editing Using Pre-Trained Flow Models"): a real
-image edited without inverting it, on every flow-matching family (SD3 / SD3.5, Flux.1, Flux.2 [klein] and [dev], Qwen-Image,
-Z-Image).
+image edited without inverting it, on every flow-matching family (SD3 / SD3.5, Flux.1, Flux.2 [klein] and [dev],
+Qwen-Image, Z-Image).
 
 No noise is searched for. The edited latent starts as the image's own latent and is moved by the difference of the
 target's and the source's velocities, each evaluated on a noisy copy made with the same fresh noise:
