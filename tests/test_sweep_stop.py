@@ -16,7 +16,7 @@ import yaml
 
 from prompt2prompt.sweep import CASES, locked
 
-STUDY = {"model": "shapes", "generation": {"steps": 30},
+STUDY = {"model": "shapes", "generation": {"steps": 8},
          "edits": [{"source": "a red circle and a blue square", "target": "a red circle and a blue triangle"}],
          "grid": {"seed": list(range(12))}, "measures": ["drift"]}
 

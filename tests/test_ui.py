@@ -172,7 +172,8 @@ def test_the_page_in_a_real_browser(browser, scene_png, tmp_path):
     from prompt2prompt.ui import serve
 
     port = _free_port()
-    page_app = serve("shapes", port=port, block=False)
+    # 10 steps: the page's behaviour, not its pictures (the docs' screenshots are taken at the default, 50)
+    page_app = serve("shapes", port=port, block=False, steps=50 if os.environ.get("P2P_SCREENSHOTS") else 10)
     page = browser.new_page(viewport={"width": 1280, "height": 1600})
     try:
         page.goto(f"http://127.0.0.1:{port}/")

@@ -434,7 +434,7 @@ def cmd_ui(args) -> None:
         raise P2PError("p2p ui needs gradio: pip install -e '.[ui]'") from None
     resolve(args.model)  # a missing model is refused before the server starts
     print(f"p2p ui: http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
-    serve(args.model, args.host, args.port, args.share, device, dtype=dtype, offload=offload)
+    serve(args.model, args.host, args.port, args.share, device, dtype=dtype, offload=offload, steps=args.steps)
 
 
 def cmd_swap(args) -> None:
@@ -573,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=whole(1), default=7860, help="port, 1 to 65535 (default: 7860)")
     p.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
+    p.add_argument("--steps", type=argtypes.steps(), default=50,
+                   help=f"the page's starting number of denoising steps, each tab's steps slider, at most {MAX_STEPS} "
+                   "(default: 50)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     _precision(p)
     p.set_defaults(func=cmd_ui)

@@ -94,10 +94,12 @@ def user_errors(fn):
 class App:
     """The page's work, tab by tab, on one pipeline."""
 
-    def __init__(self, pipe, model: str = ""):
+    def __init__(self, pipe, model: str = "", steps: int = 50):
         from .families import family_of
+        from .numbers import MAX_STEPS, check_whole
 
         self.pipe, self.model = pipe, model
+        self.steps = check_whole(steps, "steps", 1, MAX_STEPS)  # the page's starting number of denoising steps
         self.warnings: list[str] = []  # what the page was told besides its results (build() shows them as toasts)
         self.warn = self.warnings.append
         self.joint = family_of(pipe).joint
@@ -283,7 +285,7 @@ def build(app: App):
     progress = gr.Progress(track_tqdm=True)
 
     def steps_box():
-        return gr.Slider(1, 100, value=50, step=1, label="steps", info="denoising steps")
+        return gr.Slider(1, max(100, app.steps), value=app.steps, step=1, label="steps", info="denoising steps")
 
     def common():
         with gr.Row():
@@ -441,9 +443,10 @@ def build(app: App):
 
 
 def serve(model: str = "shapes", host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          device=None, block: bool = True, dtype=None, offload: str | None = None):
+          device=None, block: bool = True, dtype=None, offload: str | None = None, steps: int = 50):
     """Load the model (dtype: a torch dtype, default float32; offload: see `loading.load_pipeline`), build the page
-    and start it; returns the gradio app (for tests, with block=False)."""
+    with `steps` as its starting number of denoising steps and start it; returns the gradio app (for tests, with
+    block=False)."""
     import os
 
     import torch
@@ -452,8 +455,11 @@ def serve(model: str = "shapes", host: str = "127.0.0.1", port: int = 7860, shar
     from .loading import load_pipeline
 
     check_address(host, port)  # before the model loads
+    from .numbers import MAX_STEPS, check_whole
+
+    check_whole(steps, "steps", 1, MAX_STEPS)  # before the model loads
     pipe = load_pipeline(model, device=device or "cpu", dtype=dtype or torch.float32, offload=offload)
-    page = build(App(pipe, model))
+    page = build(App(pipe, model, steps))
     page.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_BYTES,
                 prevent_thread_lock=not block, quiet=not block, show_error=False)
     return page
