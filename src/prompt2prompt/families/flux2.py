@@ -197,12 +197,7 @@ class Flux2Latents(FlowLatents):
 def tiny(folder: Path):
     """A 28-layer Qwen3 text encoder read at layers 9, 18 and 27, parallel single-stream attention, patchified
     latents."""
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from ..testing import tiny_qwen_tokenizer
@@ -213,16 +208,24 @@ def tiny(folder: Path):
         vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=28,
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id))
+    return Flux2KleinPipeline(text_encoder=text_encoder, tokenizer=tokenizer,
+                              **tiny_parts(3 * width, guidance_embeds=False))
+
+
+def tiny_parts(text_width: int, guidance_embeds: bool) -> dict:
+    """The tiny transformer (reading `text_width`-wide text, with or without the guidance embedding), autoencoder and
+    scheduler of a Flux.2 pipeline ([klein] and [dev] share them)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=3 * width, timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+        num_attention_heads=2, joint_attention_dim=text_width, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds)
     vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                              up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
                              sample_size=32, layers_per_block=1)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              transformer=transformer)
+    return {"transformer": transformer, "vae": vae,
+            "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)}
 
 
 class Flux2(Family):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .flux2 import Flux2, Flux2Concepts, Flux2Latents
+from .flux2 import Flux2, Flux2Concepts, Flux2Latents, tiny_parts
 
 # Mistral Small 3.1's chat layout for a system turn and a user turn (written here, not copied), content given as a
 # list of {"type": "text"} parts (what Flux2Pipeline's `format_input` passes) or as a string: the tiny tokenizer's
@@ -135,7 +135,7 @@ def tiny(folder: Path):
     """A 31-layer Mistral3 (Mistral text model, a one-layer Pixtral vision tower the pipeline never runs) read at
     layers 10, 20 and 30, a plain fast tokenizer with Mistral's chat template in place of the PixtralProcessor, and
     klein's tiny transformer and autoencoder with the guidance embedding on."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import Flux2Pipeline
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     tokenizer = tiny_mistral_tokenizer(folder)
@@ -149,16 +149,7 @@ def tiny(folder: Path):
     text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
         text_config=text, vision_config=vision, spatial_merge_size=1,
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]")))
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=3 * width, timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True)
-    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                             sample_size=32, layers_per_block=1)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                         transformer=transformer)
+    return Flux2Pipeline(text_encoder=text_encoder, tokenizer=tokenizer, **tiny_parts(3 * width, guidance_embeds=True))
 
 
 class Flux2Dev(Flux2):
