@@ -173,59 +173,6 @@ def _loading_bars(shown: bool):
             (lib.enable_progress_bar if was else lib.disable_progress_bar)()
 
 
-def _stand_ins(folder: Path, index: dict) -> dict:
-    """{component: its stand-in} for the components of model_index.json that transformers cannot build here (it holds
-    their class only as a placeholder, for a library not installed), loaded before the pipeline and put in place of
-    them after it. A processor (Flux.2 [dev]'s PixtralProcessor, which needs torchvision) stands in as the text
-    tokenizer saved in its folder, with the processor's chat template where the tokenizer has none: what the
-    pipeline calls of it (`apply_chat_template`) reads text alike; its image half is what is lost. Any other such
-    component is refused, naming what it needs."""
-    import transformers
-
-    try:
-        from transformers.utils.import_utils import DummyObject
-    except ImportError:  # a transformers without placeholders: every class it names can be built
-        return {}
-    found = {}
-    for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] != "transformers":
-            continue
-        placeholder = getattr(transformers, str(entry[1]), None)
-        if not isinstance(placeholder, DummyObject):
-            continue
-        needs = " and ".join(getattr(placeholder, "_backends", ())) or "a library that is not installed"
-        cannot = f"{folder}'s {name} is a {entry[1]}, which transformers cannot build without {needs} (not installed)"
-        if not str(entry[1]).endswith("Processor"):
-            raise ModelError(f"{cannot}: install it to load this pipeline")
-        found[name] = _processor_tokenizer(folder / name, cannot)
-    return found
-
-
-def _processor_tokenizer(path: Path, cannot: str):
-    """The text tokenizer saved in a processor's folder, with the processor's chat template (chat_template.jinja, or
-    chat_template.json's "chat_template") where the tokenizer's own files hold none."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:
-        raise ModelError(f"{cannot}, and the text tokenizer in {path} could not be loaded in its place "
-                         f"({type(e).__name__}: {e})") from e
-    if not getattr(tokenizer, "chat_template", None):
-        try:
-            if (path / "chat_template.jinja").is_file():
-                tokenizer.chat_template = (path / "chat_template.jinja").read_text()
-            elif (path / "chat_template.json").is_file():
-                tokenizer.chat_template = json.loads((path / "chat_template.json").read_text())["chat_template"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ModelError(f"{cannot}, and the chat template in {path} could not be read for its text tokenizer "
-                             f"({type(e).__name__}: {e})") from e
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelError(f"{cannot}, and its text tokenizer in {path} has no chat template (chat_template.jinja or "
-                         "chat_template.json) to stand in with")
-    return tokenizer
-
-
 def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, offload: str | None = None, progress: bool = False):
     """A pipeline of one of the supported families (`families.SUPPORTED`), offline: bundled name, local folder, or
@@ -251,16 +198,17 @@ def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.
     if missing:
         raise ModelError(f"{folder} lacks the component folder(s) {', '.join(m + '/' for m in missing)} that its "
                          f"model_index.json lists ({', '.join(components)})")
+    from .standins import after_loading, stand_ins
+
     extra = PIPELINES[cls][0].load(index)  # the class's families load alike (SD 1.x and 2.x share it)
-    stand_ins = _stand_ins(folder, index)
+    put_after, passed = stand_ins(folder, index)
     try:
         with _loading_bars(progress):
             pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra,
-                                                     **dict.fromkeys(stand_ins))
+                                                     **dict.fromkeys(put_after), **passed)
     except Exception as e:
         raise ModelError(f"could not load the pipeline in {folder}: {type(e).__name__}: {e}") from e
-    if stand_ins:
-        pipe.register_modules(**stand_ins)
+    after_loading(pipe, index, put_after, passed)
     pipe.set_progress_bar_config(disable=True)
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
