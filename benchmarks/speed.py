@@ -261,6 +261,8 @@ class Runner:
         return None
 
     def run(self, config: str, steps: int | None = None) -> list[float]:
+        import inspect
+
         import torch
 
         from prompt2prompt.attention import control
@@ -284,8 +286,8 @@ class Runner:
                       output_type="latent", callback_on_step_end_tensor_inputs=["latents"],
                       height=self.options.height, width=self.options.width,
                       **guidance_arguments(pipe, self.options.guidance, None, len(prompts)))
-        if family_of(pipe).joint:
-            kwargs["max_sequence_length"] = args.text_tokens
+        if family_of(pipe).joint and "max_sequence_length" in inspect.signature(type(pipe).__call__).parameters:
+            kwargs["max_sequence_length"] = args.text_tokens  # (Qwen-Image 2.1 never cuts its text: none)
         concepts = contextlib.nullcontext()
         if config == "attend+concepts":
             from prompt2prompt.concepts import ConceptOptions, ConceptRecorder

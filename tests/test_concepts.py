@@ -2,6 +2,7 @@
 re-stated from the stock modules (SD3), each family's concept stream against its stock blocks, the outputs of
 `p2p attend --concepts`, and bad input."""
 
+import dataclasses
 import json
 
 import pytest
@@ -31,14 +32,15 @@ def sd3(joint_pipes):
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_the_image_with_concepts_is_the_image_without_them_and_shares_sum_to_one(joint_pipes, kind):
-    pipe = joint_pipes[kind]
-    plain = generate(pipe, PROMPTS, None, OPTS, progress=False)
-    r = attend(pipe, PROMPTS, OPTS, progress=False, concepts=list(CONCEPTS))
+    pipe, side = joint_pipes[kind], REGISTRY[kind].tiny_side
+    opts = dataclasses.replace(OPTS, height=side, width=side)  # 8x8 image tokens
+    plain = generate(pipe, PROMPTS, None, opts, progress=False)
+    r = attend(pipe, PROMPTS, opts, progress=False, concepts=list(CONCEPTS))
     assert torch.equal(r.generation.latents, plain.latents)  # bit for bit
     assert all(a.tobytes() == b.tobytes() for a, b in zip(r.images, plain.images))
     for kind in ("output", "cross"):
         maps = r.concept_maps(kind)
-        assert maps.tensor.shape == (2, 8, 8, 3)  # 32x32 images: 16x16 latents in 8x8 tokens
+        assert maps.tensor.shape == (2, 8, 8, 3)  # 8x8 image tokens
         torch.testing.assert_close(maps.tensor.sum(-1), torch.ones(2, 8, 8))
         assert maps.concept("square", prompt=1).values.shape == (8, 8)
     assert r.settings["concepts"]["concepts"] == list(CONCEPTS) and r.settings["concepts"]["steps"] == [0, 3]
@@ -205,13 +207,13 @@ def test_concept_maps_of_an_image_are_read_from_that_image(joint_pipes, scenes, 
     from prompt2prompt.concepts import image_concepts
 
     pipe, caption = joint_pipes[kind], "a red circle and a blue square"
-    words = ["circle", "square", "background"]
-    first = image_concepts(pipe, scenes / "0.png", caption, words, height=32, width=32)
-    assert first.image.size == (32, 32) and first.maps.settings["conversions"]  # 64x64 read at 32x32
+    words, side = ["circle", "square", "background"], REGISTRY[kind].tiny_side  # 8x8 image tokens
+    first = image_concepts(pipe, scenes / "0.png", caption, words, height=side, width=side)
+    assert first.image.size == (side, side) and first.maps.settings["conversions"]  # 64x64 read at another size
     torch.testing.assert_close(first.maps.tensor.sum(-1), torch.ones(1, 8, 8))
-    assert torch.equal(image_concepts(pipe, scenes / "0.png", caption, words, height=32, width=32).maps.tensor,
+    assert torch.equal(image_concepts(pipe, scenes / "0.png", caption, words, height=side, width=side).maps.tensor,
                        first.maps.tensor)  # the noise is seeded
-    other = image_concepts(pipe, scenes / "1.png", caption, words, height=32, width=32)
+    other = image_concepts(pipe, scenes / "1.png", caption, words, height=side, width=side)
     assert not torch.equal(other.maps.tensor, first.maps.tensor)  # the image's own latent is what is read
     noisier = image_concepts(pipe, scenes / "0.png", caption, words, noise=0.9, height=32, width=32)
     assert not torch.equal(noisier.maps.tensor, first.maps.tensor) and noisier.maps.settings["noise"] == 0.9

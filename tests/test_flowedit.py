@@ -86,15 +86,18 @@ def test_bad_options_and_models_are_one_sentence(pipe, pipes):
 
 
 def test_blend_keeps_the_latent_outside_the_mask_exactly(any_pipe):
-    pipe = any_pipe
     """FlowEdit with a local blend (this project's addition): outside the blend words' mask the edited latent is the
     image's own, exactly; inside it moved as FlowEdit moves it; the mask is the union of both prompts' maps."""
+    pipe = any_pipe
+    from prompt2prompt.families import family_of
     from prompt2prompt.images import prepare_image
 
-    options = FlowEditOptions(steps=4, blend=("square",), threshold=0.9, max_sequence_length=16, **SIZE)
+    side = family_of(pipe).tiny_side  # 8x8 image tokens
+    options = FlowEditOptions(steps=4, blend=("square",), threshold=0.9, max_sequence_length=16, height=side,
+                              width=side)
     blended = flowedit(pipe, _picture(), "a red square", "a blue square", options, progress=False)
     plain = flowedit(pipe, _picture(), "a red square", "a blue square", replace(options, blend=()), progress=False)
-    own = encode(pipe, prepare_image(_picture(), (32, 32)))  # (1, channels, h, w)
+    own = encode(pipe, prepare_image(_picture(), (side, side)))  # (1, channels, h, w)
     mask = blended.mask[0, 0]  # (h, w) at the latent's size, also for Flux's packed tokens
     assert mask.shape == own.shape[2:] and 0 < mask.sum() < mask.numel()
     torch.testing.assert_close(blended.latent[0][:, ~mask], own[0][:, ~mask], atol=0, rtol=0)

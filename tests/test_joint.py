@@ -4,6 +4,7 @@ loading, joint-attention routing equal to the stock processors, maps that are ex
 edits, and the command line on saved folders."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,6 +22,12 @@ from prompt2prompt.tokens import prompt_tokens
 
 OPTS = GenerationOptions(steps=3, seed=1, height=32, width=32, max_sequence_length=24)
 KINDS = [k for k in testing.KINDS if FAMILIES[k].joint]  # every MM-DiT tiny pipeline
+
+
+def sized(kind: str, opts: GenerationOptions = OPTS) -> GenerationOptions:
+    """The options at the size that gives the kind's tiny pipeline 8x8 image tokens (32 px; Qwen-Image 2.1: 128)."""
+    side = FAMILIES[kind].tiny_side
+    return replace(opts, height=side, width=side)
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +269,7 @@ def test_local_blend_keeps_the_source_outside_the_mask(joint, kind):
     prompts = ["a red circle and a blue cross", "a red square and a blue cross"]
     _, p2p, blend = edit_controllers(pipe, prompts, EditOptions(blend=("circle", "square"), threshold=0.9,
                                                                 blend_start=0.0), OPTS.steps, OPTS.max_sequence_length)
-    out = generate(pipe, prompts, edit_controller(p2p, blend), OPTS, progress=False)
+    out = generate(pipe, prompts, edit_controller(p2p, blend), sized(kind), progress=False)
     outside = ~blend.mask[1, 0]  # (h, w) at the latents' size (Flux: its token grid)
     assert 0 < outside.sum() < outside.numel()
     latents = out.latents
@@ -560,8 +567,8 @@ def test_recorded_blocks_equal_the_joint_softmax_written_out_from_the_stock_proc
 
     pipe = joint_pipes[kind]
     net = pipe.transformer
-    opts = GenerationOptions(steps=1, seed=1, height=32, width=32,
-                             max_sequence_length=None if kind in ("qwenimage", "zimage") else 24)
+    opts = sized(kind, GenerationOptions(steps=1, seed=1, guidance=4.0,
+                                         max_sequence_length=None if kind in ("qwenimage", "zimage") else 24))
     names = [n for n, m in net.named_modules() if hasattr(m, "set_processor") and not n.startswith("context_refiner")]
     calls: dict = {}  # module name (or "" for the transformer) -> [(args, kwargs) of each call], in call order
 
@@ -574,7 +581,7 @@ def test_recorded_blocks_equal_the_joint_softmax_written_out_from_the_stock_proc
     try:
         stock = generate(pipe, ORACLE_PROMPTS, None, opts, progress=False)
         captured, calls = calls, {}
-        store = AttentionStore(RecordOptions(self_res=(8,)))  # 32 px: 8x8 image tokens in every family
+        store = AttentionStore(RecordOptions(self_res=(8,)))  # 8x8 image tokens in every family
         recorded = generate(pipe, ORACLE_PROMPTS, store, opts, progress=False)
     finally:
         for hook in hooks:

@@ -114,8 +114,9 @@ def test_every_command_of_the_table_runs_as_written(kind, tmp_path, monkeypatch,
             extra += ["--model", str(folder)]
         if "--steps" in takes and not {"--from", "--image"} & set(argv):  # an inversion's edit takes the
             extra += ["--steps", "2"]  # inversion's steps; an image's concept maps are one step
-        if folder is not None and "--height" in takes and "--from" not in argv:  # a tiny pipeline at 32 px, not
-            extra += ["--height", "32", "--width", "32"]  # its pipeline's default (256 px or more on the MM-DiTs)
+        if folder is not None and "--height" in takes and "--from" not in argv:  # a tiny pipeline at its test
+            side = str(FAMILIES[kind].tiny_side)  # size (8x8 image tokens), not its pipeline's default (256 px or
+            extra += ["--height", side, "--width", side]  # more on the MM-DiTs)
         code = main(argv + extra + (["--quiet"] if "--quiet" in takes else []))
         err = capsys.readouterr().err
         assert code == 0, f"{kind}: {command} exited {code}: {err}"

@@ -87,16 +87,19 @@ def concept_attention(q, k, v, image: slice, cq, ck, cv, read: bool, key_mask: t
     """The concepts' attention in one block, and (if read) its maps, from the block's queries, keys and values
     (rows, heads, tokens, head_dim) of the image and prompt tokens (`image` their image tokens) and of the concepts:
     (concept outputs (rows, heads, concepts, head_dim), None or (output-space scores, cross-attention scores), each
-    (rows, image tokens, concepts)). key_mask: (rows, tokens) bool, False on the padded keys the block masks out."""
+    (rows, image tokens, concepts)). key_mask: (rows, tokens) bool, False on the padded keys the block masks out. The
+    queries may be the keys' last tokens only (a step that reads the text's keys from a cache)."""
     # a concept attends to the image tokens and to the concepts; nothing attends to a concept
     c_out = F.scaled_dot_product_attention(cq, torch.cat([k[:, :, image], ck], 2), torch.cat([v[:, :, image], cv], 2))
     if not read:
         return c_out, None
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (rows, 1, 1, tokens)
-    img_out = F.scaled_dot_product_attention(q[:, :, image], k, v, attn_mask=mask)  # the image tokens' own output
+    shift = k.shape[2] - q.shape[2]  # the queries are the keys' last tokens
+    queries = q[:, :, image.start - shift : image.stop - shift]  # the image tokens'
+    img_out = F.scaled_dot_product_attention(queries, k, v, attn_mask=mask)  # the image tokens' own output
     rows, heads, tokens, d = img_out.shape
     output = img_out.transpose(1, 2).reshape(rows, tokens, heads * d) @ merge_heads(c_out).transpose(1, 2)
-    cross = (q[:, :, image] @ ck.transpose(-1, -2)).mean(1) * d**-0.5  # image queries x concept keys, mean of heads
+    cross = (queries @ ck.transpose(-1, -2)).mean(1) * d**-0.5  # image queries x concept keys, mean of heads
     return c_out, (output, cross)
 
 

@@ -35,6 +35,7 @@ class GenerationOptions:
     width: int | None = None
     negative_prompt: str | None = None
     max_sequence_length: int | None = None  # MM-DiT: the T5 tokens the text is padded to; None: the pipeline's default
+    # (a pipeline that never cuts its text, Qwen-Image 2.1, has none: there it does not apply)
 
     def __post_init__(self):
         if self.steps is not None:
@@ -145,6 +146,23 @@ def image_size(pipe, latents: torch.Tensor, options: GenerationOptions) -> tuple
 def guidance_arguments(pipe, scale: float, negative_prompt: str | None, prompts: int) -> dict:
     """The pipeline's own arguments for guidance at this scale, against this negative prompt (None: its default)."""
     return family_of(pipe).guidance(scale, negative_prompt, prompts)
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """A pipeline's picture as RGB: one drawn with an alpha channel (Qwen-Image 2.1's RGBA autoencoder) composited
+    over white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "RGBA":
+        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
+    return image.convert("RGB")
+
+
+def _takes(pipe, argument: str) -> bool:
+    """Whether the pipeline's `__call__` has this argument."""
+    import inspect
+
+    return argument in inspect.signature(type(pipe).__call__).parameters
 
 
 def _copy(generator: torch.Generator) -> torch.Generator:
@@ -259,12 +277,13 @@ def generate(
     if not embedded:  # a prompt the model cannot take (beyond what its text positions reach) is refused by name
         for prompt in prompts:
             prompt_tokens(pipe, prompt, options.max_sequence_length)
-    if options.max_sequence_length is not None:
+    if options.max_sequence_length is not None and _takes(pipe, "max_sequence_length"):  # Qwen-Image 2.1: no cut
         pipe_kwargs["max_sequence_length"] = options.max_sequence_length
     args = dict(
         prompt=None if embedded else list(prompts),  # a copy: some pipelines (Z-Image) rewrite the list they get
         **guidance_arguments(pipe, options.guidance, None if embedded else options.negative_prompt, len(prompts)),
         num_inference_steps=options.steps,
+        **family_of(pipe).sampling(pipe, options.steps),
         latents=latents,
         generator=[_copy(generator) for _ in prompts],  # the same noise for every prompt at every step
         height=image_size(pipe, latents, options)[0],
@@ -290,4 +309,4 @@ def generate(
         raise NonFiniteError(f"the latents became NaN or infinite in the {options.steps} steps ({cause}): a setting "
                              "overflowed the model's numbers (a guidance scale or an edit's factor too large for "
                              "them); lower it")
-    return Generation(list(out.images), final["latents"].detach(), latent, options)
+    return Generation([_rgb(image) for image in out.images], final["latents"].detach(), latent, options)

@@ -225,14 +225,22 @@ class JointRoutedProcessor:
 
         Written for few operations (each is a kernel launch on a GPU): the parts of the batch are single strided
         views (`_window`), heads fold into the batch of one product (`_folded`), the scale rides on the queries'
-        copy, and the change of the output is added into the kernel's own output."""
+        copy, and the change of the output is added into the kernel's own output.
+
+        The queries may be fewer than the keys: then they are the sequence's last tokens (a family whose earlier
+        tokens' outputs are cached or computed apart, Qwen-Image 2.1), and `text` and `image` index the keys."""
         batch, heads, length, head_dim = value.shape
+        shift = length - query.shape[2]  # the queries are the keys' last tokens
+        if shift < 0 or image.start < shift:
+            raise P2PError(f"attention control needs the image tokens among the queries; {query.shape[2]} queries "
+                           f"for {length} keys, image tokens {image.start}-{image.stop}")
+        queried = slice(image.start - shift, image.stop - shift)  # the image tokens among the queries
         rows = self.router.rows(batch)  # the conditional rows (the unconditional ones: nothing to read)
         keys = slice(0, length) if image_site is not None else text  # the columns read
         prompts, images, width = rows.stop - rows.start, image.stop - image.start, keys.stop - keys.start
         scale = 1 / math.sqrt(head_dim)
         # (prompts * heads, image, keys): the conditional rows' image queries scored against the keys read, scaled
-        scores = torch.bmm(_folded(_window(query, rows, image), self._scale(scale, query)),
+        scores = torch.bmm(_folded(_window(query, rows, queried), self._scale(scale, query)),
                            _folded(_window(key, rows, keys), transposed=True)).view(prompts, heads, images, width)
         if mask is not None:  # padded text keys: no attention
             scores = scores.masked_fill(~mask[rows, None, None, keys], -math.inf)
@@ -240,7 +248,7 @@ class JointRoutedProcessor:
             attention_with_lse(query, key, value, scale)
         if fast is not None:
             out, lse = fast  # (batch, heads, tokens, head_dim), (batch, heads, tokens) float32
-            lse = _window(lse, rows, image)  # (prompts, heads, image, 1)
+            lse = _window(lse, rows, queried)  # (prompts, heads, image, 1)
 
             def blocks() -> torch.Tensor:  # (prompts, heads, image, keys), float32 whatever the model's precision
                 return torch.sub(scores, lse).exp_()
@@ -255,13 +263,13 @@ class JointRoutedProcessor:
             # channels (their dot products do not change), values the marker and zeros, 8 channels in all (keeping
             # the head size a multiple of 8); the softmax scale stays the real head size's.
             zeros, marker = self._padding(value, text, 8)
-            zeros = zeros.expand(batch, heads, length, -1)
             fused = F.scaled_dot_product_attention(
-                torch.cat([query, zeros], -1), torch.cat([key, zeros], -1),
+                torch.cat([query, zeros.expand(batch, heads, query.shape[2], -1)], -1),
+                torch.cat([key, zeros.expand(batch, heads, length, -1)], -1),
                 torch.cat([value, marker.expand(batch, heads, -1, -1)], -1), scale=scale,
                 attn_mask=None if mask is None else mask[:, None, None, :])
             out = fused[..., :head_dim]  # (batch, heads, tokens, head_dim)
-            mass = fused[rows, :, image, head_dim:head_dim + 1]  # (prompts, heads, image, 1): attention on the text
+            mass = fused[rows, :, queried, head_dim:head_dim + 1]  # (prompts, heads, image, 1): attention on the text
 
             def blocks() -> torch.Tensor:
                 return torch.softmax(scores, -1, dtype=torch.float32) * mass
@@ -294,7 +302,7 @@ class JointRoutedProcessor:
         change = change if change.is_contiguous() else change.contiguous()  # a controller's own layout
         moved = torch.bmm(change.view(prompts * heads, images, width), _folded(_window(value, rows, keys)))
         out = out.clone() if out.requires_grad else out
-        _window(out, rows, image).add_(moved.view(prompts, heads, images, head_dim))
+        _window(out, rows, queried).add_(moved.view(prompts, heads, images, head_dim))
         return out
 
     def _scale(self, scale: float, like: torch.Tensor) -> torch.Tensor:

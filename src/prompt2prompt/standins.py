@@ -82,7 +82,7 @@ def stand_ins(folder: Path, index: dict) -> tuple[dict, dict]:
             try:
                 passed[name] = cls.from_pretrained(str(folder / name), local_files_only=True)
             except ImportError as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = " ".join(str(e).split()).split(". ")[0] or type(e).__name__  # its first sentence
                 cannot = f"{folder}'s {name} is a {entry[1]}, which transformers cannot build here ({first})"
                 passed[name] = TextProcessor(_processor_tokenizer(folder / name, cannot), cannot,
                                              _settings(folder / name))

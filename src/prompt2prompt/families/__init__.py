@@ -66,6 +66,9 @@ class Family:
     latents: type | None = None  # flow: the real-image side (`latents.FlowLatents` or a subclass: the latent codec
     # and layouts, the noise levels, one guided velocity call); None: no flow inversion, FlowEdit or image concepts
 
+    tiny_side = 32  # the side, in pixels, of the tiny pipeline's images in the tests (8x8 image tokens); a class
+    # attribute, not a field
+
     @property
     def joint(self) -> bool:
         return self.denoiser == "joint"
@@ -131,6 +134,11 @@ class Family:
         return pipe.encode_prompt(**texts, device=execution_device(pipe), num_images_per_prompt=1,
                                   do_classifier_free_guidance=guided)
 
+    def sampling(self, pipe, steps: int) -> dict:
+        """Keyword arguments of the pipeline's call, besides num_inference_steps, that make it sample `steps` steps on
+        the family's grid of noise levels; {}: num_inference_steps alone does."""
+        return {}
+
     def noise(self, pipe, height: int, width: int, generator):
         """The initial latent the pipeline takes, drawn on the CPU: (1, in_channels, height / vae factor, width / vae
         factor) standard normal."""
@@ -167,11 +175,12 @@ class Family:
     def project(self, attn, call: dict, text_tokens: int, grid) -> tuple:
         """Joint: (q, k, v, text, image slices), q, k, v (batch, heads, tokens, head_dim), from its stock
         processor's bound arguments `call`; it may leave call["_key_mask"], (batch, tokens) bool, False on padded
-        text keys."""
+        text keys. The queries may be the keys' last tokens only (their earlier tokens' outputs cached, or computed
+        by the adapter and kept in `call` for `finish`); the slices index the keys."""
         raise NotImplementedError(f"{self.title} has no joint attention")
 
     def finish(self, attn, out, call: dict, text: slice, image: slice):
-        """Joint: out (batch, tokens, width) -> what its stock processor returns."""
+        """Joint: out (batch, queries, width) -> what its stock processor returns."""
         raise NotImplementedError(f"{self.title} has no joint attention")
 
     # -- tests ---------------------------------------------------------------------------------------------------
