@@ -137,6 +137,9 @@ MUTANTS = {
     "zimage-concepts-ungated": (
         "families/zimage.py", "stream = stream + gate_msa * block.attention_norm2(", "stream = stream + (",
         ["tests/test_concepts.py::test_the_concept_stream_is_each_stock_block_with_the_concepts_as_its_text"]),
+    "qwen21-text-rows-not-causal": (  # Qwen-Image 2.1's text tokens attend causally: the adapter computes their rows
+        "families/qwenimage21.py", "dtype=torch.bool, device=query.device).tril()",
+        "dtype=torch.bool, device=query.device)", ["tests/test_qwenimage21.py"]),
 }
 FAST = ("foreign-file-replaced", "sixteen-bits-clipped", "yaml-aliases-allowed", "case-limit-ignored",
         "word-tokens-overreach", "refine-off-by-one", "fireflow-as-euler")  # the CI's subset: each caught in seconds

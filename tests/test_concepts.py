@@ -286,6 +286,15 @@ def test_the_concept_stream_is_each_stock_block_with_the_concepts_as_its_text(jo
                 freqs = call["freqs_cis"][rows][:, :n]
                 freqs = torch.cat([freqs, torch.ones(freqs.shape[0], c, freqs.shape[-1], dtype=freqs.dtype)], 1)
                 expected = block(x, None, freqs, call["adaln_input"][rows])[:, n:]
+            elif kind == "qwenimage21":  # one sequence: the image's tokens, then the concepts as text (no rotary,
+                n = grid[0] * grid[1]  # modulated as text), every token attending to every one
+                x = torch.cat([call["hidden_states"][rows][:, -n:], stream], 1)
+                freqs = call["rotary_emb"][-n:]
+                freqs = torch.cat([freqs, torch.ones(c, freqs.shape[-1], dtype=freqs.dtype)])
+                modulation = torch.cat([call["modulation"][rows], call["modulation"][-1:]])
+                target = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(c, dtype=torch.bool)])
+                expected = block(hidden_states=x, modulation=modulation, rotary_emb=freqs,
+                                 target_token_mask=target)[:, n:]
             else:
                 kwargs = {k: (v[rows] if torch.is_tensor(v) and v.shape[0] > 1 else v) for k, v in call.items()
                           if k not in ("joint_attention_kwargs", "attention_kwargs")}

@@ -82,8 +82,8 @@ def test_every_attention_module_is_routed_and_restored(joint, kind):
     # Z-Image's caption refiner has no image query: left on its stock processor, never called through the router
     assert names == {n for n in originals if not n.startswith("context_refiner")}
     places = {site.layer.place for site, _ in probe.seen}
-    assert places == {"sd3": {"joint", "image"}, "qwenimage": {"joint"}, "zimage": {"joint", "image"}}.get(
-        kind, {"joint", "single"})
+    assert places == {"sd3": {"joint", "image"}, "qwenimage": {"joint"}, "qwenimage21": {"single"},
+                      "zimage": {"joint", "image"}}.get(kind, {"joint", "single"})
     assert _processors(pipe.transformer) == originals  # the very same processor objects, restored
 
 
@@ -531,6 +531,13 @@ def _oracle_qk(kind: str, name: str, attn, args: tuple, kwargs: dict, net_call: 
         if text_mask is not None:
             mask = torch.cat([text_mask.bool(), torch.ones(h.shape[:2], dtype=torch.bool)], 1)
         return q, k, slice(0, t), slice(t, t + n), mask
+    if kind == "qwenimage21":  # one sequence, text then image, one complex rotary over it; padded text keys masked
+        from diffusers.models.transformers.transformer_qwenimage21 import apply_rotary_emb_qwen
+
+        q, k = (apply_rotary_emb_qwen(x, kwargs["rotary_emb"], use_real=False).double() for x in (q, k))
+        t = net_call[1]["encoder_hidden_states"].shape[1]
+        valid = kwargs.get("key_valid")
+        return q, k, slice(0, t), slice(t, n), None if valid is None else valid.bool()
     assert kind == "zimage"  # one sequence: image tokens (padded to 32), caption (padded to 32), the batch's padding
     freqs = kwargs["freqs_cis"].unsqueeze(2)  # (batch, tokens, 1, head_dim / 2) complex
 
@@ -615,5 +622,5 @@ def test_recorded_blocks_equal_the_joint_softmax_written_out_from_the_stock_proc
                 masked = True
     # text blocks compared
     assert checked == ({"joint", "single"} if kind in ("flux", "flux2", "flux2dev") else {"joint"})
-    assert masked == (kind in ("qwenimage", "zimage"))  # the families that mask a batch's padded text
+    assert masked == (kind in ("qwenimage", "qwenimage21", "zimage"))  # the families masking a batch's padded text
     torch.testing.assert_close(recorded.latents, stock.latents, atol=1e-5, rtol=1e-5)  # recording changed nothing
