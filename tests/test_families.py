@@ -10,12 +10,15 @@ import torch
 from prompt2prompt.edits import EditOptions
 from prompt2prompt.errors import ModelError, PromptError
 from prompt2prompt.families import FAMILIES, family_of
+from prompt2prompt.testing import KINDS
 
 PACKAGE = Path(__file__).parents[1] / "src" / "prompt2prompt"
 
 
 @pytest.mark.parametrize("kind", list(FAMILIES))
 def test_each_pipeline_has_its_family_once(kind, pipes, joint_pipes):
+    if kind not in KINDS:
+        pytest.skip(f"this diffusers has no {FAMILIES[kind].title} pipeline")
     pipe = {**pipes, **joint_pipes}[kind]
     family = family_of(pipe)
     assert family is FAMILIES[kind] and family_of(pipe) is family  # computed once, the same record after

@@ -14,6 +14,7 @@ from prompt2prompt.errors import InputError, ModelError, PromptError
 from prompt2prompt.families import FAMILIES
 from prompt2prompt.flowedit import FlowEditOptions, flowedit
 from prompt2prompt.inversion import encode
+from prompt2prompt.testing import KINDS
 
 SIZE = dict(height=32, width=32)
 
@@ -30,7 +31,7 @@ def pipe(request, joint_pipes):
     return joint_pipes[request.param]
 
 
-@pytest.fixture(scope="module", params=[f.name for f in FAMILIES.values() if f.flowedit is not None])
+@pytest.fixture(scope="module", params=[k for k in KINDS if FAMILIES[k].flowedit is not None])
 def any_pipe(request, joint_pipes):
     """Every family FlowEdit runs on (the two exactness checks run on each)."""
     return joint_pipes[request.param]

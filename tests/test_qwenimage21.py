@@ -19,8 +19,10 @@ from prompt2prompt.generation import GenerationOptions, generate
 from prompt2prompt.loading import load_pipeline
 from prompt2prompt.standins import TextProcessor
 from prompt2prompt.store import AttentionStore
+from prompt2prompt.testing import KINDS
 from prompt2prompt.tokens import prompt_tokens
 
+pytestmark = pytest.mark.skipif("qwenimage21" not in KINDS, reason="this diffusers has no QwenImage21Pipeline")
 OPTS = GenerationOptions(steps=3, seed=1, height=128, width=128, guidance=4.0)  # 8x8 image tokens of 16 px
 NO_TORCHVISION = pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
                                     reason="with torchvision the Qwen3VLProcessor itself is built")
@@ -144,3 +146,15 @@ def test_steps_are_honoured_and_the_checkpoints_own_noise_levels_used_at_their_c
             assert len(sampled) == steps and torch.equal(sampled, pipe.scheduler.timesteps)
     finally:
         pipe.register_to_config(sample_sigmas=None)
+
+
+def test_a_diffusers_without_the_pipeline_is_named_in_one_sentence(saved, monkeypatch):
+    """Qwen-Image 2.1 needs diffusers 0.42 (the floor is 0.40): its folder under an older diffusers is refused by
+    name, not with a traceback from inside `from_pretrained`."""
+    from prompt2prompt.errors import ModelError
+    from prompt2prompt.families import FAMILIES
+
+    monkeypatch.setattr(type(FAMILIES["qwenimage21"]), "installed", property(lambda self: False))
+    with pytest.raises(ModelError, match=r"holds a QwenImage21Pipeline \(Qwen-Image 2.1\), which this diffusers "
+                                         r"\([\d.]+\w*\) does not have: install a diffusers that does"):
+        load_pipeline(saved)

@@ -200,6 +200,11 @@ def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.
                          f"model_index.json lists ({', '.join(components)})")
     from .standins import after_loading, stand_ins
 
+    if not PIPELINES[cls][0].installed:
+        import diffusers
+
+        raise ModelError(f"{folder} holds a {cls} ({PIPELINES[cls][0].title}), which this diffusers "
+                         f"({diffusers.__version__}) does not have: install a diffusers that does")
     extra = PIPELINES[cls][0].load(index)  # the class's families load alike (SD 1.x and 2.x share it)
     put_after, passed = stand_ins(folder, index)
     try:

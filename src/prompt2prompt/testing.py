@@ -130,7 +130,8 @@ def tiny_vae(shift_factor: float | None = None) -> AutoencoderKL:
     )
 
 
-KINDS = tuple(name for name, family in FAMILIES.items() if family.has_tiny)  # what tiny_pipeline builds
+# what tiny_pipeline builds: the families with a tiny builder whose pipeline the installed diffusers has
+KINDS = tuple(name for name, family in FAMILIES.items() if family.has_tiny and family.installed)
 
 
 def tiny_pipeline(kind: str, folder: str | Path, seed: int = 0):

@@ -74,6 +74,14 @@ class Family:
         return self.denoiser == "joint"
 
     @property
+    def installed(self) -> bool:
+        """The installed diffusers has this family's pipeline classes (a newer family needs a newer diffusers:
+        Qwen-Image 2.1 0.42 or later)."""
+        import diffusers
+
+        return all(hasattr(diffusers, name) for name in self.pipelines)
+
+    @property
     def invertible(self) -> bool:
         """Real images can be inverted and edited: DDIM-family methods, or flow methods through `latents`."""
         return not self.flow or self.latents is not None
