@@ -239,8 +239,8 @@ class Runner:
         self.pipe.set_progress_bar_config(disable=True)
         factor = self.pipe.vae_scale_factor
         self.options = GenerationOptions(steps=args.steps, seed=0, height=args.size * factor,
-                                         width=args.size * factor, max_sequence_length=args.text_tokens
-                                         ).resolved(self.pipe)  # the pipeline's own guidance
+                                         width=args.size * factor, max_sequence_length=args.text_tokens,
+                                         guidance=args.guidance).resolved(self.pipe)  # None: the pipeline's own
 
     def controller(self, config: str, prompts: list[str]):
         from prompt2prompt.attention import AttentionController, Controllers
@@ -344,6 +344,7 @@ def _call(args, extra: list[str]) -> str:
     cmd = [sys.executable, __file__, "--size", str(args.size), "--model", args.model, "--steps", str(args.steps),
            "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads),
            "--layers", str(args.layers), "--text-tokens", str(args.text_tokens), *extra]
+    cmd += ["--guidance", str(args.guidance)] if args.guidance is not None else []
     cmd += ["--dtype", args.dtype]
     out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -366,6 +367,8 @@ def main() -> None:
                         help="sd3: transformer blocks; flux: single-stream blocks (and a third as many double-stream "
                         "ones) (default: 4)")
     parser.add_argument("--text-tokens", type=int, default=128, help="sd3 / flux: T5 sequence length (default: 128)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="guidance scale (default: the pipeline's own; Qwen-Image 2.1's is 1, guidance off)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="latent sides (default: 32 64)")
     parser.add_argument("--steps", type=int, default=3, help="denoising steps per run (default: 3)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every configuration (default 3)")
