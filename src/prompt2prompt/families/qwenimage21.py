@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import Family
 from .latents import CFG_FLOWEDIT, FlowLatents, linear_sigmas
-from .qwenimage import guidance
+from .qwenimage import QwenImageConcepts, guidance
 
 DEFAULT_SIDE = 1024  # the pipeline's `output_resolution` default: its images' side when none is given
 
@@ -131,8 +131,7 @@ def inputs(args: tuple, kwargs: dict, prompts: int | None) -> tuple:
     from ..errors import P2PError
 
     sample = kwargs.get("hidden_states", args[0] if args else None)
-    mask = kwargs.get("img_mask")
-    if mask is not None and len(kwargs.get("img_shapes", [[None]])[0]) > 1:
+    if len(kwargs.get("img_shapes", [[None]])[0]) > 1:  # condition images' shapes before the generated one's
         raise P2PError("attention control on Qwen-Image 2.1 reads text-to-image generation; this call has condition "
                        "images")
     return sample, sample.shape[0], kwargs["encoder_hidden_states"].shape[1]
@@ -149,24 +148,13 @@ class _Rows:
         return key[self.rows], value[self.rows]
 
 
-class QwenImage21Concepts:
+class QwenImage21Concepts(QwenImageConcepts):
     """Qwen-Image 2.1's concept stream (`concepts.py`). One set of weights serves the text and the image tokens, so a
     concept is carried as a prompt's token is: its Qwen3-VL embedding through `txt_in`, then through every block with
     the text's modulation (the t = 0 row where the model modulates the text from t = 0, `causal_condition`), its
     norms, projections and feed-forward. A concept gets no rotary embedding (it has no place in the prompt); it
-    attends to the image tokens and the concepts. The image's own attention output keeps the padding mask."""
-
-    last_blocks = None  # every block (concepts.default_blocks)
-
-    @staticmethod
-    def encode(pipe, concept: str) -> torch.Tensor:
-        from ..routing import execution_device
-
-        return pipe.encode_prompt(prompt=concept, device=execution_device(pipe))[0]
-
-    @staticmethod
-    def blocks(net) -> list:
-        return list(net.transformer_blocks)
+    attends to the image tokens and the concepts. The image's own attention output keeps the padding mask. Encoded
+    and listed as Qwen-Image's (`encode`, `blocks`, every block)."""
 
     @staticmethod
     def start(net, embeds: torch.Tensor) -> torch.Tensor:
