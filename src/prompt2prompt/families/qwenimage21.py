@@ -24,8 +24,6 @@ from . import Family
 from .latents import CFG_FLOWEDIT, FlowLatents, linear_sigmas
 from .qwenimage import QwenImageConcepts, guidance
 
-DEFAULT_SIDE = 1024  # the pipeline's `output_resolution` default: its images' side when none is given
-
 
 def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
     """The prompt's tokens as `_get_qwen_prompt_embeds` keeps them: the text-to-image template read whole (no cut: the
@@ -40,8 +38,12 @@ def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
 
 
 def size(pipe):
-    """The pipeline's default (`output_resolution`, 1024 pixels a side); rotary positions set no largest size."""
-    return (DEFAULT_SIDE, DEFAULT_SIDE), None
+    """The pipeline's default: its `output_resolution` (1024 pixels a side in diffusers 0.42) for a square; rotary
+    positions set no largest size."""
+    import inspect
+
+    side = inspect.signature(type(pipe).__call__).parameters["output_resolution"].default
+    return (side, side), None
 
 
 def multiple(pipe) -> int:
