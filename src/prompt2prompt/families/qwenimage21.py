@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from . import Family
+from .flux import FluxLatents
 from .latents import CFG_FLOWEDIT, FlowLatents, linear_sigmas
-from .qwenimage import QwenImageConcepts, guidance
+from .qwenimage import QwenImageConcepts, QwenImageLatents, guidance
 
 
 def tokens(pipe, prompt: str, max_sequence_length: int | None = None):
@@ -201,29 +202,16 @@ class QwenImage21Latents(FlowLatents):
     classifier-free guidance: two calls, uncond + g (cond - uncond), as its loop does (no rescaling, unlike
     Qwen-Image's). Each velocity call computes the text anew (no cache)."""
 
-    @staticmethod
-    def _statistics(pipe, like):
-        config = pipe.vae.config
-        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1).to(like.device, like.dtype)
-        return mean, torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(like.device, like.dtype)
+    pack = staticmethod(FluxLatents.pack)  # the pipeline's own `_pack_latents`
 
-    @classmethod
-    def encode(cls, pipe, x):
+    @staticmethod
+    def encode(pipe, x):
         rgba = torch.cat([x, torch.ones_like(x[:, :1])], 1)  # opaque
-        latent = pipe.vae.encode(rgba[:, :, None]).latent_dist.mode()  # (1, channels, 1 frame, h, w)
-        mean, std = cls._statistics(pipe, latent)
-        return ((latent - mean) / std)[:, :, 0]
-
-    @classmethod
-    def decode(cls, pipe, latent):
-        latent = latent[:, :, None]
-        mean, std = cls._statistics(pipe, latent)
-        return _over_white(pipe.vae.decode(latent * std + mean).sample[:, :, 0])
+        return QwenImageLatents.encode(pipe, rgba)  # Qwen-Image's codec: one frame, normalised
 
     @staticmethod
-    def pack(pipe, latent):
-        n, channels, h, w = latent.shape
-        return pipe._pack_latents(latent, n, channels, h, w)
+    def decode(pipe, latent):
+        return _over_white(QwenImageLatents.decode(pipe, latent))
 
     @staticmethod
     def unpack(pipe, latent, shape):
