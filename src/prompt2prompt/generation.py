@@ -61,15 +61,8 @@ class GenerationOptions:
 
 
 def pipeline_defaults(pipe) -> tuple[int, float]:
-    """(steps, guidance) the pipeline uses when its call names none: its `__call__`'s defaults, the guidance scale
-    read from the argument its family guides with and put in the usual convention (`Family.scale`)."""
-    import inspect
-
-    params = inspect.signature(type(pipe).__call__).parameters
-    name, offset = family_of(pipe).scale
-    steps = params["num_inference_steps"].default if "num_inference_steps" in params else 50
-    scale = params[name].default if name in params else None
-    return int(steps), float(scale if isinstance(scale, (int, float)) else 1.0) + offset
+    """(steps, guidance) the pipeline uses when its call names none, by its family's adapter (`Family.defaults`)."""
+    return family_of(pipe).defaults(pipe)
 
 
 @dataclass
@@ -292,16 +285,17 @@ def generate(
         callback_on_step_end_tensor_inputs=inputs,
         **pipe_kwargs,
     )
+    family = family_of(pipe)
     with exclusive(pipe), _progress_bar(pipe, progress):
         if controller is None:
-            out = pipe(**args, callback_on_step_end=keep_latents)
+            images = family.run(pipe, args, keep_latents)
         else:
             with control(pipe, controller, prompts=len(prompts)) as router:
 
                 def callback(pipe_, step, timestep, kwargs):
                     return keep_latents(pipe_, step, timestep, kwargs, router.callback(pipe_, step, timestep, kwargs))
 
-                out = pipe(**args, callback_on_step_end=callback)
+                images = family.run(pipe, args, callback)
     # once NaN or infinite, the latents stay so to the end (every step adds to them): one read after the loop,
     # nothing added to each step
     if not bool(torch.isfinite(final["latents"]).all()):
@@ -309,4 +303,4 @@ def generate(
         raise NonFiniteError(f"the latents became NaN or infinite in the {options.steps} steps ({cause}): a setting "
                              "overflowed the model's numbers (a guidance scale or an edit's factor too large for "
                              "them); lower it")
-    return Generation([_rgb(image) for image in out.images], final["latents"].detach(), latent, options)
+    return Generation([_rgb(image) for image in images], final["latents"].detach(), latent, options)

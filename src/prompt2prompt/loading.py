@@ -60,10 +60,10 @@ def resolve(name_or_path: str | Path) -> Path:
         return folder
     path = Path(name).expanduser()
     if path.exists():
-        if not path.is_dir() or not (path / "model_index.json").exists():
+        if not path.is_dir() or index_file(path) is None:
             raise ModelError(
                 f"{path} is not a diffusers pipeline folder: expected a folder with model_index.json "
-                "(as pipeline.save_pretrained writes)"
+                "(as pipeline.save_pretrained writes) or modular_model_index.json (a modular pipeline's)"
             )
         return path
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
@@ -82,12 +82,23 @@ def resolve(name_or_path: str | Path) -> Path:
         ) from e
 
 
+INDEX_FILES = ("model_index.json", "modular_model_index.json")  # what save_pretrained writes: a pipeline's, a
+# Modular Diffusers pipeline's
+
+
+def index_file(folder: Path) -> Path | None:
+    """The folder's pipeline index (`INDEX_FILES`, the first found), or None."""
+    return next((folder / name for name in INDEX_FILES if (folder / name).is_file()), None)
+
+
 def samples_by_flow(name_or_path: str | Path) -> bool:
     """Whether the pipeline a name or folder holds samples by flow matching (a FlowMatch scheduler in its
-    model_index.json), read before loading it; False where that cannot be read (loading says why)."""
+    model_index.json, or a family that does), read before loading it; False where that cannot be read (loading
+    says why)."""
     try:
-        index = json.loads((resolve(name_or_path) / "model_index.json").read_text())
-        return "FlowMatch" in str(index.get("scheduler", ["", ""])[1])
+        index = json.loads(index_file(resolve(name_or_path)).read_text())
+        families = PIPELINES.get(index.get("_class_name"), ())
+        return "FlowMatch" in str(index.get("scheduler", ["", ""])[1]) or any(f.flow for f in families)
     except (ModelError, OSError, ValueError, TypeError, IndexError, AttributeError):
         return False
 
@@ -179,16 +190,15 @@ def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.
     cached hub id. offload: "model" (each component moved to the device while it runs) or "sequential" (each layer: the
     least memory, the slowest), diffusers' own CPU offloading; None keeps every component on the device. progress:
     diffusers' and transformers' loading bars (off by default: in a notebook they arrive as lines of stderr)."""
-    from diffusers import DiffusionPipeline
-
     device = torch.device(device)
     check_offload(offload, device)
     folder = resolve(name_or_path)
+    path = index_file(folder)
     try:
-        index = json.loads((folder / "model_index.json").read_text())
+        index = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{folder / 'model_index.json'} is not valid JSON ({e}); expected the file that "
-                         "pipeline.save_pretrained writes") from None
+        raise ModelError(f"{path} is not valid JSON ({e}); expected the file that pipeline.save_pretrained "
+                         "writes") from None
     cls = index.get("_class_name", "?") if isinstance(index, dict) else "?"
     if cls not in _SD_CLASSES or not ("unet" in index or "transformer" in index):
         raise ModelError(f"{folder} holds a {cls}: expected a {SUPPORTED} text-to-image pipeline "
@@ -197,23 +207,23 @@ def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.
     missing = [k for k in components if not (folder / k).is_dir()]
     if missing:
         raise ModelError(f"{folder} lacks the component folder(s) {', '.join(m + '/' for m in missing)} that its "
-                         f"model_index.json lists ({', '.join(components)})")
-    from .standins import after_loading, stand_ins
-
-    if not PIPELINES[cls][0].installed:
+                         f"{path.name} lists ({', '.join(components)})")
+    family_ = PIPELINES[cls][0]  # the class's families load alike (SD 1.x and 2.x share it)
+    if not family_.installed:
         import diffusers
 
-        raise ModelError(f"{folder} holds a {cls} ({PIPELINES[cls][0].title}), which this diffusers "
+        raise ModelError(f"{folder} holds a {cls} ({family_.title}), which this diffusers "
                          f"({diffusers.__version__}) does not have: install a diffusers that does")
-    extra = PIPELINES[cls][0].load(index)  # the class's families load alike (SD 1.x and 2.x share it)
-    put_after, passed = stand_ins(folder, index)
+    if offload is not None and path.name != "model_index.json":
+        raise ModelError(f"{folder} holds a modular pipeline ({cls}), which diffusers offloads through a "
+                         "ComponentsManager, not offload=: run it without offload")
     try:
         with _loading_bars(progress):
-            pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra,
-                                                     **dict.fromkeys(put_after), **passed)
+            pipe = family_.from_folder(folder, index, dtype, progress)
+    except ModelError:
+        raise
     except Exception as e:
         raise ModelError(f"could not load the pipeline in {folder}: {type(e).__name__}: {e}") from e
-    after_loading(pipe, index, put_after, passed)
     pipe.set_progress_bar_config(disable=True)
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)

@@ -66,6 +66,8 @@ class Family:
     latents: type | None = None  # flow: the real-image side (`latents.FlowLatents` or a subclass: the latent codec
     # and layouts, the noise levels, one guided velocity call); None: no flow inversion, FlowEdit or image concepts
 
+    index_file = "model_index.json"  # the file in a saved pipeline's folder naming its class and components (a
+    # class attribute, as is tiny_side)
     tiny_side = 32  # the side, in pixels, of the tiny pipeline's images in the tests (8x8 image tokens); a class
     # attribute, not a field
 
@@ -86,10 +88,43 @@ class Family:
         """Real images can be inverted and edited: DDIM-family methods, or flow methods through `latents`."""
         return not self.flow or self.latents is not None
 
-    # -- loading and sizes ---------------------------------------------------------------------------------------
+    # -- loading, running and sizes ------------------------------------------------------------------------------
     def load(self, index: dict) -> dict:
         """(model_index.json as a dict) -> extra keyword arguments for `from_pretrained`."""
         return {}
+
+    def from_folder(self, folder: Path, index: dict, dtype, progress: bool):
+        """The pipeline saved in `folder` (its index file read as `index`), on the CPU: diffusers'
+        `DiffusionPipeline.from_pretrained`, offline, with the processors transformers cannot build here stood in
+        (`standins.py`) and the family's own loading arguments (`load`)."""
+        from diffusers import DiffusionPipeline
+
+        from ..standins import after_loading, stand_ins
+
+        put_after, passed = stand_ins(folder, index)
+        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **self.load(index),
+                                                 **dict.fromkeys(put_after), **passed)
+        after_loading(pipe, index, put_after, passed)
+        return pipe
+
+    def defaults(self, pipe) -> tuple[int, float]:
+        """(steps, guidance) the pipeline uses when its call names none: its `__call__`'s defaults, the guidance
+        scale read from the argument the family guides with and put in the usual convention (`scale`)."""
+        import inspect
+
+        params = inspect.signature(type(pipe).__call__).parameters
+        name, offset = self.scale
+        steps = params["num_inference_steps"].default if "num_inference_steps" in params else 50
+        scale = params[name].default if name in params else None
+        return int(steps), float(scale if isinstance(scale, (int, float)) else 1.0) + offset
+
+    def run(self, pipe, args: dict, callback) -> list:
+        """One generation: the pipeline run with `args` (prompt, the guidance arguments of `guidance`,
+        num_inference_steps and `sampling`'s, latents, generator, height, width, output_type,
+        callback_on_step_end_tensor_inputs, the caller's extras), `callback(pipe, step, timestep, tensors) -> changed
+        tensors` called after every step as diffusers' `callback_on_step_end` is; returns its images. A pipeline with
+        that callback simply gets it; a family whose pipeline has none drives its loop's steps itself."""
+        return pipe(**args, callback_on_step_end=callback).images
 
     def size(self, pipe) -> tuple[tuple[int, int], tuple[int, int] | None]:
         """((height, width) the pipeline draws by default, (height, width) the largest its denoiser can position, or
