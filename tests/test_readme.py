@@ -104,7 +104,7 @@ def test_every_command_of_the_table_runs_as_written(kind, tmp_path, monkeypatch,
         from prompt2prompt.testing import tiny_pipeline
 
         folder = tmp_path / "model"
-        tiny_pipeline(kind, tmp_path / "tokenizers").save_pretrained(folder)
+        tiny_pipeline(kind, tmp_path / "tokenizers").save_pretrained(str(folder))
     subs = _subparsers()
     for command, _, writes in PLANS[kind]:
         argv = shlex.split(command)[1:]
@@ -136,21 +136,30 @@ def _blocks(kind: str) -> list[tuple[Path, str]]:
     return found
 
 
+TINY = "python -m prompt2prompt.testing "  # a code block's line saving a tiny pipeline, run before the lines after it
+
+
 def _code_lines() -> list[tuple[Path, str, list[str]]]:
-    """(page, line, arguments) of every `p2p` command line of a code block, its comment left out."""
-    return [(page, line, shlex.split(line, comments=True)[1:]) for page, text in _blocks("")
-            for line in text.splitlines() if line.startswith("p2p ")]
+    """(page, line, arguments) of every `p2p` command line and tiny-pipeline line of a code block, its comment left
+    out."""
+    return [(page, line, shlex.split(line, comments=True)[1 if line.startswith("p2p ") else 3:])
+            for page, text in _blocks("") for line in text.splitlines() if line.startswith(("p2p ", TINY))]
 
 
 @pytest.mark.once
 def test_every_command_line_of_a_code_block_runs_as_written(tmp_path, monkeypatch, capsys):
-    """On the bundled model, in page order in one folder (an edit from an inversion follows it); `p2p ui` is parsed
-    only (it serves until stopped)."""
+    """On the bundled model (or the tiny pipeline a line before saved and names), in page order in one folder (an edit
+    from an inversion follows it); `p2p ui` is parsed only (it serves until stopped)."""
     lines = _code_lines()
     assert {"sweep", "ui", "attend", "edit", "invert"} <= {argv[0] for _, _, argv in lines}
     _checkout(tmp_path, monkeypatch)
     parser = build_parser()
     for page, line, argv in lines:
+        if line.startswith(TINY):
+            from prompt2prompt import testing
+
+            testing.main(argv)
+            continue
         if argv[0] in NOT_RUN:
             parser.parse_args(argv)
             continue

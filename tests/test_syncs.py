@@ -1,14 +1,13 @@
 """No host reads in the denoising loop: attention control reads no device value on the host between the first and the
 last step that stock generation does not read too (on a GPU each such read stalls the queue of kernel launches)."""
 
-import inspect
-
 import pytest
 import torch
 
 from prompt2prompt import testing
 from prompt2prompt.attention import Controllers
 from prompt2prompt.edits import EditOptions, edit
+from prompt2prompt.families import family_of
 from prompt2prompt.generation import GenerationOptions, generate, guidance_arguments
 from prompt2prompt.profiling import LoopWatch
 from prompt2prompt.store import AttentionStore
@@ -37,11 +36,10 @@ def _reads(pipe, what: str):
                 watch.step_end(step, timestep, kwargs["latents"])
                 return {}
 
-            takes = "max_sequence_length" in inspect.signature(type(pipe).__call__).parameters  # not Qwen-Image 2.1
-            kwargs = {"max_sequence_length": options.max_sequence_length} if takes else {}
-            kwargs.update(guidance_arguments(pipe, options.guidance, None, len(PROMPTS)))  # guided as ours are
-            pipe(prompt=list(PROMPTS), num_inference_steps=options.steps, height=options.height, width=options.width,
-                 output_type="latent", callback_on_step_end=window, **kwargs)
+            args = dict(prompt=list(PROMPTS), num_inference_steps=options.steps, height=options.height,
+                        width=options.width, output_type="latent", max_sequence_length=options.max_sequence_length,
+                        **guidance_arguments(pipe, options.guidance, None, len(PROMPTS)))  # guided as ours are
+            family_of(pipe).run(pipe, args, window)  # the pipeline's call with the callback (Flux.3: its blocks)
         elif what == "attend":
             generate(pipe, PROMPTS[:1], Controllers(AttentionStore(), watch), options, progress=False)
         else:

@@ -151,13 +151,6 @@ def _rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _takes(pipe, argument: str) -> bool:
-    """Whether the pipeline's `__call__` has this argument."""
-    import inspect
-
-    return argument in inspect.signature(type(pipe).__call__).parameters
-
-
 def _copy(generator: torch.Generator) -> torch.Generator:
     twin = torch.Generator(generator.device)
     twin.set_state(generator.get_state())
@@ -166,17 +159,22 @@ def _copy(generator: torch.Generator) -> torch.Generator:
 
 @contextmanager
 def _progress_bar(pipe, show: bool):
-    """The pipeline's progress bar for one call; the caller's setting is put back afterwards."""
-    had = hasattr(pipe, "_progress_bar_config")
+    """The pipeline's progress bar for one call; the caller's setting is put back afterwards. The setting is kept on
+    the pipeline object (`_progress_bar_config`, where diffusers' pipelines keep it) also where the pipeline's own
+    `set_progress_bar_config` puts it elsewhere (a modular pipeline's: on its top-level blocks), for a family that
+    drives the loop itself (`Family.run`) to read."""
+    had = "_progress_bar_config" in vars(pipe)
     saved = dict(pipe._progress_bar_config) if had else None
-    pipe.set_progress_bar_config(disable=not show, desc="denoising", leave=False)
+    config = {"disable": not show, "desc": "denoising", "leave": False}
+    pipe.set_progress_bar_config(**config)
+    pipe._progress_bar_config = config
     try:
         yield
     finally:
         if had:
             pipe._progress_bar_config = saved
         else:
-            del pipe._progress_bar_config
+            vars(pipe).pop("_progress_bar_config", None)
 
 
 class SourcePath(AttentionController):
@@ -270,7 +268,7 @@ def generate(
     if not embedded:  # a prompt the model cannot take (beyond what its text positions reach) is refused by name
         for prompt in prompts:
             prompt_tokens(pipe, prompt, options.max_sequence_length)
-    if options.max_sequence_length is not None and _takes(pipe, "max_sequence_length"):  # Qwen-Image 2.1: no cut
+    if options.max_sequence_length is not None:  # given to the pipelines that take it (`Family.run`)
         pipe_kwargs["max_sequence_length"] = options.max_sequence_length
     args = dict(
         prompt=None if embedded else list(prompts),  # a copy: some pipelines (Z-Image) rewrite the list they get

@@ -98,7 +98,8 @@ def _folded(t: torch.Tensor, scale: torch.Tensor | None = None, transposed: bool
 def joint_layers(name: str, module, family: Family) -> tuple[LayerInfo, LayerInfo]:
     """(text site, image site) of one attention module of an MM-DiT."""
     parts = name.split(".")
-    block = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    block = next((int(p) for p in parts[1:] if p.isdigit()), 0)  # "single_transformer_blocks.3.attn": 3;
+    # "mode_blocks.image.2.attn" (a block list per token mode, Flux.3): 2
     place = family.place(name)
     heads = int(module.heads)
     return (LayerInfo(f"{name}:text", place, block, True, heads, 0), LayerInfo(f"{name}:image", place, block, False,

@@ -66,14 +66,16 @@ def stand_ins(folder: Path, index: dict) -> tuple[dict, dict]:
     except ImportError:  # a transformers without placeholders: every class it names can be built
         DummyObject = None
     after, passed = {}, {}
-    for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] != "transformers":
+    for name, entry in index.items():  # [library, class] (a modular index: [library, class, loading spec])
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) not in (2, 3) or \
+                entry[0] != "transformers":
             continue
-        cls = getattr(transformers, str(entry[1]), None)
-        processor = str(entry[1]).endswith("Processor")
+        named = str(entry[1]) if entry[1] != "AutoProcessor" else _processor_class(folder / name)
+        cls = getattr(transformers, named, None)
+        processor = named.endswith("Processor")
         if DummyObject is not None and isinstance(cls, DummyObject):
             needs = " and ".join(getattr(cls, "_backends", ())) or "a library that is not installed"
-            cannot = f"{folder}'s {name} is a {entry[1]}, which transformers cannot build without {needs} " \
+            cannot = f"{folder}'s {name} is a {named}, which transformers cannot build without {needs} " \
                      "(not installed)"
             if not processor:
                 raise ModelError(f"{cannot}: install it to load this pipeline")
@@ -83,11 +85,11 @@ def stand_ins(folder: Path, index: dict) -> tuple[dict, dict]:
                 passed[name] = cls.from_pretrained(str(folder / name), local_files_only=True)
             except ImportError as e:
                 first = " ".join(str(e).split()).split(". ")[0] or type(e).__name__  # its first sentence
-                cannot = f"{folder}'s {name} is a {entry[1]}, which transformers cannot build here ({first})"
+                cannot = f"{folder}'s {name} is a {named}, which transformers cannot build here ({first})"
                 passed[name] = TextProcessor(_processor_tokenizer(folder / name, cannot), cannot,
                                              _settings(folder / name))
             except Exception as e:
-                raise ModelError(f"could not load {folder}'s {name} ({entry[1]}): {type(e).__name__}: {e}") from e
+                raise ModelError(f"could not load {folder}'s {name} ({named}): {type(e).__name__}: {e}") from e
     return after, passed
 
 
@@ -99,6 +101,19 @@ def after_loading(pipe, index: dict, after: dict, passed: dict) -> None:
     for name, component in passed.items():
         if isinstance(component, TextProcessor):
             pipe.register_to_config(**{name: tuple(index[name])})
+
+
+def _processor_class(path: Path) -> str:
+    """The processor class an AutoProcessor folder names (`processor_class` in its processor_config.json,
+    preprocessor_config.json or tokenizer_config.json, as AutoProcessor reads it); "AutoProcessor" if none does."""
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        try:
+            named = json.loads((path / name).read_text()).get("processor_class")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if named:
+            return str(named)
+    return "AutoProcessor"
 
 
 def _settings(path: Path) -> dict:

@@ -103,7 +103,9 @@ def trace(pipe, edit: EditOptions | None = None, prompts: list[str] | None = Non
                           "target, ...]), the same list the pipeline call is given")
     for name in ("encode_prompt", "scheduler"):
         if not hasattr(pipe, name):
-            raise P2PError(f"trace needs a pipeline with {name}; {type(pipe).__name__} has none")
+            modular = " (a modular pipeline: p2p.attend and p2p.edit drive its blocks)" if hasattr(pipe, "blocks") \
+                else ""
+            raise P2PError(f"trace needs a pipeline with {name}; {type(pipe).__name__} has none{modular}")
     store = AttentionStore(record)
     result = Trace(pipe, store, max_sequence_length=max_sequence_length)
     controller, expected = store, None

@@ -123,7 +123,12 @@ class Family:
         num_inference_steps and `sampling`'s, latents, generator, height, width, output_type,
         callback_on_step_end_tensor_inputs, the caller's extras), `callback(pipe, step, timestep, tensors) -> changed
         tensors` called after every step as diffusers' `callback_on_step_end` is; returns its images. A pipeline with
-        that callback simply gets it; a family whose pipeline has none drives its loop's steps itself."""
+        that callback simply gets it (max_sequence_length only where its call takes one: Qwen-Image 2.1's does not);
+        a family whose pipeline has none drives its loop's steps itself."""
+        import inspect
+
+        if "max_sequence_length" not in inspect.signature(type(pipe).__call__).parameters:
+            args = {k: v for k, v in args.items() if k != "max_sequence_length"}
         return pipe(**args, callback_on_step_end=callback).images
 
     def size(self, pipe) -> tuple[tuple[int, int], tuple[int, int] | None]:

@@ -31,6 +31,11 @@ class FlowLatents:
         return int(pipe.transformer.config.in_channels)
 
     @staticmethod
+    def image(pipe, image) -> torch.Tensor:
+        """A PIL image -> (1, 3, H, W) in [-1, 1] at its own size, by the pipeline's image processor."""
+        return pipe.image_processor.preprocess(image, height=image.height, width=image.width)
+
+    @staticmethod
     def encode(pipe, x: torch.Tensor) -> torch.Tensor:
         """(1, 3, H, W) in [-1, 1] -> the image layout as the denoiser reads it: (mean - shift) * scale."""
         config = pipe.vae.config

@@ -12,8 +12,8 @@ from ..routing import execution_device
 
 
 def image_to_tensor(pipe, image: Image.Image) -> torch.Tensor:
-    """(1, 3, h, w) in [-1, 1], by the pipeline's own image processor."""
-    return pipe.image_processor.preprocess(image, height=image.height, width=image.width)
+    """(1, 3, h, w) in [-1, 1], by the pipeline's own image processor (as the family's codec reads it)."""
+    return _codec(pipe).image(pipe, image)
 
 
 def tensor_to_image(pipe, x: torch.Tensor) -> Image.Image:
