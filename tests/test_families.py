@@ -22,15 +22,15 @@ def test_each_pipeline_has_its_family_once(kind, pipes, joint_pipes):
     pipe = {**pipes, **joint_pipes}[kind]
     family = family_of(pipe)
     assert family is FAMILIES[kind] and family_of(pipe) is family  # computed once, the same record after
-    assert family.joint == (kind in ("sd3", "flux", "flux2", "flux2dev", "qwenimage", "qwenimage21", "zimage"))
+    assert family.joint == (kind in ("sd3", "flux", "flux2", "flux2dev", "flux3", "qwenimage", "qwenimage21", "zimage"))
     assert family.flow == family.joint
-    assert family.packed == (kind in ("flux", "flux2", "flux2dev", "qwenimage", "qwenimage21"))
-    assert family.guidance_calls == (kind in ("flux2", "qwenimage", "qwenimage21"))
-    assert family.batch_padded == (kind in ("qwenimage", "qwenimage21", "zimage"))
+    assert family.packed == (kind in ("flux", "flux2", "flux2dev", "flux3", "qwenimage", "qwenimage21"))
+    assert family.guidance_calls == (kind in ("flux2", "flux3", "qwenimage", "qwenimage21"))
+    assert family.batch_padded == (kind in ("flux3", "qwenimage", "qwenimage21", "zimage"))
     assert family.conditional_first == (kind == "zimage")
     assert family.pooled == (kind in ("sdxl", "sd3")) and family.added_conditions == (kind == "sdxl")
     # the record agrees with what the pipeline holds (the probes it replaced)
-    assert family.packed == hasattr(pipe, "_pack_latents")
+    assert family.packed == (hasattr(pipe, "_pack_latents") or kind == "flux3")  # Flux.3: its latent step packs
     assert family.pooled == (kind != "flux" and getattr(pipe, "text_encoder_2", None) is not None)
     assert family.added_conditions == (getattr(getattr(pipe, "unet", None), "config", {}).get("addition_embed_type")
                                        == "text_time")

@@ -34,7 +34,7 @@ def sized(kind: str, opts: GenerationOptions = OPTS) -> GenerationOptions:
 def joint(joint_pipes, tmp_path_factory):
     root = tmp_path_factory.mktemp("joint")
     for kind in KINDS:
-        joint_pipes[kind].save_pretrained(root / f"{kind}-saved")
+        joint_pipes[kind].save_pretrained(str(root / f"{kind}-saved"))  # str: a modular pipeline takes no Path
     return {kind: (joint_pipes[kind], root / f"{kind}-saved") for kind in KINDS}
 
 
@@ -79,11 +79,13 @@ def test_every_attention_module_is_routed_and_restored(joint, kind):
     probe = Probe()
     generate(pipe, ["a red circle"], probe, OPTS, progress=False)
     names = {site.layer.name.rsplit(":", 1)[0].removesuffix(".processor") for site, _ in probe.seen}
-    # Z-Image's caption refiner has no image query: left on its stock processor, never called through the router
-    assert names == {n for n in originals if not n.startswith("context_refiner")}
+    # Z-Image's caption refiner and Flux.3's text and reference-image mode blocks have no image query: left on their
+    # stock processors, never called through the router
+    assert names == {n for n in originals if not n.startswith(("context_refiner", "txt_mode_blocks",
+                                                                   "mode_blocks.image_cond"))}
     places = {site.layer.place for site, _ in probe.seen}
     assert places == {"sd3": {"joint", "image"}, "qwenimage": {"joint"}, "qwenimage21": {"single"},
-                      "zimage": {"joint", "image"}}.get(kind, {"joint", "single"})
+                      "zimage": {"joint", "image"}, "flux3": {"single", "image"}}.get(kind, {"joint", "single"})
     assert _processors(pipe.transformer) == originals  # the very same processor objects, restored
 
 
@@ -471,7 +473,7 @@ def test_blocks_in_bf16_are_the_float32_blocks_to_its_precision(joint, kind):
 
 # -- an independent oracle: each family's joint softmax written out from diffusers' stock processor ------------------
 # (JointAttnProcessor2_0, FluxAttnProcessor, Flux2AttnProcessor / Flux2ParallelSelfAttnProcessor,
-# QwenDoubleStreamAttnProcessor2_0, ZSingleStreamAttnProcessor in diffusers' transformer_*.py and
+# QwenDoubleStreamAttnProcessor2_0, ZSingleStreamAttnProcessor, Flux3AttnProcessor in diffusers' transformer_*.py and
 # attention_processor.py), from the module's own layers and its call's inputs as a forward pre-hook sees them; nothing
 # of the library's (`Family.project`, joint.py) is used to get them.
 
@@ -538,6 +540,11 @@ def _oracle_qk(kind: str, name: str, attn, args: tuple, kwargs: dict, net_call: 
         t = net_call[1]["encoder_hidden_states"].shape[1]
         valid = kwargs.get("key_valid")
         return q, k, slice(0, t), slice(t, n), None if valid is None else valid.bool()
+    if kind == "flux3":  # one sequence a call: text then image in a joint block, the image alone in its mode block
+        cos, sin = (x.double() for x in kwargs["image_rotary_emb"])  # real rotary over the whole sequence
+        q, k = (apply_rotary_emb(x, (cos, sin), sequence_dim=1) for x in (q, k))
+        t = 0 if name.startswith("mode_blocks") else net_call[1]["encoder_hidden_states"].shape[1]
+        return q, k, slice(0, t), slice(t, n), None
     assert kind == "zimage"  # one sequence: image tokens (padded to 32), caption (padded to 32), the batch's padding
     freqs = kwargs["freqs_cis"].unsqueeze(2)  # (batch, tokens, 1, head_dim / 2) complex
 
@@ -576,7 +583,8 @@ def test_recorded_blocks_equal_the_joint_softmax_written_out_from_the_stock_proc
     net = pipe.transformer
     opts = sized(kind, GenerationOptions(steps=1, seed=1, guidance=4.0,
                                          max_sequence_length=None if kind in ("qwenimage", "zimage") else 24))
-    names = [n for n, m in net.named_modules() if hasattr(m, "set_processor") and not n.startswith("context_refiner")]
+    names = [n for n, m in net.named_modules() if hasattr(m, "set_processor")  # the modules with an image query
+             and not n.startswith(("context_refiner", "txt_mode_blocks", "mode_blocks.image_cond"))]
     calls: dict = {}  # module name (or "" for the transformer) -> [(args, kwargs) of each call], in call order
 
     def keep(name):
@@ -621,6 +629,7 @@ def test_recorded_blocks_equal_the_joint_softmax_written_out_from_the_stock_proc
                 assert padded.any() and not store.mean(f"{key}:text")[padded].any()
                 masked = True
     # text blocks compared
-    assert checked == ({"joint", "single"} if kind in ("flux", "flux2", "flux2dev") else {"joint"})
+    assert checked == ({"joint", "single"} if kind in ("flux", "flux2", "flux2dev") else
+                       {"single"} if kind == "flux3" else {"joint"})
     assert masked == (kind in ("qwenimage", "qwenimage21", "zimage"))  # the families masking a batch's padded text
     torch.testing.assert_close(recorded.latents, stock.latents, atol=1e-5, rtol=1e-5)  # recording changed nothing

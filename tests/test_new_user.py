@@ -33,7 +33,7 @@ def folders(joint_pipes, pipes, tmp_path_factory):
     root = tmp_path_factory.mktemp("new-user")
     out = {}
     for kind, pipe in {**pipes, **joint_pipes}.items():
-        pipe.save_pretrained(root / kind)
+        pipe.save_pretrained(str(root / kind))  # str: a modular pipeline takes no Path
         out[kind] = root / kind
     _photo(root / "photo.png")
     out["root"] = root
