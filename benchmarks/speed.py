@@ -261,8 +261,6 @@ class Runner:
         return None
 
     def run(self, config: str, steps: int | None = None) -> list[float]:
-        import inspect
-
         import torch
 
         from prompt2prompt.attention import control
@@ -286,16 +284,17 @@ class Runner:
                       output_type="latent", callback_on_step_end_tensor_inputs=["latents"],
                       height=self.options.height, width=self.options.width,
                       **guidance_arguments(pipe, self.options.guidance, None, len(prompts)))
-        if family_of(pipe).joint and "max_sequence_length" in inspect.signature(type(pipe).__call__).parameters:
-            kwargs["max_sequence_length"] = args.text_tokens  # (Qwen-Image 2.1 never cuts its text: none)
+        if family_of(pipe).joint:  # given to the pipelines that take it (Qwen-Image 2.1 never cuts its text)
+            kwargs["max_sequence_length"] = args.text_tokens
         concepts = contextlib.nullcontext()
         if config == "attend+concepts":
             from prompt2prompt.concepts import ConceptOptions, ConceptRecorder
 
             concepts = ConceptRecorder(pipe, ConceptOptions(CONCEPTS), len(prompts), steps or args.steps)
         with torch.inference_mode(), concepts:
+            run = family_of(pipe).run  # the pipeline's call with the callback (a modular pipeline: its blocks)
             if ctl is None:
-                pipe(**kwargs, callback_on_step_end=tick)
+                run(pipe, kwargs, tick)
             else:
                 with control(pipe, ctl) as router:
 
@@ -304,7 +303,7 @@ class Runner:
                         tick(p, s, t, kw)
                         return out
 
-                    pipe(**kwargs, callback_on_step_end=both)
+                    run(pipe, kwargs, both)
         return [b - a for a, b in zip(stamps[1:], stamps[2:])]  # the first step dropped (warm-up)
 
 
