@@ -106,36 +106,34 @@ def encode(pipe, prompts: list[str], window: int | None, max_sequence_length: in
     return torch.cat(out)
 
 
-class _StepEnd:
+def _step_end(callback):
     """The block appended to the denoising loop: after the scheduler's step, `callback(pipe, step, timestep,
-    {"latents": ...})` as diffusers' callback_on_step_end is called, its returned latents kept."""
+    {"latents": ...})` is called as diffusers' callback_on_step_end is, and the latents it returns are kept."""
+    from diffusers.modular_pipelines.modular_pipeline import ModularPipelineBlocks
+    from diffusers.modular_pipelines.modular_pipeline_utils import InputParam, OutputParam
 
-    def __new__(cls, callback):
-        from diffusers.modular_pipelines.modular_pipeline import ModularPipelineBlocks
-        from diffusers.modular_pipelines.modular_pipeline_utils import InputParam, OutputParam
+    class StepEnd(ModularPipelineBlocks):
+        model_name = "flux3"
 
-        class StepEnd(ModularPipelineBlocks):
-            model_name = "flux3"
+        @property
+        def description(self) -> str:
+            return "prompt2prompt's step end: the controller's step callback, after the scheduler's step"
 
-            @property
-            def description(self) -> str:
-                return "prompt2prompt's step end: the controller's step callback, after the scheduler's step"
+        @property
+        def inputs(self):
+            return [InputParam("latents", required=True, type_hint=torch.Tensor)]
 
-            @property
-            def inputs(self):
-                return [InputParam("latents", required=True, type_hint=torch.Tensor)]
+        @property
+        def intermediate_outputs(self):
+            return [OutputParam("latents", type_hint=torch.Tensor)]
 
-            @property
-            def intermediate_outputs(self):
-                return [OutputParam("latents", type_hint=torch.Tensor)]
+        def __call__(self, components, block_state, i: int, t: torch.Tensor):
+            changed = callback(components, i, t, {"latents": block_state.latents}) or {}
+            if changed.get("latents") is not None:
+                block_state.latents = changed["latents"]
+            return components, block_state
 
-            def __call__(self, components, block_state, i: int, t: torch.Tensor):
-                changed = callback(components, i, t, {"latents": block_state.latents}) or {}
-                if changed.get("latents") is not None:
-                    block_state.latents = changed["latents"]
-                return components, block_state
-
-        return StepEnd()
+    return StepEnd()
 
 
 def _loop_blocks(pipe, callback):
@@ -163,7 +161,7 @@ def _loop_blocks(pipe, callback):
                          "attention control drives that loop")
     config = dict(vars(pipe).get("_progress_bar_config") or {"disable": True})
     for loop in loops:
-        loop.sub_blocks["prompt2prompt_step_end"] = _StepEnd(callback)
+        loop.sub_blocks["prompt2prompt_step_end"] = _step_end(callback)
         loop.set_progress_bar_config(**config)
     return blocks
 
@@ -216,8 +214,8 @@ def run(pipe, args: dict, callback) -> list:
             negative_embeds = encode(pipe, [negative or ""], None, longest)  # its own window, as the step's
         blocks = _loop_blocks(pipe, callback)
         with _blocks_swapped(pipe, blocks):
-            negative = {"negative_prompt_embeds": negative_embeds} if guided else {}  # the distilled takes none
-            return pipe(prompt_embeds=embeds, **negative, output="images", **args)
+            unconditional = {"negative_prompt_embeds": negative_embeds} if guided else {}  # the distilled: none
+            return pipe(prompt_embeds=embeds, **unconditional, output="images", **args)
 
 
 def defaults(pipe) -> tuple[int, float]:
