@@ -140,6 +140,12 @@ MUTANTS = {
     "qwen21-text-rows-not-causal": (  # Qwen-Image 2.1's text tokens attend causally: the adapter computes their rows
         "families/qwenimage21.py", "dtype=torch.bool, device=query.device).tril()",
         "dtype=torch.bool, device=query.device)", ["tests/test_qwenimage21.py"]),
+    "flux3-step-end-ignored": (  # Flux.3's loop block drops the latents the controller returns (a local blend's)
+        "families/flux3.py", 'if changed.get("latents") is not None:', "if False:",
+        ["tests/test_flux3.py::test_the_latents_a_step_end_returns_are_the_next_steps_input"]),
+    "flux3-guider-kept-changed": (  # the guider's scale is not put back after a generation
+        "families/flux3.py", "        guider.guidance_scale, guider._enabled = saved\n", "        pass\n",
+        ["tests/test_flux3.py::test_no_guidance_is_one_call_a_step_and_the_pipelines_own"]),
 }
 FAST = ("foreign-file-replaced", "sixteen-bits-clipped", "yaml-aliases-allowed", "case-limit-ignored",
         "word-tokens-overreach", "refine-off-by-one", "fireflow-as-euler")  # the CI's subset: each caught in seconds

@@ -85,9 +85,29 @@ def test_one_prompt_is_the_pipelines_own_call_and_everything_is_put_back(pipe):
     assert "_progress_bar_config" not in vars(pipe)
 
 
+def test_the_latents_a_step_end_returns_are_the_next_steps_input(pipe):
+    """What the controller's step end returns (a local blend's latents, a direct inversion's path) is what the loop
+    goes on from: here zeros after the first step, read at the transformer's next call."""
+
+    class Zeroing(AttentionController):
+        def step_end(self, step, timestep, latents):
+            return torch.zeros_like(latents) if step == 0 else None
+
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"].clone()),
+                                                      with_kwargs=True)
+    try:
+        generate(pipe, ["a red circle"], Zeroing(), OPTS, progress=False)
+    finally:
+        hook.remove()
+    assert len(seen) == 2 * OPTS.steps  # guided: the conditional and the unconditional call of each step
+    assert seen[0].abs().sum() > 0 and not seen[2].any() and not seen[3].any()
+
+
 def test_no_guidance_is_one_call_a_step_and_the_pipelines_own(pipe):
     latent = initial_latent(pipe, OPTS)
     calls = []
+    before = pipe.guider.guidance_scale, pipe.guider._enabled
     hook = pipe.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
         ours = generate(pipe, ["a red circle"], None, GenerationOptions(steps=3, seed=1, height=32, width=32,
@@ -95,6 +115,7 @@ def test_no_guidance_is_one_call_a_step_and_the_pipelines_own(pipe):
     finally:
         hook.remove()
     assert len(calls) == 3
+    assert (pipe.guider.guidance_scale, pipe.guider._enabled) == before  # the guider put back as it was
     enabled = pipe.guider._enabled
     pipe.guider.disable()
     try:
