@@ -66,8 +66,6 @@ class Family:
     latents: type | None = None  # flow: the real-image side (`latents.FlowLatents` or a subclass: the latent codec
     # and layouts, the noise levels, one guided velocity call); None: no flow inversion, FlowEdit or image concepts
 
-    index_file = "model_index.json"  # the file in a saved pipeline's folder naming its class and components (a
-    # class attribute, as is tiny_side)
     tiny_side = 32  # the side, in pixels, of the tiny pipeline's images in the tests (8x8 image tokens); a class
     # attribute, not a field
 

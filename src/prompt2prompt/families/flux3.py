@@ -433,8 +433,6 @@ class Flux3(Family):
     finish = staticmethod(finish)
     tiny = staticmethod(tiny)
 
-    index_file = "modular_model_index.json"
-
     def from_folder(self, folder: Path, index: dict, dtype, progress: bool):
         """A saved modular pipeline: its blocks and class from modular_model_index.json, every component loaded from
         its subfolder here (wherever the index recorded it was saved), the processors transformers cannot build here
