@@ -138,16 +138,24 @@ class Flux2Latents(FlowLatents):
         mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
         return mean, torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps).to(like.device, like.dtype)
 
+    @staticmethod
+    def patchify(pipe, latent):
+        return pipe._patchify_latents(latent)  # (n, channels, h, w) -> (n, 4 * channels, h / 2, w / 2)
+
+    @staticmethod
+    def unpatchify(pipe, latent):
+        return pipe._unpatchify_latents(latent)
+
     @classmethod
     def encode(cls, pipe, x):
-        latent = pipe._patchify_latents(pipe.vae.encode(x).latent_dist.mode())
+        latent = cls.patchify(pipe, pipe.vae.encode(x).latent_dist.mode())
         mean, std = cls._statistics(pipe, latent)
         return (latent - mean) / std
 
     @classmethod
     def decode(cls, pipe, latent):
         mean, std = cls._statistics(pipe, latent)
-        return pipe.vae.decode(pipe._unpatchify_latents(latent * std + mean)).sample
+        return pipe.vae.decode(cls.unpatchify(pipe, latent * std + mean)).sample
 
     @staticmethod
     def pack(pipe, latent):

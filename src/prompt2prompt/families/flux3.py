@@ -317,20 +317,17 @@ class Flux3Latents(Flux2Latents):
 
         return VaeImageProcessor.preprocess(pipe.image_processor, image, height=image.height, width=image.width)
 
-    @classmethod
-    def encode(cls, pipe, x):
+    @staticmethod
+    def patchify(pipe, latent):
         from diffusers.modular_pipelines.flux3.encoders import Flux3VaeEncoderStep
 
-        latent = Flux3VaeEncoderStep._patchify_latents(pipe.vae.encode(x).latent_dist.mode())
-        mean, std = cls._statistics(pipe, latent)
-        return (latent - mean) / std
+        return Flux3VaeEncoderStep._patchify_latents(latent)  # the pipeline has none of its own: its blocks'
 
-    @classmethod
-    def decode(cls, pipe, latent):
+    @staticmethod
+    def unpatchify(pipe, latent):
         from diffusers.modular_pipelines.flux3.decoders import Flux3DecodeStep
 
-        mean, std = cls._statistics(pipe, latent)
-        return pipe.vae.decode(Flux3DecodeStep._unpatchify_latents(latent * std + mean)).sample
+        return Flux3DecodeStep._unpatchify_latents(latent)
 
     @staticmethod
     def pack(pipe, latent):
@@ -376,31 +373,12 @@ def tiny(folder: Path):
     language model here to rewrite prompts): the tiny autoencoder halves a side, so 32x32 images are 8x8 tokens."""
     from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, Flux3Transformer2DModel
     from diffusers.modular_pipelines.flux3 import Flux3AutoBlocks
-    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from ..standins import TextProcessor, _settings
-    from ..testing import tiny_qwen_tokenizer
     from .flux2 import tiny_parts
-    from .qwenimage21 import VISION_TOKENS, VL_CHAT_TEMPLATE
+    from .qwenimage21 import tiny_qwen3_vl
 
-    tokenizer = tiny_qwen_tokenizer(folder / "tokenizer")
-    tokenizer.add_special_tokens({"additional_special_tokens": list(VISION_TOKENS)},
-                                 replace_extra_special_tokens=False)
-    tokenizer.chat_template = VL_CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(folder / "tokenizer"))
-    Qwen2VLImageProcessorPil(patch_size=4, merge_size=1).save_pretrained(str(folder / "tokenizer"))
-    processor = TextProcessor(tokenizer, "Qwen3VLProcessor needs torchvision (its video processor)",
-                              _settings(folder / "tokenizer"))
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
-           zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"), VISION_TOKENS)}
-    width = 16
-    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=32,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
-                                 "mrope_interleaved": True})
-    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=width, patch_size=4,
-                  num_position_embeddings=16, deepstack_visual_indexes=[0])
-    text_encoder = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
+    width = 16  # read after layers 4, 8, ..., 32, as the real recipe: 32 tiny layers
+    processor, text_encoder = tiny_qwen3_vl(folder / "tokenizer", width, layers=32, head_dim=8, mrope=[1, 1, 2])
     transformer = Flux3Transformer2DModel(in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=2,
                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=8 * width,
                                           timestep_channels=32, axes_dims_rope=(4, 4, 4, 4))

@@ -262,6 +262,35 @@ VL_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def tiny_qwen3_vl(folder: Path, width: int, layers: int, head_dim: int, mrope: list[int],
+                  extra_words: tuple[str, ...] = ()) -> tuple:
+    """(processor, text encoder): a tiny Qwen3-VL (`layers` text layers of this width; a one-layer vision tower never
+    run) and its processor's text half (`standins.TextProcessor`: Qwen3VLProcessor needs torchvision here), whose
+    tokenizer (with Qwen-VL's chat template and vision tokens) and image-processor settings are saved to folder."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from ..standins import TextProcessor, _settings
+    from ..testing import tiny_qwen_tokenizer
+
+    tokenizer = tiny_qwen_tokenizer(folder, extra_words)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(VISION_TOKENS)},
+                                 replace_extra_special_tokens=False)
+    tokenizer.chat_template = VL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(folder))
+    Qwen2VLImageProcessorPil(patch_size=4, merge_size=1).save_pretrained(str(folder))
+    processor = TextProcessor(tokenizer, "Qwen3VLProcessor needs torchvision (its video processor)",
+                              _settings(folder))
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+           zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"), VISION_TOKENS)}
+    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope,
+                                 "mrope_interleaved": True})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=width, patch_size=4,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0])
+    return processor, Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
+
+
 def tiny(folder: Path):
     """A 2-layer Qwen3-VL (a one-layer vision tower the pipeline never runs), its processor's text half
     (`standins.TextProcessor`: Qwen3VLProcessor needs torchvision here) saved as a Qwen3VLProcessor folder, a
@@ -272,29 +301,9 @@ def tiny(folder: Path):
         QwenImage21Pipeline,
         QwenImage21Transformer2DModel,
     )
-    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    from ..standins import TextProcessor, _settings
-    from ..testing import tiny_qwen_tokenizer
-
-    tokenizer = tiny_qwen_tokenizer(folder / "processor", SYSTEM_WORDS)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(VISION_TOKENS)},
-                                 replace_extra_special_tokens=False)
-    tokenizer.chat_template = VL_CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(folder / "processor"))
-    Qwen2VLImageProcessorPil(patch_size=4, merge_size=1).save_pretrained(str(folder / "processor"))
-    processor = TextProcessor(tokenizer, "Qwen3VLProcessor needs torchvision (its video processor)",
-                              _settings(folder / "processor"))
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
-           zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"), VISION_TOKENS)}
     width = 32
-    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                                 "mrope_interleaved": True})
-    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=width, patch_size=4,
-                  num_position_embeddings=16, deepstack_visual_indexes=[0])
-    text_encoder = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
+    processor, text_encoder = tiny_qwen3_vl(folder / "processor", width, layers=2, head_dim=16,
+                                            mrope=[2, 3, 3], extra_words=SYSTEM_WORDS)
     transformer = QwenImage21Transformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=2,
                                                 attention_head_dim=16, num_attention_heads=2, context_in_dim=width,
                                                 axes_dims_rope=(4, 6, 6))
