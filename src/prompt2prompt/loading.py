@@ -219,7 +219,7 @@ def load_pipeline(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.
                          "ComponentsManager, not offload=: run it without offload")
     try:
         with _loading_bars(progress):
-            pipe = family_.from_folder(folder, index, dtype, progress)
+            pipe = family_.from_folder(folder, index, dtype)
     except ModelError:
         raise
     except Exception as e:

@@ -91,7 +91,7 @@ class Family:
         """(model_index.json as a dict) -> extra keyword arguments for `from_pretrained`."""
         return {}
 
-    def from_folder(self, folder: Path, index: dict, dtype, progress: bool):
+    def from_folder(self, folder: Path, index: dict, dtype):
         """The pipeline saved in `folder` (its index file read as `index`), on the CPU: diffusers'
         `DiffusionPipeline.from_pretrained`, offline, with the processors transformers cannot build here stood in
         (`standins.py`) and the family's own loading arguments (`load`)."""

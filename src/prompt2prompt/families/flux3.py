@@ -411,7 +411,7 @@ class Flux3(Family):
     finish = staticmethod(finish)
     tiny = staticmethod(tiny)
 
-    def from_folder(self, folder: Path, index: dict, dtype, progress: bool):
+    def from_folder(self, folder: Path, index: dict, dtype):
         """A saved modular pipeline: its blocks and class from modular_model_index.json, every component loaded from
         its subfolder here (wherever the index recorded it was saved), the processors transformers cannot build here
         stood in (`standins.py`)."""
