@@ -63,6 +63,45 @@ def test_a_lost_run_restarts_from_its_point_with_its_weights_step_hours_tokenize
     assert lrs[-1] < train.TrainConfig().lr * 3 / train.TrainConfig().warmup  # step 4: 2 steps into a new warm-up
 
 
+def test_a_restart_at_a_milestone_puts_the_milestone_back_and_a_point_exports_like_one(root, tmp_path, capsys):
+    """SD3's position table is a buffer, so a point (parameters only) lacks it: the point still exports and
+    evaluates (`--export --weights`), and a restart from a point at a milestone's step writes that milestone anew, the
+    same bytes as the lost folder's, so `runs evaluate` finds it."""
+    args = ["--run", "f", "--family", "sd3", "--vae-from", "shapes", "--text-length", "16", "--dataset-size", "16",
+            "--batch", "4", "--transformer-layers", "2", "--zero-tokens", "8", "--threads", "1", "--steps", "2",
+            "--milestone-every", "2"]
+    train.main(args)
+    lost = runs.milestone_path(root / "f", 2)
+    lost_weights, lost_info = load_file(lost), runs.milestone_info(lost)
+    point = tmp_path / "training" / "f.safetensors"
+    train.main([*args, "--point", str(point)])
+    tensors, meta = points.read_point(point)
+    assert "transformer.pos_embed.pos_embed" in lost_weights and "transformer.pos_embed.pos_embed" not in tensors
+    train.main([*args, "--export", str(tmp_path / "exported"), "--weights", str(point)])
+    exported = load_file(tmp_path / "exported" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported[k].half(), lost_weights[f"transformer.{k}"]) for k in exported)
+
+    shutil.rmtree(root / "f")
+    train.main([*args, "--restart-from", str(point)])
+    back = runs.milestone_path(root / "f", 2)
+    assert [s for s, _ in runs.milestones(root / "f")] == [2]
+    weights = load_file(back)
+    assert weights.keys() == lost_weights.keys() and all(torch.equal(weights[k], lost_weights[k]) for k in weights)
+    info = runs.milestone_info(back)
+    assert info.pop("hours") == meta["hours"]  # the point's: its checkpoint's, a moment after the milestone's
+    assert lost_info.pop("hours") < meta["hours"] and info == lost_info
+
+    from safetensors.torch import save_file  # weights that do not fit: refused by name, nothing written
+
+    save_file({k: v for k, v in tensors.items() if not k.endswith("proj_out.weight")}, tmp_path / "half.safetensors",
+              metadata={"step": "2", "config": "{}"})
+    with pytest.raises(SystemExit):
+        train.main([*args, "--export", str(tmp_path / "x"), "--weights", str(tmp_path / "half.safetensors")])
+    assert "--weights: the weights' transformer does not fit this network: missing proj_out.weight" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_restart_is_refused_over_a_checkpoint_or_with_another_recipe(root, tmp_path, capsys):
     train.main(["--run", "q", *TINY, "--steps", "2"])
     point = tmp_path / "q.safetensors"

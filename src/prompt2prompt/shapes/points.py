@@ -129,14 +129,14 @@ def write_tokenizer(meta: dict, folder: Path) -> bool:
     return True
 
 
-def _load(net, weights: dict, name: str) -> None:
-    """Load a point's weights (fp16 values into the fp32 parameters); every parameter must be there, only buffers
-    (which the network built itself) may be missing."""
+def load_weights(net, weights: dict, name: str) -> None:
+    """Load a point's or a milestone's weights (fp16 values into the fp32 parameters); every parameter must be there,
+    only buffers (which the network built itself) may be missing."""
     missing, unexpected = net.load_state_dict(weights, strict=False)
     parameters = dict(net.named_parameters())
     lost = [k for k in missing if k in parameters]
     if lost or unexpected:
-        raise InputError(f"the resume point's {name} does not fit this network: "
+        raise InputError(f"the weights' {name} does not fit this network: "
                          f"{'missing ' + ', '.join(lost[:3]) if lost else 'unexpected ' + ', '.join(unexpected[:3])}")
 
 
@@ -149,7 +149,7 @@ def restore(tensors: dict, meta: dict, nets: dict, vae) -> dict:
 
     for name, net in nets.items():
         own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        _load(net, own, name)
+        load_weights(net, own, name)
     own = {k[len("vae.") :]: v for k, v in tensors.items() if k.startswith("vae.")}
     if not own:
         source = meta.get("vae_source")
@@ -162,6 +162,6 @@ def restore(tensors: dict, meta: dict, nets: dict, vae) -> dict:
     if "vae_sha256" in meta and digest(own) != meta["vae_sha256"]:
         raise InputError(f"{where} is not the one the run was trained on (its weights differ): restart with the "
                          "autoencoder the run used")
-    _load(vae, own, "vae")
+    load_weights(vae, own, "vae")
     return {"step": int(meta["step"]), "seconds": float(meta["hours"]) * 3600, "warm_from": int(meta["step"]),
             "restarts": [int(meta["step"])]}

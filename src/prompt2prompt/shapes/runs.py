@@ -14,7 +14,8 @@ arguments it was started with, which `resume` replays), `milestones/step-NNNNNN.
 with the step, the hours trained and the recipe as metadata: what `evaluate` measures, and the resume point a session
 may commit), and `train.log` when started by `resume`. `evaluate` exports a milestone to a pipeline folder beside it and
 appends the evaluator's figures to `evals.jsonl`. `point` writes the run's resume point (`points.py`): the file a
-session commits, from which `resume` restarts the run if its folder is ever lost.
+session commits, from which `resume` restarts the run if its folder is ever lost (a point at a milestone's step
+writes that milestone back into the new folder, so it can still be evaluated).
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ from .model import (
     build_vae,
 )
 from .optim import EMA, FlatParameters, adamw
+from .runs import milestone_path, run_folder, runs_root
 from .tokenizer import train_tokenizer
 
 
@@ -418,17 +419,16 @@ def write_milestone(path: Path, nets: dict, vae, meta: dict) -> None:
 
 
 def load_milestone(path: Path, nets: dict, vae=None) -> dict:
-    """Load a milestone's weights into `nets` (and `vae`, where it holds one); returns its metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Load a milestone's weights into `nets` (and `vae`, where it holds one); returns its metadata. A resume point
+    (`points.py`: parameters only, no buffers) loads too, so a point can be exported and evaluated."""
+    from .points import load_weights, read_point
 
-    tensors = load_file(path)
+    tensors, meta = read_point(path)
     for name, net in {**nets, **({"vae": vae} if vae is not None else {})}.items():
         own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
         if own or name != "vae":
-            net.load_state_dict(own)
-    with safe_open(path, "pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            load_weights(net, own, name)
+    return meta
 
 
 def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Path, state: dict, vae=None,
@@ -493,8 +493,6 @@ def train_diffusion(nets: dict, data: dict, tokenizer, cfg: TrainConfig, out: Pa
                 bar.set_postfix({k: f"{v:.4f}" for k, v in logged.items()})
                 _log(out, stage="diffusion", step=step, steps=seen, lr=lr, hours=clock.seconds / 3600, **logged)
             if cfg.milestone_every and (step + 1) % cfg.milestone_every == 0:
-                from .runs import milestone_path
-
                 kept = flat.param.detach().clone()
                 ema.copy_to(flat.param)  # the EMA weights are the model
                 write_milestone(milestone_path(out, step + 1), nets, None if cfg.vae_from else vae,
@@ -590,8 +588,6 @@ def _claim(out: Path, parser) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .runs import run_folder, runs_root
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default=None, metavar="NAME",
                         help=f"train in RUNS/NAME, RUNS being $P2P_RUNS or {runs_root()} now: outside the checkout, "
@@ -601,7 +597,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="only write the checkpoint's EMA weights as a pipeline to FOLDER (to look at a run "
                         "while it trains), then stop")
     parser.add_argument("--weights", default=None, metavar="FILE",
-                        help="with --export: the weights of this milestone file instead of the checkpoint's")
+                        help="with --export: the weights of this milestone file (or resume point) instead of the "
+                        "checkpoint's")
     parser.add_argument("--point", default=None, metavar="FILE",
                         help="only write the checkpoint's EMA weights as a resume point (fp16, <= 10 MB: "
                         "shapes.points) to FILE, then stop")
@@ -726,6 +723,12 @@ def main(argv: list[str] | None = None) -> None:
                                 if restart[1].get(k) is not None}
             state.update({name: net.state_dict() for name, net in nets.items()})
             _save(out / "checkpoint.pt", state)
+            milestone = milestone_path(out, state["step"])
+            if cfg.milestone_every and state["step"] % cfg.milestone_every == 0 and not milestone.exists():
+                # the point was a milestone of the lost folder: put it back, so `runs evaluate` finds it
+                write_milestone(milestone, nets, None if cfg.vae_from else vae,
+                                {"step": state["step"], "hours": state["seconds"] / 3600,
+                                 "config": {**asdict(cfg), **architecture}, "shift_factor": None, **state["factors"]})
             evals = restart[1].get("evals") or []
             if evals and not (out / "evals.jsonl").exists():
                 (out / "evals.jsonl").write_text("".join(json.dumps(row) + "\n" for row in evals))
@@ -759,7 +762,10 @@ def export(args, parser, out: Path, state: dict, nets: dict, vae, tokenizer, cfg
         weights = Path(args.weights).expanduser()
         if not weights.is_file():
             parser.error(f"--weights: expected a milestone file (.safetensors), got {weights}")
-        meta = load_milestone(weights, nets, None if "vae" in state or cfg.vae_from else vae)
+        try:
+            meta = load_milestone(weights, nets, None if "vae" in state or cfg.vae_from else vae)
+        except P2PError as error:
+            parser.error(f"--weights: {error}")
         save_pipeline(Path(args.export), vae, nets, tokenizer, meta, cfg)
         print(f"exported the milestone of step {meta['step']} to {args.export}")
         return
