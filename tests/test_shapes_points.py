@@ -115,6 +115,9 @@ def test_a_restart_is_refused_over_a_checkpoint_or_with_another_recipe(root, tmp
         train.main(["--run", "other", *TINY, "--steps", "4", "--lr", "0.001", "--restart-from", str(point)])
     assert "--lr 0.001 (the point's: 0.0008)" in capsys.readouterr().err
     assert not (root / "other").exists()
+    train.main(["--run", "sooner", *TINY, "--steps", "3", "--coverage-from", "2", "--restart-from", str(point)])
+    changes = [{"step": 2, "changes": [f"--coverage-from 2 (the point's: {train.TrainConfig().coverage_from})"]}]
+    assert _state(root / "sooner")["recipe_changes"] == changes  # its grounding phase starts where the point stands
     (tmp_path / "junk.safetensors").write_bytes(b"not a point")
     with pytest.raises(SystemExit):
         train.main(["--run", "other", *TINY, "--restart-from", str(tmp_path / "junk.safetensors")])

@@ -55,6 +55,25 @@ def test_resuming_with_another_recipe_is_refused_and_changes_nothing(root, capsy
     assert torch.load(root / "r" / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
+def test_the_pixel_grounding_phase_may_move_while_the_run_has_reached_neither_start(root, capsys):
+    train.main(["--run", "c", *TINY, "--steps", "2", "--coverage-from", "10"])
+    with pytest.raises(SystemExit):  # to a step the run has passed: its steps so far would not be that recipe's
+        train.main(["--run", "c", *TINY, "--steps", "4", "--coverage-from", "1"])
+    assert "another recipe" in capsys.readouterr().err
+    train.main(["--run", "c", *TINY, "--steps", "4", "--coverage-from", "2"])  # from the step it stands at
+    assert "the recipe changes from step 2: --coverage-from 2 (was 10)" in capsys.readouterr().out
+    state = torch.load(root / "c" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4 and state["recipe"]["coverage_from"] == 2
+    assert state["recipe_changes"] == [{"step": 2, "changes": ["--coverage-from 2 (was 10)"]}]
+    command = json.loads((root / "c" / "command.json").read_text())
+    assert command["typed"] == ["--run", "c", *TINY, "--steps", "4", "--coverage-from", "2"]  # what resumes it now
+    assert command["argv"][command["argv"].index("--coverage-from") + 1] == "2"
+    with pytest.raises(SystemExit):  # back again, once passed: refused, nothing changed
+        train.main(["--run", "c", *TINY, "--steps", "6", "--coverage-from", "10"])
+    assert "--coverage-from 10 (was 2)" in capsys.readouterr().err
+    assert torch.load(root / "c" / "checkpoint.pt", weights_only=False)["step"] == 4
+
+
 def test_a_second_trainer_on_a_folder_in_use_is_refused(root, capsys):
     folder = root / "busy"
     folder.mkdir(parents=True)

@@ -111,13 +111,6 @@ def read_point(path: Path) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def recipe_changes(meta: dict, recipe: dict) -> list[str]:
-    """The settings of `recipe` (a run's, free settings left out) that differ from the point's."""
-    mine = json.loads(json.dumps(recipe))
-    return [f"--{k.replace('_', '-')} {mine[k]} (the point's: {meta['config'].get(k)})" for k in sorted(mine)
-            if meta["config"].get(k) != mine[k]]
-
-
 def write_tokenizer(meta: dict, folder: Path) -> bool:
     """Put the point's tokenizer files in `folder`; False when the point holds none (a --vae-from run)."""
     files = meta.get("tokenizer")

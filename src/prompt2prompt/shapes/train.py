@@ -86,7 +86,8 @@ class TrainConfig:
     # sd3 draws its noise level s from a logit-normal (SD3's choice), shifted by this: sigmoid(N(bias, 1))
     grounding_weight: float = 0.05  # weight of the token-grounding loss on cross-attention (0 turns it off)
     coverage_weight: float = 0.1  # weight of the pixel-grounding loss (spreads each word's attention over its object)
-    coverage_from: int = 8_000  # step from which the pixel-grounding loss applies (a last phase, as shipped)
+    coverage_from: int = 8_000  # step from which the pixel-grounding loss applies (a last phase, as shipped); may
+    # move while a run has reached neither value (AHEAD)
     checkpoint_every: int = 250
     checkpoint_minutes: float = 10.0  # a checkpoint at least this often (wall minutes), whatever the step rate
     milestone_every: int = 2_000  # diffusion steps between milestones (EMA weights in fp16, to evaluate); 0: none
@@ -98,6 +99,24 @@ class TrainConfig:
 LOG_EVERY = 25  # steps between rows of loss.jsonl (each row: the means over those steps)
 FREE = ("steps", "threads", "device", "checkpoint_every", "checkpoint_minutes", "milestone_every")  # may change
 # between a run's sessions; every other setting is its recipe, and a resume with another recipe is refused
+AHEAD = ("coverage_from",)  # settings that act from a step on: one may change while the run has reached neither value
+# (its steps so far are the same under both recipes), so a run can start its pixel-grounding phase sooner or later
+
+
+def recipe_changes(before: dict, recipe: dict, step: int, label: str) -> tuple[list[str], list[str]]:
+    """(refused, allowed): the settings of `recipe` (free settings left out) that differ from `before` (a run's
+    recipe, or a point's config), as `--name new (label old)`. Allowed: a setting of AHEAD whose old and new values are
+    both still ahead of `step`, the step the run has reached; every other change is refused."""
+    mine = json.loads(json.dumps(recipe))
+    refused, allowed = [], []
+    for key in sorted(set(mine) | (set(before) - set(FREE))):
+        old, new = before.get(key), mine.get(key)
+        if old == new:
+            continue
+        said = f"--{key.replace('_', '-')} {new} ({label} {old})"
+        ahead = key in AHEAD and isinstance(old, int) and isinstance(new, int) and min(old, new) >= step
+        (allowed if ahead else refused).append(said)
+    return refused, allowed
 
 
 class Clock:
@@ -649,11 +668,12 @@ def main(argv: list[str] | None = None) -> None:
     recipe = {k: v for k, v in {**asdict(cfg), **architecture}.items() if k not in FREE}
     ckpt = out / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=False, map_location="cpu") if ckpt.exists() else {}
-    if not args.export and "recipe" in state and state["recipe"] != json.loads(json.dumps(recipe)):
-        changed = [f"--{k.replace('_', '-')} {recipe.get(k)} (was {v})" for k, v in state["recipe"].items()
-                   if json.loads(json.dumps(recipe.get(k))) != v]
-        parser.error(f"{out} holds a run of another recipe; resume it with the settings it was started with, or "
-                     f"train in another folder. Changed: {'; '.join(changed)}")
+    changes: list[str] = []  # settings of AHEAD changed for the steps to come (recorded in the state)
+    if not args.export and "recipe" in state:
+        refused, changes = recipe_changes(state["recipe"], recipe, state.get("step", 0), "was")
+        if refused:
+            parser.error(f"{out} holds a run of another recipe; resume it with the settings it was started with, or "
+                         f"train in another folder. Changed: {'; '.join(refused)}")
     restart = None
     if args.restart_from:
         from . import points
@@ -665,10 +685,10 @@ def main(argv: list[str] | None = None) -> None:
             restart = points.read_point(Path(args.restart_from).expanduser())
         except P2PError as error:
             parser.error(f"--restart-from: {error}")
-        changed = points.recipe_changes(restart[1], recipe)
-        if changed:
+        refused, changes = recipe_changes(restart[1]["config"], recipe, int(restart[1]["step"]), "the point's:")
+        if refused:
             parser.error(f"--restart-from: the point was trained with another recipe; give its settings. Changed: "
-                         f"{'; '.join(changed)}")
+                         f"{'; '.join(refused)}")
     out.mkdir(parents=True, exist_ok=True)
     if restart and not cfg.vae_from and not (out / "tokenizer" / "merges.txt").exists():
         points.write_tokenizer(restart[1], out / "tokenizer")
@@ -732,8 +752,12 @@ def main(argv: list[str] | None = None) -> None:
             evals = restart[1].get("evals") or []
             if evals and not (out / "evals.jsonl").exists():
                 (out / "evals.jsonl").write_text("".join(json.dumps(row) + "\n" for row in evals))
+        if changes:  # a setting of AHEAD changed: the steps to come follow the new recipe, and the run says so
+            state.setdefault("recipe_changes", []).append({"step": state.get("step", 0), "changes": changes})
+            print(f"the recipe changes from step {state.get('step', 0):,}: {'; '.join(changes)}")
         earlier = json.loads((out / "command.json").read_text()) if (out / "command.json").exists() else {}
-        typed = earlier.get("typed") or _without(list(sys.argv[1:] if argv is None else argv), "--restart-from")
+        given = _without(list(sys.argv[1:] if argv is None else argv), "--restart-from")
+        typed = given if changes else earlier.get("typed") or given  # the command that now resumes the run
         (out / "command.json").write_text(json.dumps({"argv": _replay(out, cfg, architecture), "typed": typed,
                                                       "config": asdict(cfg), "architecture": architecture}, indent=2))
         clock = Clock(state, cfg.checkpoint_minutes)
